@@ -1,0 +1,214 @@
+/* Runs in the child between fork and the job: after it returns, the process can compute, read
+ * what Landlock allows, write to its own pipes and exit; everything else traps. */
+#include "harden.h"
+
+#include "policy.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef __NR_landlock_create_ruleset
+#define __NR_landlock_create_ruleset 444
+#define __NR_landlock_add_rule 445
+#define __NR_landlock_restrict_self 446
+#endif
+
+/* Landlock's kernel ABI, spelled out here because distribution headers lag the kernel (Debian 12
+ * ships the ABI 2 header; ABI 4 adds TCP, ABI 6 scopes signals and abstract sockets). */
+struct fz_landlock_ruleset_attr {
+    uint64_t handled_access_fs, handled_access_net, scoped;
+};
+struct fz_landlock_path_beneath {
+    uint64_t allowed_access;
+    int32_t parent_fd;
+} __attribute__((packed));
+enum {
+    FZ_LL_CREATE_VERSION = 1, FZ_LL_RULE_PATH_BENEATH = 1,
+    FZ_LL_NET_BIND_TCP = 1, FZ_LL_NET_CONNECT_TCP = 2,
+    FZ_LL_SCOPE_ABSTRACT_UNIX = 1, FZ_LL_SCOPE_SIGNAL = 2,
+};
+#define FZ_LL_FS_EXECUTE (1ULL << 0)
+#define FZ_LL_FS_READ_FILE (1ULL << 2)
+#define FZ_LL_FS_READ_DIR (1ULL << 3)
+
+#define FAIL(...) do { snprintf(err, errlen, __VA_ARGS__); return -1; } while (0)
+
+/* ---- violation reporting (async-signal-safe) ---- */
+
+static char *put_uint(char *p, unsigned long v) {
+    char tmp[24];
+    int n = 0;
+    do { tmp[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) *p++ = tmp[--n];
+    return p;
+}
+
+/* The frame the Python side expects: 4-byte big-endian length, then JSON. */
+static void on_sigsys(int sig, siginfo_t *info, void *ctx) {
+    (void)sig; (void)ctx;
+    char body[96], frame[100];
+    char *p = body;
+    static const char head[] = "{\"status\":\"violation\",\"syscall\":";
+    memcpy(p, head, sizeof(head) - 1);
+    p += sizeof(head) - 1;
+    p = put_uint(p, (unsigned long)(unsigned)info->si_syscall);
+    *p++ = '}';
+    uint32_t n = (uint32_t)(p - body);
+    frame[0] = (char)(n >> 24); frame[1] = (char)(n >> 16); frame[2] = (char)(n >> 8); frame[3] = (char)n;
+    memcpy(frame + 4, body, n);
+    ssize_t unused = write(FZ_FD_RESULT, frame, 4 + n);
+    (void)unused;
+    syscall(__NR_exit_group, 0);
+}
+
+/* ---- descriptors ---- */
+
+static int place_fds(const struct fz_harden_opts *o, int *landlock_fd, char *err, size_t errlen) {
+    /* Lift every source above the targets first so no dup2 clobbers a source still needed. */
+    int src[6] = {o->devnull_fd, o->stdout_fd, o->stderr_fd, o->job_fd, o->result_fd, *landlock_fd};
+    int count = *landlock_fd >= 0 ? 6 : 5;
+    for (int i = 0; i < count; i++) {
+        src[i] = fcntl(src[i], F_DUPFD_CLOEXEC, 64);
+        if (src[i] < 0) FAIL("fcntl(F_DUPFD) on a child descriptor: %s", strerror(errno));
+    }
+    for (int target = 0; target < count; target++)
+        if (dup2(src[target], target) < 0) FAIL("dup2 to fd %d: %s", target, strerror(errno));
+    if (syscall(__NR_close_range, (unsigned)count, ~0u, 0) != 0) {
+        for (int fd = count; fd < 4096; fd++) close(fd);
+    }
+    if (*landlock_fd >= 0) *landlock_fd = 5;
+    return 0;
+}
+
+/* ---- limits ---- */
+
+static int limit(int resource, const char *name, rlim_t value, char *err, size_t errlen) {
+    struct rlimit cur;
+    if (getrlimit(resource, &cur) == 0 && cur.rlim_max != RLIM_INFINITY && cur.rlim_max < value)
+        value = cur.rlim_max; /* an unprivileged process may only lower its hard limit */
+    struct rlimit r = {value, value};
+    if (setrlimit(resource, &r) != 0) FAIL("setrlimit(%s, %llu): %s", name, (unsigned long long)value, strerror(errno));
+    return 0;
+}
+
+static int set_limits(const struct fz_harden_opts *o, char *err, size_t errlen) {
+    if (limit(RLIMIT_AS, "RLIMIT_AS", o->address_space, err, errlen) ||
+        limit(RLIMIT_CPU, "RLIMIT_CPU", o->cpu_seconds, err, errlen) ||
+        limit(RLIMIT_FSIZE, "RLIMIT_FSIZE", 0, err, errlen) ||
+        limit(RLIMIT_NPROC, "RLIMIT_NPROC", 0, err, errlen) ||
+        limit(RLIMIT_NOFILE, "RLIMIT_NOFILE", o->open_files, err, errlen) ||
+        limit(RLIMIT_CORE, "RLIMIT_CORE", 0, err, errlen) ||
+        limit(RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK", 0, err, errlen) ||
+        limit(RLIMIT_MSGQUEUE, "RLIMIT_MSGQUEUE", 0, err, errlen) ||
+        limit(RLIMIT_LOCKS, "RLIMIT_LOCKS", 0, err, errlen))
+        return -1;
+    return 0;
+}
+
+/* ---- landlock ---- */
+
+int fz_landlock_abi(void) {
+    long abi = syscall(__NR_landlock_create_ruleset, NULL, 0, FZ_LL_CREATE_VERSION);
+    return abi < 0 ? 0 : (int)abi;
+}
+
+/* Every filesystem right the running kernel knows: bits 0-12 (ABI 1), refer (2), truncate (3),
+ * ioctl on devices (5). Handled and not granted by a rule means denied. */
+static uint64_t landlock_fs_rights(int abi) {
+    int bits = abi >= 5 ? 16 : abi >= 3 ? 15 : abi >= 2 ? 14 : 13;
+    return (1ULL << bits) - 1;
+}
+
+int fz_landlock_ruleset(const char *const *paths, size_t npaths, char *err, size_t errlen) {
+    int abi = fz_landlock_abi();
+    if (abi < 1) FAIL("Landlock is not available in this kernel");
+    struct fz_landlock_ruleset_attr attr = {.handled_access_fs = landlock_fs_rights(abi)};
+    size_t size = sizeof(uint64_t);
+    if (abi >= 4) {
+        attr.handled_access_net = FZ_LL_NET_BIND_TCP | FZ_LL_NET_CONNECT_TCP;
+        size = 2 * sizeof(uint64_t);
+    }
+    if (abi >= 6) {
+        attr.scoped = FZ_LL_SCOPE_ABSTRACT_UNIX | FZ_LL_SCOPE_SIGNAL;
+        size = 3 * sizeof(uint64_t);
+    }
+    int rs = (int)syscall(__NR_landlock_create_ruleset, &attr, size, 0);
+    if (rs < 0) FAIL("landlock_create_ruleset: %s", strerror(errno));
+    for (size_t i = 0; i < npaths; i++) {
+        int fd = open(paths[i], O_PATH | O_CLOEXEC);
+        if (fd < 0) {
+            close(rs);
+            FAIL("cannot open %s for a Landlock read rule: %s", paths[i], strerror(errno));
+        }
+        struct fz_landlock_path_beneath beneath = {
+            .allowed_access = FZ_LL_FS_READ_FILE | FZ_LL_FS_READ_DIR | FZ_LL_FS_EXECUTE,
+            .parent_fd = fd,
+        };
+        long rc = syscall(__NR_landlock_add_rule, rs, FZ_LL_RULE_PATH_BENEATH, &beneath, 0);
+        int saved = errno;
+        close(fd);
+        if (rc != 0) {
+            close(rs);
+            FAIL("landlock_add_rule(%s): %s", paths[i], strerror(saved));
+        }
+    }
+    return rs;
+}
+
+/* ---- the whole sequence ---- */
+
+int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
+    pid_t parent = getppid();
+    if (setsid() < 0) FAIL("setsid: %s", strerror(errno));
+    int landlock_fd = o->landlock_fd;
+    if (place_fds(o, &landlock_fd, err, errlen)) return -1;
+    if (chdir(o->workdir) != 0) FAIL("chdir(%s): %s", o->workdir, strerror(errno));
+    clearenv();
+    if (o->drop_to_uid >= 0) {
+        uid_t id = (uid_t)o->drop_to_uid;
+        if (setgroups(0, NULL) != 0 || setresgid(id, id, id) != 0 || setresuid(id, id, id) != 0)
+            FAIL("dropping to uid %ld: %s", o->drop_to_uid, strerror(errno));
+    }
+    if (set_limits(o, err, errlen)) return -1;
+    if (geteuid() == 0) {
+        /* Root keeping its uid (Landlock confines its files) still loses every capability, so
+         * no hard limit can be raised and no permission check overridden. */
+        struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
+        struct __user_cap_data_struct none[2];
+        memset(none, 0, sizeof(none));
+        if (syscall(__NR_capset, &head, none) != 0) FAIL("capset(empty): %s", strerror(errno));
+    }
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) FAIL("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) FAIL("PR_SET_DUMPABLE: %s", strerror(errno));
+    /* Set after the uid change, which clears it; if the zygote died in between, leave now. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) FAIL("PR_SET_PDEATHSIG: %s", strerror(errno));
+    if (getppid() != parent) _exit(1);
+    if (landlock_fd >= 0) {
+        if (syscall(__NR_landlock_restrict_self, landlock_fd, 0) != 0)
+            FAIL("landlock_restrict_self: %s", strerror(errno));
+        close(landlock_fd);
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_sigsys;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSYS, &sa, NULL) != 0) FAIL("sigaction(SIGSYS): %s", strerror(errno));
+    sigset_t sys;
+    sigemptyset(&sys);
+    sigaddset(&sys, SIGSYS);
+    sigprocmask(SIG_UNBLOCK, &sys, NULL);
+    pid_t self = getpid();
+    if (o->backend == FZ_BACKEND_LIBSECCOMP) return fz_install_filter_libseccomp(self, err, errlen);
+    return fz_install_filter_bpf(self, err, errlen);
+}

@@ -1,0 +1,32 @@
+/* Turning a freshly forked zygote child into a sandboxed one, before any job code runs. */
+#ifndef FASTAZR_HARDEN_H
+#define FASTAZR_HARDEN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Fixed descriptor numbers inside a child: the Python runner relies on them. */
+enum { FZ_FD_STDIN = 0, FZ_FD_STDOUT = 1, FZ_FD_STDERR = 2, FZ_FD_JOB = 3, FZ_FD_RESULT = 4 };
+
+enum fz_backend { FZ_BACKEND_BPF = 0, FZ_BACKEND_LIBSECCOMP = 1 };
+
+struct fz_harden_opts {
+    int job_fd, result_fd, stdout_fd, stderr_fd, devnull_fd;
+    int landlock_fd;          /* a prepared ruleset, or -1 */
+    const char *workdir;
+    uint64_t address_space;   /* bytes */
+    uint64_t cpu_seconds;
+    uint64_t open_files;
+    long drop_to_uid;         /* -1 keeps the uid; otherwise uid and gid become this */
+    enum fz_backend backend;
+};
+
+int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen);
+
+/* Landlock: the kernel's ABI version (0 when absent) and a ruleset allowing reads beneath
+ * paths, writes nowhere, no TCP, and (ABI >= 6) no signals or abstract sockets outside. */
+int fz_landlock_abi(void);
+int fz_landlock_ruleset(const char *const *paths, size_t npaths, char *err, size_t errlen);
+
+#endif

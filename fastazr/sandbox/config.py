@@ -1,0 +1,95 @@
+"""SandboxConfig: every knob of the sandbox, validated when it is built."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+# Modules AZR programs use, imported once per zygote so no child pays for them. A child's
+# lazy import still works (read-only, within Landlock's stdlib rule), at ~0.1-1 ms each.
+AZR_MODULES = (
+    "math", "itertools", "collections", "functools", "heapq", "bisect", "re", "string",
+    "typing", "dataclasses", "copy", "operator", "statistics", "fractions", "decimal",
+    "random", "json", "cmath", "array", "enum", "numbers", "textwrap", "unicodedata",
+    "difflib", "hashlib", "struct", "zlib", "base64", "binascii", "abc", "contextlib",
+    "collections.abc", "pprint", "reprlib", "types", "weakref", "queue", "graphlib",
+)
+
+STATUSES = ("ok", "error", "timeout", "memory", "violation", "output_limit")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass
+class SandboxConfig:
+    """How the sandbox runs untrusted programs. Every limit applies to each job separately."""
+
+    workers: int = field(default_factory=default_workers)
+    """Zygote processes, i.e. jobs running at once. Defaults to the cores this process may use."""
+
+    timeout_s: float = 5.0
+    """Wall-clock limit per job; the zygote SIGKILLs the child when it passes."""
+
+    memory_mb: int = 1024
+    """Address-space limit (RLIMIT_AS) of a child, in MiB, counting the ~30 MiB interpreter."""
+
+    max_value_chars: int = 100_000
+    """Longest repr a call may return; a longer one is the status output_limit, never cut."""
+
+    max_output_bytes: int = 1_000_000
+    """Most bytes a job may write to stdout plus stderr before it is killed with output_limit."""
+
+    open_files: int = 32
+    """RLIMIT_NOFILE of a child (it starts with five descriptors)."""
+
+    seccomp_backend: str = "auto"
+    """'bpf' (the filter assembled in C), 'libseccomp' (needs it at build time), or 'auto'."""
+
+    landlock: str = "auto"
+    """'on' (fail when the kernel lacks Landlock), 'off', or 'auto' (use it when available).
+    Landlock confines a child's file reads to the Python standard library."""
+
+    drop_privileges: str = "auto"
+    """'on': a root parent's children run as uid/gid `unprivileged_uid`; 'off': they keep the
+    uid (with every capability dropped); 'auto': drop only when Landlock is unavailable, since
+    it then is what keeps /proc and other files out of reach."""
+
+    unprivileged_uid: int = 65534
+    """The uid and gid children take when privileges are dropped (65534 is 'nobody')."""
+
+    prefork: bool = True
+    """Fork and harden each worker's next child before its job arrives, hiding ~1 ms of
+    latency per job."""
+
+    preload: tuple[str, ...] = AZR_MODULES
+    """Modules every zygote imports before it forks children."""
+
+    def __post_init__(self) -> None:
+        def bad(option: str, why: str) -> ValueError:
+            return ValueError(f"SandboxConfig.{option}: {why}")
+
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise bad("workers", f"must be an integer >= 1, got {self.workers!r}")
+        if not self.timeout_s > 0:
+            raise bad("timeout_s", f"must be > 0 seconds, got {self.timeout_s!r}")
+        if self.memory_mb < 64:
+            raise bad("memory_mb", f"{self.memory_mb} MiB cannot hold a Python interpreter; use >= 64")
+        if self.max_value_chars < 1 or self.max_output_bytes < 1:
+            raise bad("max_value_chars/max_output_bytes", "limits must be >= 1")
+        if self.open_files < 8:
+            raise bad("open_files", f"a child needs >= 8 descriptors, got {self.open_files}")
+        if self.seccomp_backend not in ("auto", "bpf", "libseccomp"):
+            raise bad("seccomp_backend", f"must be 'auto', 'bpf' or 'libseccomp', got {self.seccomp_backend!r}")
+        for option in ("landlock", "drop_privileges"):
+            if getattr(self, option) not in ("auto", "on", "off"):
+                raise bad(option, f"must be 'auto', 'on' or 'off', got {getattr(self, option)!r}")
+        if self.unprivileged_uid < 1:
+            raise bad("unprivileged_uid", "must be a non-root uid (>= 1)")
+
+    @property
+    def cpu_seconds(self) -> int:
+        """RLIMIT_CPU backs the wall clock up: the kernel kills a child that burns this much CPU
+        even if its zygote were stalled."""
+        return int(self.timeout_s) + 2

@@ -1,0 +1,304 @@
+"""Sandbox: a pool of zygotes, each running one untrusted job at a time in a fresh child.
+
+    with Sandbox(workers=8, timeout_s=2.0, memory_mb=512) as sb:
+        results = sb.call_many([(program, "f", "[1, 2], 3")])
+        printed = sb.exec_many(["print(sum(range(10)))"])
+
+Jobs are spread over the zygotes as they free up; results come back in input order, and one
+job's failure never affects another's."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+
+from .. import _sandbox
+from .config import SandboxConfig
+from .protocol import HEADER, encode, split_frames
+from .result import Result
+
+# How long past its job's own timeout a zygote may stay silent before it is presumed stuck,
+# killed and replaced. The zygote itself enforces the job's timeout; this guards the zygote.
+ZYGOTE_GRACE_S = 5.0
+STARTUP_TIMEOUT_S = 60.0
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not start or lost its workers; the message says what to change."""
+
+
+class Zygote:
+    """The trainer's handle on one zygote process."""
+
+    def __init__(self, index: int, settings: dict):
+        self.index = index
+        self.sock, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[2])
+        bootstrap = (f"import sys; sys.path.insert(0, {package_root!r}); "
+                     "from fastazr.sandbox.zygote import main; main()")
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-c", bootstrap, str(theirs.fileno()), json.dumps(settings)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            pass_fds=(theirs.fileno(),), env=scrubbed_env(), cwd=settings["workdir"],
+            start_new_session=True,
+        )
+        theirs.close()
+        self.sock.setblocking(False)
+        self.buffer = bytearray()
+        self.job_index: int | None = None
+        self.deadline = 0.0
+        self.hello: dict | None = None
+
+    def send(self, index: int, frame: bytes, timeout_s: float) -> None:
+        self.job_index = index
+        self.deadline = time.monotonic() + timeout_s + ZYGOTE_GRACE_S
+        self.sock.setblocking(True)
+        self.sock.sendall(frame)
+        self.sock.setblocking(False)
+
+    def receive(self) -> list[dict] | None:
+        """Messages completed by what is readable now; None when the zygote is gone."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return []
+        except OSError:
+            return None
+        if not data:
+            return None
+        self.buffer += data
+        bodies, rest = split_frames(bytes(self.buffer))
+        self.buffer = bytearray(rest)
+        return [json.loads(body) for body in bodies]
+
+    def wait_hello(self, timeout_s: float) -> dict:
+        end = time.monotonic() + timeout_s
+        while self.hello is None:
+            if time.monotonic() > end or self.process.poll() is not None:
+                raise SandboxError(f"sandbox zygote did not start: {self.stderr_tail()}")
+            selectors_wait(self.sock, end - time.monotonic())
+            messages = self.receive()
+            if messages is None:
+                raise SandboxError(f"sandbox zygote exited at start: {self.stderr_tail()}")
+            if messages:
+                self.hello = messages[0]
+        return self.hello
+
+    def stderr_tail(self) -> str:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        text = self.process.stderr.read().decode("utf-8", "replace") if self.process.stderr else ""
+        return text.strip()[-2000:] or f"exit code {self.process.returncode}"
+
+    def close(self) -> None:
+        self.sock.close()  # the zygote sees end of file and exits after killing its spare child
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+
+def selectors_wait(sock: socket.socket, timeout_s: float) -> None:
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        sel.select(max(timeout_s, 0.0))
+
+
+def scrubbed_env() -> dict:
+    """What a zygote inherits: enough to run Python, nothing of the trainer's secrets."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+class Sandbox:
+    """Runs untrusted Python in hardened, single-use child processes. See module docstring."""
+
+    def __init__(self, workers: int | None = None, timeout_s: float | None = None,
+                 memory_mb: int | None = None, config: SandboxConfig | None = None, **options):
+        config = config or SandboxConfig(**options)
+        overrides = {k: v for k, v in (("workers", workers), ("timeout_s", timeout_s), ("memory_mb", memory_mb)) if v is not None}
+        self.config = replace(config, **overrides) if overrides else config
+        self.protections = self._decide_protections()
+        self._workdir = tempfile.mkdtemp(prefix="fastazr-sandbox-")
+        os.chmod(self._workdir, 0o555)  # empty, and nobody may create anything in it
+        self._settings = self._zygote_settings()
+        self._zygotes: list[Zygote] = []
+        self._selector = selectors.DefaultSelector()
+        try:
+            self._zygotes = [Zygote(i, self._settings) for i in range(self.config.workers)]
+            for z in self._zygotes:
+                self._check_memory(z.wait_hello(STARTUP_TIMEOUT_S))
+                self._selector.register(z.sock, selectors.EVENT_READ, z)
+            self._self_test()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- setup ----
+
+    def _decide_protections(self) -> dict:
+        c = self.config
+        backend = c.seccomp_backend
+        if backend == "auto":
+            backend = "libseccomp" if _sandbox.have_libseccomp() else "bpf"
+        elif backend == "libseccomp" and not _sandbox.have_libseccomp():
+            raise SandboxError("SandboxConfig.seccomp_backend='libseccomp' but fastazr was built without "
+                               "libseccomp headers: install libseccomp-dev and reinstall, or use 'auto'")
+        abi = _sandbox.landlock_abi()
+        if c.landlock == "on" and abi == 0:
+            raise SandboxError("SandboxConfig.landlock='on' but this kernel has no Landlock "
+                               "(needs Linux >= 5.13 with the landlock LSM): use 'auto' or 'off'")
+        landlock = abi if c.landlock != "off" and abi > 0 else 0
+        root = os.geteuid() == 0
+        drop = root and (c.drop_privileges == "on" or (c.drop_privileges == "auto" and not landlock))
+        return {"seccomp": backend, "landlock_abi": landlock,
+                "uid": c.unprivileged_uid if drop else os.geteuid(),
+                "capabilities": "none" if root else "unprivileged",
+                "rlimits": "hard == soft", "no_new_privs": True, "dumpable": False}
+
+    def _zygote_settings(self) -> dict:
+        c, p = self.config, self.protections
+        return {"workdir": self._workdir, "memory_mb": c.memory_mb, "cpu_seconds": c.cpu_seconds,
+                "open_files": c.open_files, "backend": p["seccomp"],
+                "drop_to_uid": p["uid"] if p["uid"] != os.geteuid() else -1,
+                "landlock": bool(p["landlock_abi"]), "max_output_bytes": c.max_output_bytes,
+                "max_value_chars": c.max_value_chars, "prefork": c.prefork, "preload": list(c.preload)}
+
+    def _check_memory(self, hello: dict) -> None:
+        need = hello["vm_bytes"] + (32 << 20)
+        if self.config.memory_mb << 20 < need:
+            raise SandboxError(f"SandboxConfig.memory_mb={self.config.memory_mb} is below what the interpreter "
+                               f"already maps ({hello['vm_bytes'] >> 20} MiB): raise it to at least {(need >> 20) + 1}")
+
+    def _self_test(self) -> None:
+        probe = self.call_many([("def f():\n    return 6 * 7\n", "f", "")] * len(self._zygotes))
+        for r in probe:
+            if r.status != "ok" or r.value != "42":
+                raise SandboxError(f"the sandbox could not run a trivial program ({r.status}: {r.error}); "
+                                   f"protections were {self.protections}")
+
+    # ---- running jobs ----
+
+    def call_many(self, calls, timeout_s: float | None = None, groups=None) -> list[Result]:
+        """Run `entry(*args)` after executing `program`, for each (program, entry, args_source).
+
+        args_source is Python source for the arguments ("[1, 2], 'x'"), evaluated inside the
+        child. groups, if given, pins job i to zygotes of hash-seed group groups[i] (0 or 1,
+        None for any): the two runs of a determinism check go to different groups, so they
+        see different str/bytes hash seeds."""
+        jobs = [{"kind": "call", "program": p, "entry": e, "args": a} for p, e, a in calls]
+        return self._run(jobs, timeout_s, groups)
+
+    def exec_many(self, sources, timeout_s: float | None = None) -> list[Result]:
+        """Execute whole programs; each Result carries status and captured stdout/stderr."""
+        return self._run([{"kind": "exec", "program": s} for s in sources], timeout_s, None)
+
+    def _run(self, jobs: list[dict], timeout_s: float | None, groups) -> list[Result]:
+        if not self._zygotes:
+            raise SandboxError("this Sandbox is closed")
+        timeout = self.config.timeout_s if timeout_s is None else timeout_s
+        frames = []
+        for job in jobs:
+            if not all(isinstance(job.get(k, ""), str) for k in ("program", "entry", "args")):
+                raise TypeError("programs, entry names and argument sources must be str")
+            job["timeout_s"] = timeout
+            frames.append(encode(job))
+        queues = self._queues(len(jobs), groups)
+        results: list[Result | None] = [None] * len(jobs)
+        idle = list(self._zygotes)
+        busy: set[Zygote] = set()
+        remaining = len(jobs)
+        while remaining:
+            for z in [z for z in idle]:
+                i = self._next_job(queues, z)
+                if i is not None:
+                    idle.remove(z)
+                    busy.add(z)
+                    z.send(i, frames[i], timeout)
+            for key, _ in self._selector.select(timeout=1.0):
+                z = key.data
+                if z not in busy:
+                    continue
+                messages = z.receive()
+                if messages is None:
+                    results[z.job_index] = Result("error", error=f"sandbox worker died: {z.stderr_tail()}")
+                    remaining -= 1
+                    busy.discard(z)
+                    idle.append(self._replace(z))
+                    continue
+                for message in messages:
+                    results[z.job_index] = result_from(message)
+                    remaining -= 1
+                    busy.discard(z)
+                    idle.append(z)
+            now = time.monotonic()
+            for z in [z for z in busy if now > z.deadline]:
+                results[z.job_index] = Result("error", error="sandbox worker stopped answering and was replaced")
+                remaining -= 1
+                busy.discard(z)
+                idle.append(self._replace(z))
+        return results  # type: ignore[return-value]
+
+    def _queues(self, n: int, groups) -> dict:
+        queues = {None: deque(), 0: deque(), 1: deque()}
+        for i in range(n):
+            g = groups[i] if groups is not None and len(self._zygotes) > 1 else None
+            queues[g].append(i)
+        return queues
+
+    @staticmethod
+    def _next_job(queues: dict, z: Zygote) -> int | None:
+        for key in (z.index % 2, None):
+            if queues[key]:
+                return queues[key].popleft()
+        return None
+
+    def _replace(self, z: Zygote) -> Zygote:
+        self._selector.unregister(z.sock)
+        z.close()
+        fresh = Zygote(z.index, self._settings)
+        fresh.wait_hello(STARTUP_TIMEOUT_S)
+        self._zygotes[self._zygotes.index(z)] = fresh
+        self._selector.register(fresh.sock, selectors.EVENT_READ, fresh)
+        return fresh
+
+    # ---- lifetime ----
+
+    def close(self) -> None:
+        for z in self._zygotes:
+            z.close()
+        self._zygotes = []
+        self._selector.close()
+        if getattr(self, "_workdir", None):
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_zygotes", None):
+            self.close()
+
+
+def result_from(message: dict) -> Result:
+    return Result(status=message["status"], value=message.get("value"), error=message.get("error"),
+                  duration_s=message.get("duration_s", 0.0), stdout=message.get("stdout", ""),
+                  stderr=message.get("stderr", ""))

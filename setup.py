@@ -1,0 +1,56 @@
+"""Build fastazr: the Python package, the Triton kernels (kernels/ installed as fastazr.kernels)
+and the sandbox C extension (csrc/, built by CMake)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configure and build CMakeLists.txt, placing the module where setuptools expects it."""
+
+    def build_extension(self, ext: Extension) -> None:
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        config = "Debug" if self.debug else "Release"
+        configure = [
+            "cmake", str(ROOT), "-G", "Ninja",
+            f"-DCMAKE_BUILD_TYPE={config}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DFASTAZR_OUTPUT_DIR={out_dir}",
+            f"-DFASTAZR_EXT_SUFFIX={Path(self.get_ext_filename(ext.name)).name.split('.', 1)[1]}",
+        ]
+        if os.environ.get("FASTAZR_SECCOMP_BACKEND"):
+            configure.append(f"-DFASTAZR_SECCOMP_BACKEND={os.environ['FASTAZR_SECCOMP_BACKEND']}")
+        subprocess.run(configure, cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--build", ".", "--config", config], cwd=build_dir, check=True)
+
+
+setup(
+    name="fastazr",
+    version="0.1.0",
+    description="A performance-first Absolute Zero self-play trainer for one GPU node",
+    python_requires=">=3.10",
+    packages=["fastazr", "fastazr.sandbox", "fastazr.tasks", "fastazr.kernels"],
+    # kernels/ lives at the top of the repository but must never install a top-level module
+    # named `kernels` (a PyPI package of that name is an SGLang dependency).
+    package_dir={"fastazr": "fastazr", "fastazr.kernels": "kernels"},
+    ext_modules=[CMakeExtension("fastazr._sandbox")],
+    cmdclass={"build_ext": CMakeBuild},
+    extras_require={
+        "test": ["pytest>=7"],
+        "bench": ["pebble>=5"],
+    },
+)
