@@ -94,23 +94,61 @@ static void block(struct program *p, const struct fz_rule *r, pid_t self) {
     }
 }
 
-int fz_install_filter_bpf(pid_t self, char *err, size_t errlen) {
+/* Zygote stage: the child policy, with the zygote's extra calls allowed outright. */
+static void zygote_program(struct program *p, pid_t self) {
+    load(p, offsetof(struct seccomp_data, arch));
+    emit(p, BPF_JMP | BPF_JEQ | BPF_K, 1, 0, FZ_AUDIT_ARCH);
+    ret(p, SECCOMP_RET_KILL_PROCESS);
+    load(p, offsetof(struct seccomp_data, nr));
+#ifdef FZ_X32_BIT
+    emit(p, BPF_JMP | BPF_JSET | BPF_K, 0, 1, FZ_X32_BIT);
+    ret(p, SECCOMP_RET_KILL_PROCESS);
+#endif
+    for (size_t i = 0; i < fz_nzygote_extra; i++) {
+        emit(p, BPF_JMP | BPF_JEQ | BPF_K, 0, 1, (uint32_t)fz_zygote_extra[i].nr);
+        ret(p, SECCOMP_RET_ALLOW);
+    }
+    for (size_t i = 0; i < fz_nrules; i++) {
+        if (fz_is_zygote_extra(fz_rules[i].nr)) continue;
+        emit(p, BPF_JMP | BPF_JEQ | BPF_K, 0, (uint8_t)block_length(&fz_rules[i]), (uint32_t)fz_rules[i].nr);
+        block(p, &fz_rules[i], self);
+    }
+    ret(p, SECCOMP_RET_TRAP);
+}
+
+/* Child stage: runs after the zygote's filter, so it only takes the extras away again. Calls
+ * the child may not make at all jump straight to one shared trap at the end. */
+static void child_program(struct program *p, pid_t self) {
+    unsigned denied = 0, conditional_len = 0;
+    for (size_t i = 0; i < fz_nzygote_extra; i++) {
+        const struct fz_rule *r = fz_child_rule(fz_zygote_extra[i].nr);
+        if (r == NULL) denied++;
+        else conditional_len += 1 + block_length(r);
+    }
+    load(p, offsetof(struct seccomp_data, nr));
+    unsigned k = 0;
+    for (size_t i = 0; i < fz_nzygote_extra; i++) {
+        if (fz_child_rule(fz_zygote_extra[i].nr) != NULL) continue;
+        /* distance to the trap: the remaining denies, the conditional rules, the allow */
+        unsigned jump = (denied - k - 1) + conditional_len + 1;
+        emit(p, BPF_JMP | BPF_JEQ | BPF_K, (uint8_t)jump, 0, (uint32_t)fz_zygote_extra[i].nr);
+        k++;
+    }
+    for (size_t i = 0; i < fz_nzygote_extra; i++) {
+        const struct fz_rule *r = fz_child_rule(fz_zygote_extra[i].nr);
+        if (r == NULL) continue;
+        emit(p, BPF_JMP | BPF_JEQ | BPF_K, 0, (uint8_t)block_length(r), (uint32_t)r->nr);
+        block(p, r, self);
+    }
+    ret(p, SECCOMP_RET_ALLOW);
+    ret(p, SECCOMP_RET_TRAP);
+}
+
+int fz_install_filter_bpf(enum fz_stage stage, pid_t self, char *err, size_t errlen) {
     static struct program p;
     p.n = 0;
-    load(&p, offsetof(struct seccomp_data, arch));
-    emit(&p, BPF_JMP | BPF_JEQ | BPF_K, 1, 0, FZ_AUDIT_ARCH);
-    ret(&p, SECCOMP_RET_KILL_PROCESS);
-    load(&p, offsetof(struct seccomp_data, nr));
-#ifdef FZ_X32_BIT
-    emit(&p, BPF_JMP | BPF_JSET | BPF_K, 0, 1, FZ_X32_BIT);
-    ret(&p, SECCOMP_RET_KILL_PROCESS);
-#endif
-    for (size_t i = 0; i < fz_nrules; i++) {
-        emit(&p, BPF_JMP | BPF_JEQ | BPF_K, 0, (uint8_t)block_length(&fz_rules[i]),
-             (uint32_t)fz_rules[i].nr);
-        block(&p, &fz_rules[i], self);
-    }
-    ret(&p, SECCOMP_RET_TRAP);
+    if (stage == FZ_STAGE_ZYGOTE) zygote_program(&p, self);
+    else child_program(&p, self);
     if (p.n > MAX_INSNS) {
         snprintf(err, errlen, "seccomp program needs %u instructions, buffer holds %d", p.n, MAX_INSNS);
         return -1;

@@ -37,14 +37,37 @@ static int add_rule(scmp_filter_ctx ctx, const struct fz_rule *r, pid_t self) {
     return -1;
 }
 
-int fz_install_filter_libseccomp(pid_t self, char *err, size_t errlen) {
-    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_TRAP);
+/* The child stage starts from ALLOW (the zygote's filter is underneath) and traps each extra
+ * call unless the child's own rule admits it, so conditions appear negated here. */
+static int deny_extra(scmp_filter_ctx ctx, int nr, pid_t self) {
+    const uint32_t trap = SCMP_ACT_TRAP;
+    const struct fz_rule *r = fz_child_rule(nr);
+    if (r == NULL) return seccomp_rule_add(ctx, trap, nr, 0);
+    unsigned arg = (unsigned)r->arg;
+    switch (r->kind) {
+    case FZ_ALLOW: return 0;
+    case FZ_ARG_EQ_SELF: return seccomp_rule_add(ctx, trap, nr, 1, SCMP_CMP(arg, SCMP_CMP_NE, (uint32_t)self));
+    case FZ_ARG_NE: return seccomp_rule_add(ctx, trap, nr, 1, SCMP_CMP(arg, SCMP_CMP_EQ, r->values[0]));
+    case FZ_ARG_NULL: return seccomp_rule_add(ctx, trap, nr, 1, SCMP_CMP(arg, SCMP_CMP_NE, 0));
+    case FZ_ARG_MASK_ZERO: case FZ_ARG_IN: break;
+    }
+    return -22; /* -EINVAL: add a negation here before making such a call a zygote extra */
+}
+
+int fz_install_filter_libseccomp(enum fz_stage stage, pid_t self, char *err, size_t errlen) {
+    scmp_filter_ctx ctx = seccomp_init(stage == FZ_STAGE_ZYGOTE ? SCMP_ACT_TRAP : SCMP_ACT_ALLOW);
     if (ctx == NULL) {
         snprintf(err, errlen, "seccomp_init failed");
         return -1;
     }
     int rc = seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS);
-    for (size_t i = 0; rc == 0 && i < fz_nrules; i++) {
+    for (size_t i = 0; rc == 0 && i < fz_nzygote_extra; i++) {
+        int nr = fz_zygote_extra[i].nr;
+        rc = stage == FZ_STAGE_ZYGOTE ? seccomp_rule_add(ctx, SCMP_ACT_ALLOW, nr, 0) : deny_extra(ctx, nr, self);
+        if (rc != 0) snprintf(err, errlen, "seccomp_rule_add(%s): %s", fz_zygote_extra[i].name, strerror(-rc));
+    }
+    for (size_t i = 0; stage == FZ_STAGE_ZYGOTE && rc == 0 && i < fz_nrules; i++) {
+        if (fz_is_zygote_extra(fz_rules[i].nr)) continue;
         rc = add_rule(ctx, &fz_rules[i], self);
         if (rc != 0) snprintf(err, errlen, "seccomp_rule_add(%s): %s", fz_rules[i].name, strerror(-rc));
     }
@@ -58,7 +81,8 @@ int fz_install_filter_libseccomp(pid_t self, char *err, size_t errlen) {
 
 int fz_have_libseccomp(void) { return 0; }
 
-int fz_install_filter_libseccomp(pid_t self, char *err, size_t errlen) {
+int fz_install_filter_libseccomp(enum fz_stage stage, pid_t self, char *err, size_t errlen) {
+    (void)stage;
     (void)self;
     snprintf(err, errlen,
              "fastazr was built without libseccomp (no seccomp.h): use seccomp_backend='bpf' or "

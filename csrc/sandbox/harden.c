@@ -17,12 +17,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef __NR_landlock_create_ruleset
-#define __NR_landlock_create_ruleset 444
-#define __NR_landlock_add_rule 445
-#define __NR_landlock_restrict_self 446
-#endif
-
 /* Landlock's kernel ABI, spelled out here because distribution headers lag the kernel (Debian 12
  * ships the ABI 2 header; ABI 4 adds TCP, ABI 6 scopes signals and abstract sockets). */
 struct fz_landlock_ruleset_attr {
@@ -53,20 +47,15 @@ static char *put_uint(char *p, unsigned long v) {
     return p;
 }
 
-/* The frame the Python side expects: 4-byte big-endian length, then JSON. */
+/* A child result frame (fastazr/sandbox/protocol.py): 4-byte big-endian body length; body =
+ * status byte (4 = violation), 4-byte value length (0), then the error text: the syscall number. */
 static void on_sigsys(int sig, siginfo_t *info, void *ctx) {
     (void)sig; (void)ctx;
-    char body[96], frame[100];
-    char *p = body;
-    static const char head[] = "{\"status\":\"violation\",\"syscall\":";
-    memcpy(p, head, sizeof(head) - 1);
-    p += sizeof(head) - 1;
-    p = put_uint(p, (unsigned long)(unsigned)info->si_syscall);
-    *p++ = '}';
-    uint32_t n = (uint32_t)(p - body);
-    frame[0] = (char)(n >> 24); frame[1] = (char)(n >> 16); frame[2] = (char)(n >> 8); frame[3] = (char)n;
-    memcpy(frame + 4, body, n);
-    ssize_t unused = write(FZ_FD_RESULT, frame, 4 + n);
+    char frame[32] = {0, 0, 0, 0, 4, 0, 0, 0, 0};
+    char *end = put_uint(frame + 9, (unsigned long)(unsigned)info->si_syscall);
+    uint32_t n = (uint32_t)(end - frame - 4);
+    frame[3] = (char)n;
+    ssize_t unused = write(FZ_FD_RESULT, frame, (size_t)(end - frame));
     (void)unused;
     syscall(__NR_exit_group, 0);
 }
@@ -75,8 +64,8 @@ static void on_sigsys(int sig, siginfo_t *info, void *ctx) {
 
 static int place_fds(const struct fz_harden_opts *o, int *landlock_fd, char *err, size_t errlen) {
     /* Lift every source above the targets first so no dup2 clobbers a source still needed. */
-    int src[6] = {o->devnull_fd, o->stdout_fd, o->stderr_fd, o->job_fd, o->result_fd, *landlock_fd};
-    int count = *landlock_fd >= 0 ? 6 : 5;
+    int src[5] = {o->devnull_fd, o->stdout_fd, o->stderr_fd, o->result_fd, *landlock_fd};
+    int count = *landlock_fd >= 0 ? 5 : 4;
     for (int i = 0; i < count; i++) {
         src[i] = fcntl(src[i], F_DUPFD_CLOEXEC, 64);
         if (src[i] < 0) FAIL("fcntl(F_DUPFD) on a child descriptor: %s", strerror(errno));
@@ -86,7 +75,7 @@ static int place_fds(const struct fz_harden_opts *o, int *landlock_fd, char *err
     if (syscall(__NR_close_range, (unsigned)count, ~0u, 0) != 0) {
         for (int fd = count; fd < 4096; fd++) close(fd);
     }
-    if (*landlock_fd >= 0) *landlock_fd = 5;
+    if (*landlock_fd >= 0) *landlock_fd = 4;
     return 0;
 }
 
@@ -167,6 +156,12 @@ int fz_landlock_ruleset(const char *const *paths, size_t npaths, char *err, size
 
 /* ---- the whole sequence ---- */
 
+static int install(enum fz_backend backend, enum fz_stage stage, char *err, size_t errlen) {
+    pid_t self = getpid();
+    if (backend == FZ_BACKEND_LIBSECCOMP) return fz_install_filter_libseccomp(stage, self, err, errlen);
+    return fz_install_filter_bpf(stage, self, err, errlen);
+}
+
 int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
     pid_t parent = getppid();
     if (setsid() < 0) FAIL("setsid: %s", strerror(errno));
@@ -188,7 +183,6 @@ int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
         memset(none, 0, sizeof(none));
         if (syscall(__NR_capset, &head, none) != 0) FAIL("capset(empty): %s", strerror(errno));
     }
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) FAIL("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) FAIL("PR_SET_DUMPABLE: %s", strerror(errno));
     /* Set after the uid change, which clears it; if the zygote died in between, leave now. */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) FAIL("PR_SET_PDEATHSIG: %s", strerror(errno));
@@ -208,7 +202,10 @@ int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
     sigemptyset(&sys);
     sigaddset(&sys, SIGSYS);
     sigprocmask(SIG_UNBLOCK, &sys, NULL);
-    pid_t self = getpid();
-    if (o->backend == FZ_BACKEND_LIBSECCOMP) return fz_install_filter_libseccomp(self, err, errlen);
-    return fz_install_filter_bpf(self, err, errlen);
+    return install(o->backend, FZ_STAGE_CHILD, err, errlen);
+}
+
+int fz_confine_zygote(enum fz_backend backend, char *err, size_t errlen) {
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) FAIL("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
+    return install(backend, FZ_STAGE_ZYGOTE, err, errlen);
 }

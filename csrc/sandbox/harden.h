@@ -7,12 +7,12 @@
 #include <sys/types.h>
 
 /* Fixed descriptor numbers inside a child: the Python runner relies on them. */
-enum { FZ_FD_STDIN = 0, FZ_FD_STDOUT = 1, FZ_FD_STDERR = 2, FZ_FD_JOB = 3, FZ_FD_RESULT = 4 };
+enum { FZ_FD_STDIN = 0, FZ_FD_STDOUT = 1, FZ_FD_STDERR = 2, FZ_FD_RESULT = 3 };
 
 enum fz_backend { FZ_BACKEND_BPF = 0, FZ_BACKEND_LIBSECCOMP = 1 };
 
 struct fz_harden_opts {
-    int job_fd, result_fd, stdout_fd, stderr_fd, devnull_fd;
+    int result_fd, stdout_fd, stderr_fd, devnull_fd;
     int landlock_fd;          /* a prepared ruleset, or -1 */
     const char *workdir;
     uint64_t address_space;   /* bytes */
@@ -22,7 +22,11 @@ struct fz_harden_opts {
     enum fz_backend backend;
 };
 
+/* In a child of a confined zygote: the whole sequence, ending with the child-stage filter. */
 int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen);
+
+/* In the zygote, once, after its imports: no_new_privs and the zygote-stage filter. */
+int fz_confine_zygote(enum fz_backend backend, char *err, size_t errlen);
 
 /* Landlock: the kernel's ABI version (0 when absent) and a ruleset allowing reads beneath
  * paths, writes nowhere, no TCP, and (ABI >= 6) no signals or abstract sockets outside. */

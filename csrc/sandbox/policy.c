@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <termios.h>
 
+#define NAME(n) {#n, __NR_##n}
 #define ALLOW(n) {#n, __NR_##n, FZ_ALLOW, 0, {0}, 0}
 
 /* O_TMPFILE is __O_TMPFILE | O_DIRECTORY; masking __O_TMPFILE alone keeps plain directory
@@ -48,10 +49,9 @@ const struct fz_rule fz_rules[] = {
 };
 const size_t fz_nrules = sizeof(fz_rules) / sizeof(fz_rules[0]);
 
-#define NAME(n) {#n, __NR_##n}
-
 const struct fz_syscall_name fz_denied_names[] = {
-    NAME(socket), NAME(socketpair), NAME(connect), NAME(bind), NAME(listen), NAME(accept4),
+    NAME(socket), NAME(socketpair), NAME(landlock_create_ruleset), NAME(landlock_add_rule),
+    NAME(capset), NAME(setgroups), NAME(close_range), NAME(connect), NAME(bind), NAME(listen), NAME(accept4),
     NAME(sendto), NAME(recvfrom), NAME(sendmsg), NAME(recvmsg), NAME(clone), NAME(clone3),
     NAME(execve), NAME(execveat), NAME(ptrace), NAME(process_vm_readv),
     NAME(process_vm_writev), NAME(io_uring_setup), NAME(io_uring_enter),
@@ -74,3 +74,24 @@ const struct fz_syscall_name fz_denied_names[] = {
 #endif
 };
 const size_t fz_ndenied_names = sizeof(fz_denied_names) / sizeof(fz_denied_names[0]);
+
+/* Calls the zygote makes after its own filter is on: forking, reaping and hardening children. */
+const struct fz_syscall_name fz_zygote_extra[] = {
+    NAME(clone), NAME(wait4), NAME(waitid), NAME(pidfd_open), NAME(pipe2), NAME(kill),
+    NAME(setsid), NAME(close_range), NAME(chdir), NAME(prlimit64), NAME(setrlimit),
+    NAME(capset), NAME(prctl), NAME(landlock_restrict_self), NAME(seccomp),
+    NAME(rt_sigaction), NAME(setgroups), NAME(setresgid), NAME(setresuid),
+};
+const size_t fz_nzygote_extra = sizeof(fz_zygote_extra) / sizeof(fz_zygote_extra[0]);
+
+const struct fz_rule *fz_child_rule(int nr) {
+    for (size_t i = 0; i < fz_nrules; i++)
+        if (fz_rules[i].nr == nr) return &fz_rules[i];
+    return NULL;
+}
+
+int fz_is_zygote_extra(int nr) {
+    for (size_t i = 0; i < fz_nzygote_extra; i++)
+        if (fz_zygote_extra[i].nr == nr) return 1;
+    return 0;
+}

@@ -1,0 +1,93 @@
+#include "supervise.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* Read what is available into b. Returns bytes read, 0 at end of file, -1 on error. Never
+ * grows past limit + 1 bytes: one byte over is enough to know the limit was passed. */
+static ssize_t take(int fd, struct fz_buffer *b) {
+    if (b->len > b->limit) {
+        char sink[4096];
+        return read(fd, sink, sizeof(sink));
+    }
+    if (b->cap - b->len < 512) {
+        size_t cap = b->cap ? b->cap * 2 : 1024;
+        char *grown = realloc(b->data, cap);
+        if (grown == NULL) return -1;
+        b->data = grown;
+        b->cap = cap;
+    }
+    ssize_t n = read(fd, b->data + b->len, b->cap - b->len);
+    if (n > 0) b->len += (size_t)n;
+    return n;
+}
+
+static void drain(int fd, struct fz_buffer *b) {
+    while (take(fd, b) > 0) {
+    }
+}
+
+int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,
+                 size_t output_cap, size_t result_cap, struct fz_outcome *o) {
+    memset(o, 0, sizeof(*o));
+    o->result.limit = result_cap;
+    o->out.limit = output_cap;
+    o->err.limit = output_cap;
+    struct pollfd fds[4] = {{result_fd, POLLIN, 0}, {out_fd, POLLIN, 0}, {err_fd, POLLIN, 0}, {pidfd, POLLIN, 0}};
+    struct fz_buffer *bufs[3] = {&o->result, &o->out, &o->err};
+    double start = now(), deadline = start + timeout_s;
+    int exited = 0;
+    while (!exited) {
+        double left = deadline - now();
+        if (left <= 0) {
+            o->killed = FZ_KILLED_TIMEOUT;
+            break;
+        }
+        int ready = poll(fds, 4, (int)(left * 1000) + 1);
+        if (ready < 0 && errno != EINTR) break;
+        for (int i = 0; i < 3 && ready > 0; i++) {
+            if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            if (take(fds[i].fd, bufs[i]) <= 0) fds[i].fd = -fds[i].fd - 1; /* poll skips negatives */
+        }
+        if (fds[3].revents & POLLIN) exited = 1;
+        if (o->out.len + o->err.len > output_cap || o->result.len > result_cap) {
+            o->killed = FZ_KILLED_OUTPUT;
+            break;
+        }
+    }
+    if (o->killed) kill(pid, SIGKILL);
+    struct rusage ru;
+    while (wait4(pid, &o->wait_status, 0, &ru) < 0) {
+        if (errno != EINTR) return -1;
+    }
+    o->duration_s = now() - start;
+    o->cpu_seconds = (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
+                     ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) * 1e-6;
+    for (int i = 0; i < 3; i++) {
+        int fd = fds[i].fd < 0 ? -fds[i].fd - 1 : fds[i].fd;
+        /* The child is reaped and could not fork, so no writer is left: these reads end. */
+        if (!o->killed && fds[i].fd >= 0) drain(fd, bufs[i]);
+        close(fd);
+    }
+    close(pidfd);
+    return 0;
+}
+
+void fz_outcome_free(struct fz_outcome *o) {
+    free(o->result.data);
+    free(o->out.data);
+    free(o->err.data);
+}
