@@ -4,6 +4,7 @@
  *   harden(...)             turn a just-forked child into a sandboxed one
  *   fork()                  a bare fork for the single-threaded zygote
  *   supervise(...)          the zygote's wait for one child: wall clock, output caps, reaping
+ *   send_result(...)        a child's one result frame, immune to the job's monkeypatching
  *   landlock_abi()          the kernel's Landlock ABI version, 0 when absent
  *   landlock_ruleset(paths) a ruleset fd allowing reads beneath paths only (built once per zygote)
  *   syscall_names()         {number: name} for every syscall the policy names
@@ -90,6 +91,59 @@ static PyObject *py_fork(PyObject *self, PyObject *unused) {
     pid_t pid = fork();
     if (pid < 0) return PyErr_SetFromErrno(PyExc_OSError);
     return PyLong_FromLong(pid);
+}
+
+/* Encode text for a frame; NULL stands for no text. Returns a new bytes object or NULL. */
+static PyObject *frame_text(PyObject *text) {
+    if (text == Py_None) return PyBytes_FromStringAndSize("", 0);
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "send_result takes str or None");
+        return NULL;
+    }
+    return PyUnicode_AsEncodedString(text, "utf-8", "surrogatepass");
+}
+
+/* The child's one result frame (layout in fastazr/sandbox/protocol.py), written in C so that a
+ * job which rebinds builtins (len, bytes, ...) or struct cannot break the runner's reply. */
+static PyObject *py_send_result(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, status;
+    PyObject *value, *error;
+    if (!PyArg_ParseTuple(args, "iiOO", &fd, &status, &value, &error)) return NULL;
+    PyObject *v = frame_text(value);
+    PyObject *e = v ? frame_text(error) : NULL;
+    if (e == NULL) {
+        Py_XDECREF(v);
+        return NULL;
+    }
+    size_t nv = (size_t)PyBytes_GET_SIZE(v), ne = (size_t)PyBytes_GET_SIZE(e);
+    size_t body = 1 + 4 + nv + ne, total = 4 + body;
+    unsigned char *frame = PyMem_Malloc(total);
+    if (frame == NULL) {
+        Py_DECREF(v);
+        Py_DECREF(e);
+        return PyErr_NoMemory();
+    }
+    frame[0] = (unsigned char)(body >> 24); frame[1] = (unsigned char)(body >> 16);
+    frame[2] = (unsigned char)(body >> 8); frame[3] = (unsigned char)body;
+    frame[4] = (unsigned char)status;
+    frame[5] = (unsigned char)(nv >> 24); frame[6] = (unsigned char)(nv >> 16);
+    frame[7] = (unsigned char)(nv >> 8); frame[8] = (unsigned char)nv;
+    memcpy(frame + 9, PyBytes_AS_STRING(v), nv);
+    memcpy(frame + 9 + nv, PyBytes_AS_STRING(e), ne);
+    Py_DECREF(v);
+    Py_DECREF(e);
+    size_t done = 0;
+    while (done < total) {
+        ssize_t n = write(fd, frame + done, total - done);
+        if (n <= 0) {
+            PyMem_Free(frame);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        done += (size_t)n;
+    }
+    PyMem_Free(frame);
+    Py_RETURN_NONE;
 }
 
 static PyObject *py_landlock_abi(PyObject *self, PyObject *unused) {
@@ -182,6 +236,8 @@ static PyMethodDef methods[] = {
      "1 (timeout) or 2 (output cap). Closes the descriptors and reaps the child."},
     {"fork", py_fork, METH_NOARGS,
      "fork() without Python's at-fork handling; only for a process that has one thread."},
+    {"send_result", py_send_result, METH_VARARGS,
+     "send_result(fd, status_index, value, error): write a child's result frame."},
     {"landlock_abi", py_landlock_abi, METH_NOARGS, "Kernel Landlock ABI version, 0 if absent."},
     {"landlock_ruleset", py_landlock_ruleset, METH_O,
      "Return a Landlock ruleset fd allowing reads beneath the given directories only."},

@@ -17,10 +17,12 @@ import sys
 from types import CodeType
 from typing import NamedTuple
 
-from .protocol import child_frame
+from .. import _sandbox
+from .protocol import CHILD_STATUSES
 
 RESULT_FD = 3
-_write, _exit, _urandom, _seed, _gc_enable = os.write, os._exit, os.urandom, random.seed, gc.enable
+_exit, _urandom, _seed, _gc_enable = os._exit, os.urandom, random.seed, gc.enable
+_send, _status_index = _sandbox.send_result, CHILD_STATUSES.index
 _repr, _str, _type, _isinstance, _len = repr, str, type, isinstance, len
 _exec, _eval, _BaseException = exec, eval, BaseException
 
@@ -109,7 +111,8 @@ def serve(job: Job, max_value_chars: int) -> None:
         except _BaseException:
             pass
     try:
-        _write(RESULT_FD, child_frame(*outcome))
+        status, value, error = outcome
+        _send(RESULT_FD, _status_index(status), value, error)
     except _BaseException:
         _exit(71)
     _exit(0)

@@ -2,8 +2,9 @@
 
 Trainer <-> zygote (trusted on both ends): the body is a marshal'd dict, ~5x cheaper than
 JSON both ways. Child -> zygote (untrusted): the body is a status byte, a 4-byte value
-length, the value's UTF-8, then the error's UTF-8; the zygote checks every part. The C
-SIGSYS handler (csrc/sandbox/harden.c) writes this same layout."""
+length, the value's UTF-8, then the error's UTF-8; the zygote checks every part. Children
+write it through _sandbox.send_result, and the C SIGSYS handler (csrc/sandbox/harden.c)
+writes the same layout."""
 
 from __future__ import annotations
 
@@ -21,13 +22,6 @@ VALUE_LENGTH = struct.Struct(">I")
 
 def encode(message: dict) -> bytes:
     body = marshal.dumps(message)
-    return HEADER.pack(len(body)) + body
-
-
-def child_frame(status: str, value: str | None, error: str | None) -> bytes:
-    v = value.encode("utf-8", "surrogatepass") if value is not None else b""
-    e = error.encode("utf-8", "surrogatepass") if error is not None else b""
-    body = bytes((CHILD_STATUSES.index(status),)) + VALUE_LENGTH.pack(len(v)) + v + e
     return HEADER.pack(len(body)) + body
 
 

@@ -20,7 +20,7 @@ import time
 
 from .. import _sandbox
 from . import child
-from .protocol import child_frame, parse_child_frame, read_frame, split_frames, write_frame
+from .protocol import CHILD_STATUSES, parse_child_frame, read_frame, split_frames, write_frame
 
 SYSCALL_NAMES = _sandbox.syscall_names()
 
@@ -60,17 +60,23 @@ def run_batch(batch: dict, s: Settings) -> list[dict]:
     the first fork: measured ~190 zygote faults per job one at a time. A syntax error costs
     no fork at all."""
     timeout = batch["timeout_s"]
-    compiled = []
+    compiled: list = []
+    replies: list[dict] = []
+    # Every child clears these first: other jobs' sources, code and results must not be
+    # reachable from a job (gc.get_objects() would find them otherwise).
+    others = (batch["jobs"], compiled, replies)
     for job in batch["jobs"]:
         start = time.monotonic()
         try:
             compiled.append(child.compile_job(job["kind"], job["program"], job.get("entry"), job.get("args", "")))
         except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
             compiled.append({"status": "error", "error": child.describe(exc), "duration_s": time.monotonic() - start})
-    return [job if isinstance(job, dict) else run(job, timeout, s) for job in compiled]
+    for job in compiled:
+        replies.append(job if isinstance(job, dict) else run(job, timeout, s, others))
+    return replies
 
 
-def run(job: child.Job, timeout_s: float, s: Settings) -> dict:
+def run(job: child.Job, timeout_s: float, s: Settings, others: tuple) -> dict:
     """Fork a child for one compiled job, harden it, run the job there, and judge the outcome.
 
     The job reaches the child through fork (no pipe, no parsing), and the zygote waits in C
@@ -80,6 +86,8 @@ def run(job: child.Job, timeout_s: float, s: Settings) -> dict:
     err_r, err_w = os.pipe()
     pid = _sandbox.fork()
     if pid == 0:
+        for container in others:
+            container.clear()
         try:
             _sandbox.harden(result_fd=result_w, stdout_fd=out_w, stderr_fd=err_w, devnull_fd=s.devnull,
                             workdir=s.workdir, address_space=s.address_space, cpu_seconds=s.cpu_seconds,
@@ -87,7 +95,7 @@ def run(job: child.Job, timeout_s: float, s: Settings) -> dict:
                             backend=s.backend)
         except BaseException as exc:
             try:
-                os.write(child.RESULT_FD, child_frame("setup", None, f"sandbox setup failed: {exc}"))
+                _sandbox.send_result(child.RESULT_FD, CHILD_STATUSES.index("setup"), None, f"sandbox setup failed: {exc}")
             finally:
                 os._exit(70)
         child.serve(job, s.max_value_chars)

@@ -1,0 +1,155 @@
+"""Every hostile program in fastazr.sandbox.hostile ends in its documented status, within its
+timeout + 100 ms, does no damage, leaves the pool serving the next job correctly, and leaves no
+process, file or descriptor behind."""
+
+import os
+import stat
+import time
+
+import pytest
+
+from fastazr.sandbox import Sandbox
+from fastazr.sandbox.hostile import ATTACKS
+from helpers import descendants_of, open_fds
+
+CANARY = "print(sum(range(10)))"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Each attack, then a canary, on one zygote, so every attack's successor is checked."""
+    root = tmp_path_factory.mktemp("adversarial")
+    fds_before = open_fds()
+    with Sandbox(workers=1, memory_mb=512, max_output_bytes=200_000) as sb:
+        zygote_pid = sb._zygotes[0].process.pid
+        outcomes = {}
+        for attack in ATTACKS:
+            sentinel = root / f"{attack.name}.sentinel"
+            sentinel.write_text("precious")
+            sentinel.chmod(0o644)
+            drop = root / f"{attack.name}.dropped"
+            source = attack.render(attack.source, str(sentinel), str(drop))
+            start = time.monotonic()
+            result, canary = sb.exec_many([source, CANARY], timeout_s=attack.timeout_s)
+            outcomes[attack.name] = dict(result=result, canary=canary, sentinel=sentinel, drop=drop,
+                                         wall=time.monotonic() - start,
+                                         leftover=descendants_of(zygote_pid))
+        workdir = sb._workdir
+    gone = not os.path.exists(workdir)
+    return outcomes, fds_before, open_fds(), gone, zygote_pid
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])
+def test_attack_is_contained(run, attack):
+    outcomes = run[0][attack.name]
+    result, canary = outcomes["result"], outcomes["canary"]
+    assert result.status in attack.expected, f"{attack.name}: {result}"
+    assert result.duration_s <= attack.timeout_s + 0.1, result
+    assert "pwned" not in result.stdout
+    sentinel = outcomes["sentinel"]
+    assert sentinel.read_text() == "precious"
+    assert stat.S_IMODE(sentinel.stat().st_mode) == 0o644
+    assert not outcomes["drop"].exists()
+    assert not os.path.exists("/tmp/pwned.txt")
+    assert canary.status == "ok" and canary.stdout == "45\n", f"pool broken after {attack.name}: {canary}"
+    assert outcomes["leftover"] == set(), f"{attack.name} left processes behind"
+
+
+def test_violations_name_the_syscall(run):
+    named = {name: o["result"].error for name, o in run[0].items() if o["result"].status == "violation"}
+    assert "openat" in named["write_new_file_tmp"]
+    assert "socket" in named["socket_tcp"]
+    assert "execve" in named["execv"]
+    assert "kill" in named["kill_parent"]
+    assert "prlimit64" in named["raise_rlimits"]
+
+
+RAW = [a for a in ATTACKS if "raw" in a.tags]
+
+
+@pytest.mark.parametrize("backend", ["bpf", "libseccomp"])
+def test_seccomp_alone_stops_raw_syscalls(tmp_path, backend):
+    """Landlock (which keeps ctypes from loading at all) off: the filter must stop each call."""
+    from fastazr import _sandbox
+
+    if backend == "libseccomp" and not _sandbox.have_libseccomp():
+        pytest.skip("built without libseccomp headers")
+    sentinel, drop = tmp_path / "sentinel", tmp_path / "drop"
+    sentinel.write_text("precious")
+    with Sandbox(workers=1, landlock="off", drop_privileges="off", seccomp_backend=backend) as sb:
+        results = sb.exec_many([a.render(a.source, str(sentinel), str(drop)) for a in RAW])
+    expected_syscall = {"ptrace_parent": "ptrace", "raw_creat": "creat", "raw_openat2": "openat2",
+                        "raw_io_uring_setup": "io_uring_setup", "raw_unshare": "unshare",
+                        "prctl_seccomp_off": "prctl"}
+    for attack, result in zip(RAW, results):
+        assert result.status == "violation", (attack.name, result)
+        assert expected_syscall[attack.name] in result.error, (attack.name, result.error)
+    assert not drop.exists() and sentinel.read_text() == "precious"
+
+
+def test_parent_environment_never_reaches_the_job(run):
+    result = run[0]["read_parent_environ"]["result"]
+    assert "PATH=" not in result.stdout and "PATH=" not in (result.error or "")
+
+
+def test_nothing_left_behind(run):
+    _, fds_before, fds_after, workdir_gone, zygote_pid = run
+    assert fds_after == fds_before
+    assert workdir_gone
+    assert not os.path.exists(f"/proc/{zygote_pid}") or open(f"/proc/{zygote_pid}/stat").read().split()[2] == "Z"
+
+
+def test_monkeypatching_does_not_carry_over():
+    with Sandbox(workers=1) as sb:
+        first, second = sb.exec_many([
+            "import math, builtins\nmath.sqrt = lambda x: 42\nbuiltins.len = lambda x: -1\nbuiltins.LEAK = 1",
+            "import math, builtins\nprint(math.sqrt(4.0), len([1, 2]), hasattr(builtins, 'LEAK'))",
+        ])
+    assert first.status == "ok"
+    assert second.stdout == "2.0 2 False\n"
+
+
+def test_gc_hunt_finds_no_other_job(tmp_path):
+    secret = "S3CRET_" + os.urandom(8).hex()
+    hunter = f"""
+import gc
+needle = "S3CRET" + "_"
+found = False
+for obj in gc.get_objects():
+    for text in (obj if isinstance(obj, (list, tuple, dict, set)) else [obj]):
+        if isinstance(text, str) and text.startswith(needle) and len(text) > len(needle):
+            found = True
+        code = getattr(text, "__code__", None) or (text if type(text).__name__ == "code" else None)
+        if code is not None and any(isinstance(c, str) and c.startswith(needle) and len(c) > 7 for c in code.co_consts):
+            found = True
+print(found)
+"""
+    victim = f"def f():\n    return {secret!r}\nx = [{secret!r}, {{'k': {secret!r}}}]\n"
+    with Sandbox(workers=1) as sb:
+        # one zygote, one batch: the victim ran in a sibling child of the same batch
+        results = sb.exec_many([victim, hunter, victim, hunter])
+    assert [r.status for r in results] == ["ok"] * 4
+    assert results[1].stdout == "False\n" and results[3].stdout == "False\n"
+
+
+def test_lying_objects_cannot_pass_a_check():
+    from fastazr.tasks import TaskExecutor
+
+    liar = """
+class Liar:
+    def __eq__(self, other):
+        return True
+    def __hash__(self):
+        return 0
+def f(x):
+    return Liar()
+"""
+    raising_repr = "class R:\n    def __repr__(self):\n        raise ValueError('no')\ndef f(x):\n    return R()\n"
+    non_str_repr = "class R:\n    def __repr__(self):\n        return 7\ndef f(x):\n    return R()\n"
+    with Sandbox(workers=2) as sb:
+        ex = TaskExecutor(sb)
+        assert ex.check_induction([(liar, [("1", "2"), ("3", "4")])]) == [False]
+        assert ex.check_abduction([("def f(x):\n    return x", "5", "__import__('fastazr')")]) == [False]
+        bad = sb.call_many([(raising_repr, "f", "1"), (non_str_repr, "f", "1")])
+    assert bad[0].status == "error" and "ValueError" in bad[0].error
+    assert bad[1].status == "error" and "__repr__" in bad[1].error
