@@ -3,14 +3,11 @@
  * always returns, so no jump spans more than a few instructions (BPF jumps reach 255). */
 #include "policy.h"
 
-#include <errno.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <stdio.h>
-#include <string.h>
 #include <sys/syscall.h>
-#include <unistd.h>
 
 #if defined(__x86_64__)
 #define FZ_AUDIT_ARCH AUDIT_ARCH_X86_64
@@ -24,17 +21,16 @@
 #error "argument offsets below assume a little-endian seccomp_data"
 #endif
 
-#define MAX_INSNS 1024
 #define ARG_LO(i) ((uint32_t)(offsetof(struct seccomp_data, args) + 8 * (i)))
 #define ARG_HI(i) (ARG_LO(i) + 4)
 
 struct program {
-    struct sock_filter insns[MAX_INSNS];
-    unsigned n;
+    struct sock_filter *insns;
+    unsigned n, cap;
 };
 
 static void emit(struct program *p, uint16_t code, uint8_t jt, uint8_t jf, uint32_t k) {
-    if (p->n < MAX_INSNS) p->insns[p->n] = (struct sock_filter)BPF_JUMP(code, k, jt, jf);
+    if (p->n < p->cap) p->insns[p->n] = (struct sock_filter)BPF_JUMP(code, k, jt, jf);
     p->n++;
 }
 
@@ -144,19 +140,13 @@ static void child_program(struct program *p, pid_t self) {
     ret(p, SECCOMP_RET_TRAP);
 }
 
-int fz_install_filter_bpf(enum fz_stage stage, pid_t self, char *err, size_t errlen) {
-    static struct program p;
-    p.n = 0;
+int fz_program_bpf(enum fz_stage stage, pid_t self, struct sock_filter *out, unsigned cap, char *err, size_t errlen) {
+    struct program p = {out, 0, cap};
     if (stage == FZ_STAGE_ZYGOTE) zygote_program(&p, self);
     else child_program(&p, self);
-    if (p.n > MAX_INSNS) {
-        snprintf(err, errlen, "seccomp program needs %u instructions, buffer holds %d", p.n, MAX_INSNS);
+    if (p.n > cap) {
+        snprintf(err, errlen, "seccomp program needs %u instructions, buffer holds %u", p.n, cap);
         return -1;
     }
-    struct sock_fprog prog = {.len = (unsigned short)p.n, .filter = p.insns};
-    if (syscall(__NR_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0) {
-        snprintf(err, errlen, "seccomp(SET_MODE_FILTER) failed: %s", strerror(errno));
-        return -1;
-    }
-    return 0;
+    return (int)p.n;
 }

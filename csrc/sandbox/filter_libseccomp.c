@@ -2,8 +2,11 @@
  * multi-arch and x32 details itself). Built only with FASTAZR_HAVE_LIBSECCOMP. */
 #include "policy.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #ifdef FASTAZR_HAVE_LIBSECCOMP
 #include <seccomp.h>
@@ -54,7 +57,27 @@ static int deny_extra(scmp_filter_ctx ctx, int nr, pid_t self) {
     return -22; /* -EINVAL: add a negation here before making such a call a zygote extra */
 }
 
-int fz_install_filter_libseccomp(enum fz_stage stage, pid_t self, char *err, size_t errlen) {
+/* libseccomp builds the program; seccomp_export_bpf hands it back through a pipe (at most
+ * FZ_MAX_INSNS * 8 = 8 KiB, within one pipe buffer) so it can be installed or patched later. */
+static int export(scmp_filter_ctx ctx, struct sock_filter *out, unsigned cap, char *err, size_t errlen) {
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC) != 0) {
+        snprintf(err, errlen, "pipe2: %s", strerror(errno));
+        return -1;
+    }
+    int rc = seccomp_export_bpf(ctx, fds[1]);
+    close(fds[1]);
+    ssize_t n = rc == 0 ? read(fds[0], out, (size_t)cap * sizeof(*out)) : -1;
+    close(fds[0]);
+    if (rc != 0 || n <= 0 || n % (ssize_t)sizeof(*out) != 0 || n == (ssize_t)(cap * sizeof(*out))) {
+        snprintf(err, errlen, "seccomp_export_bpf failed (%d) or its program exceeds %u instructions", rc, cap);
+        return -1;
+    }
+    return (int)(n / (ssize_t)sizeof(*out));
+}
+
+int fz_program_libseccomp(enum fz_stage stage, pid_t self, struct sock_filter *out, unsigned cap, char *err,
+                          size_t errlen) {
     scmp_filter_ctx ctx = seccomp_init(stage == FZ_STAGE_ZYGOTE ? SCMP_ACT_TRAP : SCMP_ACT_ALLOW);
     if (ctx == NULL) {
         snprintf(err, errlen, "seccomp_init failed");
@@ -71,19 +94,21 @@ int fz_install_filter_libseccomp(enum fz_stage stage, pid_t self, char *err, siz
         rc = add_rule(ctx, &fz_rules[i], self);
         if (rc != 0) snprintf(err, errlen, "seccomp_rule_add(%s): %s", fz_rules[i].name, strerror(-rc));
     }
-    if (rc == 0 && (rc = seccomp_load(ctx)) != 0)
-        snprintf(err, errlen, "seccomp_load: %s", strerror(-rc));
+    int n = rc == 0 ? export(ctx, out, cap, err, errlen) : -1;
     seccomp_release(ctx);
-    return rc == 0 ? 0 : -1;
+    return n;
 }
 
 #else
 
 int fz_have_libseccomp(void) { return 0; }
 
-int fz_install_filter_libseccomp(enum fz_stage stage, pid_t self, char *err, size_t errlen) {
+int fz_program_libseccomp(enum fz_stage stage, pid_t self, struct sock_filter *out, unsigned cap, char *err,
+                          size_t errlen) {
     (void)stage;
     (void)self;
+    (void)out;
+    (void)cap;
     snprintf(err, errlen,
              "fastazr was built without libseccomp (no seccomp.h): use seccomp_backend='bpf' or "
              "install libseccomp-dev and reinstall");

@@ -19,13 +19,14 @@ struct fz_harden_opts {
     uint64_t cpu_seconds;
     uint64_t open_files;
     long drop_to_uid;         /* -1 keeps the uid; otherwise uid and gid become this */
-    enum fz_backend backend;
 };
 
-/* In a child of a confined zygote: the whole sequence, ending with the child-stage filter. */
+/* In a child of a confined zygote: the whole sequence, ending with the child-stage filter
+ * that fz_confine_zygote prepared. */
 int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen);
 
-/* In the zygote, once, after its imports: no_new_privs and the zygote-stage filter. */
+/* In the zygote, once, after its imports: build both stages' programs with the backend,
+ * then no_new_privs and the zygote-stage filter. */
 int fz_confine_zygote(enum fz_backend backend, char *err, size_t errlen);
 
 /* Landlock: the kernel's ABI version (0 when absent) and a ruleset allowing reads beneath

@@ -31,15 +31,13 @@ static PyObject *py_harden(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *names[] = {"result_fd", "stdout_fd", "stderr_fd", "devnull_fd",
                             "workdir", "address_space", "cpu_seconds", "open_files",
-                            "drop_to_uid", "landlock_fd", "backend", NULL};
+                            "drop_to_uid", "landlock_fd", NULL};
     struct fz_harden_opts o;
-    const char *backend;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiisKKKlis", names, &o.result_fd,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiisKKKli", names, &o.result_fd,
                                      &o.stdout_fd, &o.stderr_fd, &o.devnull_fd, &o.workdir,
                                      &o.address_space, &o.cpu_seconds, &o.open_files,
-                                     &o.drop_to_uid, &o.landlock_fd, &backend))
+                                     &o.drop_to_uid, &o.landlock_fd))
         return NULL;
-    if (parse_backend(backend, &o.backend) < 0) return NULL;
     char err[256] = {0};
     if (fz_harden(&o, err, sizeof(err)) != 0) {
         PyErr_SetString(PyExc_OSError, err);

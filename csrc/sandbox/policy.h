@@ -14,6 +14,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <linux/filter.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 
@@ -61,10 +62,16 @@ extern const size_t fz_nzygote_extra;
 const struct fz_rule *fz_child_rule(int nr);
 int fz_is_zygote_extra(int nr);
 
-/* Install one stage's filter on the calling thread (no_new_privs must be set). Return 0, or -1
- * with a message in err. self is the caller's pid, for the signal-yourself-only rules. */
-int fz_install_filter_bpf(enum fz_stage stage, pid_t self, char *err, size_t errlen);
-int fz_install_filter_libseccomp(enum fz_stage stage, pid_t self, char *err, size_t errlen);
+/* A pid no process can have (pid_max is at most 2^22): the child program is built once, in the
+ * zygote, with this in its signal-yourself-only rules, and each child patches in its own pid. */
+#define FZ_PID_PLACEHOLDER 0x7ffffffe
+#define FZ_MAX_INSNS 1024
+
+/* One stage's program into out[0..cap). Returns its length, or -1 with a message in err.
+ * self is the pid the signal rules compare with. */
+int fz_program_bpf(enum fz_stage stage, pid_t self, struct sock_filter *out, unsigned cap, char *err, size_t errlen);
+int fz_program_libseccomp(enum fz_stage stage, pid_t self, struct sock_filter *out, unsigned cap, char *err,
+                          size_t errlen);
 int fz_have_libseccomp(void);
 
 #endif

@@ -86,6 +86,12 @@ try:
 except OSError:
     escaped = False
 """
+OUTPUT_PROBE = """
+import os
+for _ in range(64):
+    os.write({fd}, b"x" * 65536)
+escaped = True
+"""
 RLIMIT_PROBE = """
 import resource
 escaped = resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY
@@ -127,17 +133,18 @@ ATTACKS = [
     _attack("kill_everyone", "import os, signal\nos.kill(-1, signal.SIGKILL)", V, SIGNAL_PROBE),
     _attack("killpg_own_group", "import os, signal\nos.killpg(0, signal.SIGKILL)", V, SIGNAL_PROBE),
     _attack("killpg_parent_group", "import os, signal\nos.killpg(os.getpgid(os.getppid()), signal.SIGTERM)", V, SIGNAL_PROBE),
+    # The probe reads /proc/<parent>/mem, which needs ptrace access, rather than stopping the parent.
     _raw("ptrace_parent", "libc.ptrace(16, __import__('os').getppid(), 0, 0)",
-         "import os\nescaped = libc.ptrace(16, os.getppid(), 0, 0) == 0\nif escaped:\n    libc.ptrace(17, os.getppid(), 0, 0)"),
+         "import os\ntry:\n    open(f'/proc/{os.getppid()}/mem', 'rb').close()\n    escaped = True\nexcept OSError:\n    escaped = False"),
     # -- the network
     _attack("socket_tcp", 'import socket\nsocket.create_connection(("127.0.0.1", 22), timeout=0.2)', V, SOCKET_PROBE),
     _attack("socket_udp", 'import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 53))', V, SOCKET_PROBE),
     _attack("socket_unix", 'import socket\nsocket.socket(socket.AF_UNIX).connect("/run/systemd/private")', V, SOCKET_PROBE),
     _attack("dns_lookup", 'import socket\nsocket.getaddrinfo("example.com", 80)', f"{V} {E}", SOCKET_PROBE),
     # -- time
-    _attack("infinite_loop", "while True:\n    pass", T, timeout_s=0.5),
-    _attack("long_c_computation", "pow(10, 10**9)", f"{T} {M}", timeout_s=0.5),
-    _attack("sleep", "import time\ntime.sleep(100)", T, timeout_s=0.5),
+    _attack("infinite_loop", "while True:\n    pass", T, "while True:\n    pass\nescaped = True", timeout_s=0.5),
+    _attack("long_c_computation", "pow(10, 10**9)", f"{T} {M}", "pow(10, 10**9)\nescaped = True", timeout_s=0.5),
+    _attack("sleep", "import time\ntime.sleep(100)", T, "import time\ntime.sleep(100)\nescaped = True", timeout_s=0.5),
     _attack("ignore_sigalrm_sigterm",
             "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass",
             T, timeout_s=0.5),
@@ -153,12 +160,16 @@ ATTACKS = [
     _attack("deep_c_recursion", "import sys\nsys.setrecursionlimit(10**7)\nx = []\nfor _ in range(10**6):\n    x = [x]\nrepr(x)",
             f"{E} {M}", timeout_s=5.0),
     # -- output
-    _attack("huge_stdout", "while True:\n    print('x' * 10000)", O, timeout_s=5.0),
-    _attack("huge_stderr", "import sys\nwhile True:\n    sys.stderr.write('x' * 10000)", O, timeout_s=5.0),
-    _attack("huge_raw_fd_write", "import os\nwhile True:\n    os.write(1, b'x' * 65536)", O, timeout_s=5.0),
+    _attack("huge_stdout", "while True:\n    print('x' * 10000)", O, OUTPUT_PROBE.replace("{fd}", "1"), timeout_s=5.0),
+    _attack("huge_stderr", "import sys\nwhile True:\n    sys.stderr.write('x' * 10000)", O,
+            OUTPUT_PROBE.replace("{fd}", "2"), timeout_s=5.0),
+    _attack("huge_raw_fd_write", "import os\nwhile True:\n    os.write(1, b'x' * 65536)", O,
+            OUTPUT_PROBE.replace("{fd}", "1"), timeout_s=5.0),
     # -- limits and the kernel's attack surface
-    _attack("raise_rlimits", "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))", V, RLIMIT_PROBE),
-    _attack("setuid_root", "import os\nos.setuid(0)", V),
+    _attack("raise_rlimits", "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))", V,
+            "import resource\ntry:\n    resource.setrlimit(resource.RLIMIT_CORE, resource.getrlimit(resource.RLIMIT_CORE))\n    escaped = True\nexcept (OSError, ValueError):\n    escaped = False"),
+    _attack("setuid_root", "import os\nos.setuid(0)", V,
+            "import os\ntry:\n    os.setuid(os.getuid())\n    escaped = True\nexcept OSError:\n    escaped = False"),
     _raw("raw_creat", 'libc.syscall(85, b"{drop}", 0o644)'),
     _raw("raw_openat2", "libc.syscall(437, -100, b'{drop}', 0, 0)"),
     _raw("raw_io_uring_setup", "buf = ctypes.create_string_buffer(120)\nlibc.syscall(425, 8, buf)",

@@ -91,8 +91,7 @@ def run(job: child.Job, timeout_s: float, s: Settings, others: tuple) -> dict:
         try:
             _sandbox.harden(result_fd=result_w, stdout_fd=out_w, stderr_fd=err_w, devnull_fd=s.devnull,
                             workdir=s.workdir, address_space=s.address_space, cpu_seconds=s.cpu_seconds,
-                            open_files=s.open_files, drop_to_uid=s.drop_to_uid, landlock_fd=s.landlock_fd,
-                            backend=s.backend)
+                            open_files=s.open_files, drop_to_uid=s.drop_to_uid, landlock_fd=s.landlock_fd)
         except BaseException as exc:
             try:
                 _sandbox.send_result(child.RESULT_FD, CHILD_STATUSES.index("setup"), None, f"sandbox setup failed: {exc}")

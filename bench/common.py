@@ -1,0 +1,58 @@
+"""Shared pieces of the benchmark scripts: timing statistics, the machine line, profiling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return (f"{model}, {len(os.sched_getaffinity(0))} cores, Linux {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+@contextlib.contextmanager
+def profiled(directory: str | None, name: str):
+    """A torch.profiler trace (Chrome/Perfetto JSON) of the block when --profile was given."""
+    if not directory:
+        yield lambda label: contextlib.nullcontext()
+        return
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("--profile needs torch (pip install torch==2.13.0 on the CPU machines)") from None
+    os.makedirs(directory, exist_ok=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        yield torch.profiler.record_function
+    path = os.path.join(directory, f"{name}.json")
+    prof.export_chrome_trace(path)
+    print(f"profile: {path}")
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def json_line(payload: dict) -> None:
+    print(json.dumps(payload, sort_keys=True))

@@ -1,0 +1,215 @@
+"""The Sandbox API: every status, ordering, isolation between jobs, configuration errors and
+recovery from a lost zygote."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastazr import _sandbox
+from fastazr.sandbox import STATUSES, Sandbox, SandboxConfig, SandboxError
+
+ADD = "def f(a, b):\n    return a + b\n"
+
+
+@pytest.fixture(scope="module")
+def sb():
+    with Sandbox(workers=2, timeout_s=2.0, memory_mb=512) as box:
+        yield box
+
+
+def test_ok_returns_the_repr(sb):
+    r = sb.call_many([(ADD, "f", "1, 2"), (ADD, "f", "[1], [2, 3]"), (ADD, "f", "'a', 'b'")])
+    assert [x.status for x in r] == ["ok"] * 3
+    assert [x.value for x in r] == ["3", "[1, 2, 3]", "'ab'"]
+    assert all(x.error is None and 0 < x.duration_s < 1 for x in r)
+
+
+def test_arguments_are_parsed_in_the_child(sb):
+    r = sb.call_many([("def f(*a):\n    return a\n", "f", ""),
+                      ("def f(x):\n    return x\n", "f", "{'k': (1, 2.5, None, b'x')}"),
+                      ("def f(x):\n    return x\n", "f", "__import__('os').getpid()")])
+    assert r[0].value == "()"
+    assert r[1].value == "{'k': (1, 2.5, None, b'x')}"
+    assert r[2].status == "ok" and int(r[2].value) != os.getpid()  # evaluated in the child
+
+
+def test_error_carries_type_and_message(sb):
+    r = sb.call_many([("def f():\n    raise KeyError('nope')\n", "f", ""),
+                      ("def f(:\n", "f", ""),
+                      ("x = 1\n", "f", ""),
+                      (ADD, "f", "1"),
+                      ("def f():\n    raise SystemExit(3)\n", "f", "")])
+    assert all(x.status == "error" for x in r), r
+    assert r[0].error == "KeyError: 'nope'"
+    assert r[1].error.startswith("SyntaxError")
+    assert "defines no 'f'" in r[2].error
+    assert r[3].error.startswith("TypeError")
+    assert r[4].error == "SystemExit: 3"
+
+
+def test_timeout_returns_within_100ms_of_the_limit(sb):
+    start = time.monotonic()
+    r = sb.call_many([("def f():\n    while True:\n        pass\n", "f", "")], timeout_s=0.3)[0]
+    wall = time.monotonic() - start
+    assert r.status == "timeout"
+    assert 0.3 <= r.duration_s <= 0.4
+    assert wall <= 0.4 + 0.1  # plus the trip to and from the zygote
+
+
+def test_memory(sb):
+    r = sb.call_many([("def f():\n    return len(bytearray(2 << 30))\n", "f", ""),
+                      ("def f():\n    x = []\n    while True:\n        x.append(' ' * 10**6)\n", "f", "")])
+    assert [x.status for x in r] == ["memory", "memory"], r
+
+
+def test_violation_names_the_syscall(sb):
+    r = sb.call_many([("import socket\ndef f():\n    return socket.socket()\n", "f", "")])[0]
+    assert r.status == "violation" and "socket" in r.error
+
+
+def test_value_over_the_limit_is_a_status_not_a_truncation():
+    with Sandbox(workers=1, max_value_chars=100) as box:
+        r = box.call_many([("def f(n):\n    return 'x' * n\n", "f", "98"), ("def f(n):\n    return 'x' * n\n", "f", "99")])
+    assert r[0].status == "ok" and len(r[0].value) == 100
+    assert r[1].status == "output_limit" and r[1].value is None and "max_value_chars=100" in r[1].error
+
+
+def test_stdout_is_captured_and_capped():
+    with Sandbox(workers=1, max_output_bytes=1000) as box:
+        r = box.exec_many(["print('hello')\nimport sys\nprint('oops', file=sys.stderr)",
+                           "print('x' * 999)", "print('x' * 1000)"])
+    assert r[0].status == "ok" and r[0].stdout == "hello\n" and r[0].stderr == "oops\n"
+    assert r[1].status == "ok" and len(r[1].stdout) == 1000
+    assert r[2].status == "output_limit" and r[2].stdout.startswith("x")
+
+
+def test_every_status_is_reachable(sb):
+    jobs = ["x = 1", "raise ValueError", "while True: pass", "x = bytearray(1 << 40)",
+            "import os\nos.fork()", "print('x' * 2_000_000)"]
+    r = sb.exec_many(jobs, timeout_s=0.5)
+    assert [x.status for x in r] == list(STATUSES)
+
+
+def test_results_keep_input_order_and_failures_stay_local(sb):
+    calls = []
+    for i in range(40):
+        if i % 10 == 3:
+            calls.append(("def f(i):\n    while True:\n        pass\n", "f", str(i)))
+        elif i % 10 == 7:
+            calls.append(("def f(i):\n    return 1 / 0\n", "f", str(i)))
+        else:
+            calls.append(("import time\ndef f(i):\n    time.sleep(0.001 * (i % 5))\n    return i * i\n", "f", str(i)))
+    r = sb.call_many(calls, timeout_s=0.3)
+    for i, x in enumerate(r):
+        expected = "timeout" if i % 10 == 3 else "error" if i % 10 == 7 else "ok"
+        assert x.status == expected, (i, x)
+        if expected == "ok":
+            assert x.value == str(i * i)
+
+
+def test_children_are_independent(sb):
+    program = "import random\ndef f():\n    return random.random()\n"
+    values = [r.value for r in sb.call_many([(program, "f", "")] * 6)]
+    assert len(set(values)) == 6, "every child must reseed random"
+
+
+def test_hash_seed_differs_between_groups(sb):
+    program = "def f():\n    return hash('fastazr')\n"
+    r = sb.call_many([(program, "f", "")] * 4, groups=[0, 1, 0, 1])
+    assert r[0].value == r[2].value and r[1].value == r[3].value
+    assert r[0].value != r[1].value
+
+
+def test_zygote_imports_neither_torch_nor_numpy(sb):
+    r = sb.exec_many(["import sys\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"])[0]
+    assert r.stdout == "[]\n"
+
+
+def test_sandbox_package_never_imports_torch_or_numpy():
+    code = "import fastazr.sandbox, fastazr.tasks, sys; print([m for m in ('torch', 'numpy') if m in sys.modules])"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_child_environment_and_descriptors(sb):
+    r = sb.exec_many(["import os\nprint(dict(os.environ), sorted(os.listdir('/proc/self/fd')) if os.path.exists('/proc/self/fd') else None, os.getcwd(), os.listdir('.'))"])[0]
+    env, *_ = r.stdout.split(" ", 1)
+    assert r.status in ("ok", "error"), r
+    if r.status == "ok":
+        assert r.stdout.startswith("{}")
+    proc = sb.exec_many(["import os\nprint(os.getcwd(), os.listdir('.'), input.__name__)"])[0]
+    assert proc.status == "ok" and proc.stdout.endswith(" [] input\n")
+    stdin = sb.call_many([("def f():\n    return input()\n", "f", "")])[0]
+    assert stdin.status == "error" and stdin.error.startswith("EOFError")
+
+
+def test_limits_are_hard(sb):
+    program = """
+import resource
+def f():
+    return [resource.getrlimit(r) for r in (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE,
+                                            resource.RLIMIT_NPROC, resource.RLIMIT_NOFILE)]
+"""
+    r = sb.call_many([(program, "f", "")])[0]
+    limits = eval(r.value)  # test code reading its own fixture's output
+    assert all(soft == hard for soft, hard in limits)
+    assert limits[0][0] == 512 << 20 and limits[2][0] == 0 and limits[3][0] == 0
+
+
+def test_protections_are_reported(sb):
+    p = sb.protections
+    assert p["seccomp"] in ("bpf", "libseccomp")
+    assert p["landlock_abi"] == _sandbox.landlock_abi()
+    assert p["no_new_privs"] and not p["dumpable"]
+
+
+@pytest.mark.parametrize("backend", ["bpf", "libseccomp"])
+def test_both_filter_backends_run_jobs(backend):
+    if backend == "libseccomp" and not _sandbox.have_libseccomp():
+        pytest.skip("built without libseccomp headers")
+    with Sandbox(workers=1, seccomp_backend=backend) as box:
+        r = box.call_many([(ADD, "f", "2, 3"), ("import os\ndef f():\n    os.mkdir('x')\n", "f", "")])
+    assert r[0].value == "5" and r[1].status == "violation" and "mkdir" in r[1].error
+
+
+def test_dropped_privileges_when_root():
+    if os.geteuid() != 0:
+        pytest.skip("only a root parent drops privileges")
+    with Sandbox(workers=1, drop_privileges="on") as box:
+        r = box.call_many([("import os\ndef f():\n    return os.getuid(), os.getgid()\n", "f", "")])[0]
+    assert r.value == "(65534, 65534)"
+
+
+def test_lost_zygote_is_replaced():
+    with Sandbox(workers=1) as box:
+        os.kill(box._zygotes[0].process.pid, signal.SIGKILL)
+        r = box.call_many([(ADD, "f", "1, 1")])[0]
+        assert r.status == "error" and "died" in r.error
+        assert box.call_many([(ADD, "f", "1, 1")])[0].value == "2"
+
+
+def test_workers_default_to_cores():
+    assert SandboxConfig().workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("option, value", [("workers", 0), ("timeout_s", 0), ("memory_mb", 8),
+                                           ("seccomp_backend", "magic"), ("landlock", "maybe"),
+                                           ("max_value_chars", 0), ("open_files", 2)])
+def test_bad_config_names_the_option(option, value):
+    with pytest.raises(ValueError, match=f"SandboxConfig.{option}"):
+        SandboxConfig(**{option: value})
+
+
+def test_closed_sandbox_refuses_work():
+    box = Sandbox(workers=1)
+    box.close()
+    with pytest.raises(SandboxError, match="closed"):
+        box.call_many([(ADD, "f", "1, 2")])
+
+
+def test_non_text_jobs_are_rejected(sb):
+    with pytest.raises(TypeError):
+        sb.call_many([(b"def f(): pass", "f", "")])
