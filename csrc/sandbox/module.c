@@ -5,6 +5,7 @@
  *   fork()                  a bare fork for the single-threaded zygote
  *   supervise(...)          the zygote's wait for one child: wall clock, output caps, reaping
  *   send_result(...)        a child's one result frame, immune to the job's monkeypatching
+ *   wipe(list)              zero other jobs' data that a child inherited
  *   landlock_abi()          the kernel's Landlock ABI version, 0 when absent
  *   landlock_ruleset(paths) a ruleset fd allowing reads beneath paths only (built once per zygote)
  *   syscall_names()         {number: name} for every syscall the policy names
@@ -144,6 +145,22 @@ static PyObject *py_send_result(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Zero the buffers of a list of bytes objects in place. A child calls this on the other jobs
+ * of its batch, which it inherited from the zygote: a frame walk (sys._getframe().f_back...)
+ * reaches them, and freeing them instead would touch (and copy) every page they live on. */
+static PyObject *py_wipe(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyList_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "wipe takes a list of bytes");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arg); i++) {
+        PyObject *item = PyList_GET_ITEM(arg, i);
+        if (PyBytes_Check(item)) memset(PyBytes_AS_STRING(item), 0, (size_t)PyBytes_GET_SIZE(item));
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_landlock_abi(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     return PyLong_FromLong(fz_landlock_abi());
@@ -236,6 +253,7 @@ static PyMethodDef methods[] = {
      "fork() without Python's at-fork handling; only for a process that has one thread."},
     {"send_result", py_send_result, METH_VARARGS,
      "send_result(fd, status_index, value, error): write a child's result frame."},
+    {"wipe", py_wipe, METH_O, "Zero, in place, every bytes object in a list (a child's copy of other jobs)."},
     {"landlock_abi", py_landlock_abi, METH_NOARGS, "Kernel Landlock ABI version, 0 if absent."},
     {"landlock_ruleset", py_landlock_ruleset, METH_O,
      "Return a Landlock ruleset fd allowing reads beneath the given directories only."},

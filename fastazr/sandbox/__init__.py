@@ -1,10 +1,18 @@
 """Run untrusted, model-written Python fast and safely: warm zygotes fork one hardened child per
 job (seccomp-BPF, Landlock, rlimits, no privileges), results come back as repr strings only.
 
-This package imports neither torch nor numpy: its zygote processes must stay small."""
+This package imports neither torch nor numpy, and its names load lazily: a zygote imports
+fastazr.sandbox.zygote, and every module it pulls in (subprocess, socket, tempfile... for the
+pool) would grow the process each fork copies (~1.5 MiB and 40 mappings more)."""
 
-from .config import STATUSES, SandboxConfig
-from .pool import Sandbox, SandboxError
-from .result import Result
+from importlib import import_module
 
-__all__ = ["Sandbox", "SandboxConfig", "SandboxError", "Result", "STATUSES"]
+_EXPORTS = {"Sandbox": "pool", "SandboxError": "pool", "SandboxConfig": "config", "STATUSES": "config",
+            "Result": "result"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fastazr.sandbox' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

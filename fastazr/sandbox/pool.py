@@ -52,7 +52,9 @@ class Zygote:
         bootstrap = (f"import sys; sys.path.insert(0, {package_root!r}); "
                      "from fastazr.sandbox.zygote import main; main()")
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-c", bootstrap, str(theirs.fileno()), json.dumps(settings)],
+            # -I: no PYTHON* variables, no user site, a fresh hash seed. -S: no site-packages
+            # .pth hooks, which imported pathlib, zipfile, tempfile... into every zygote here.
+            [sys.executable, "-I", "-S", "-c", bootstrap, str(theirs.fileno()), json.dumps(settings)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             pass_fds=(theirs.fileno(),), env=scrubbed_env(), cwd=settings["workdir"],
             start_new_session=True,
@@ -68,7 +70,7 @@ class Zygote:
         self.batch = batch
         self.deadline = time.monotonic() + len(batch) * timeout_s + ZYGOTE_GRACE_S
         self.sock.setblocking(True)
-        self.sock.sendall(encode({"timeout_s": timeout_s, "jobs": [jobs[i] for i in batch]}))
+        self.sock.sendall(encode((timeout_s, [marshal.dumps(jobs[i]) for i in batch])))
         self.sock.setblocking(False)
 
     def receive(self) -> list[dict] | None:
@@ -239,8 +241,8 @@ class Sandbox:
                 if messages is None:
                     self._fail_batch(z, results, f"sandbox worker died: {z.stderr_tail()}")
                 elif messages:
-                    for i, reply in zip(z.batch, messages[0]["results"]):
-                        results[i] = result_from(reply)
+                    for i, reply in zip(z.batch, messages[0]):
+                        results[i] = result_from(marshal.loads(reply))
                 else:
                     continue
                 busy.discard(z)

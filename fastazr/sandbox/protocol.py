@@ -1,7 +1,8 @@
 """Frames on the sandbox's channels: a 4-byte big-endian length, then the body.
 
-Trainer <-> zygote (trusted on both ends): the body is a marshal'd dict, ~5x cheaper than
-JSON both ways. Child -> zygote (untrusted): the body is a status byte, a 4-byte value
+Trainer <-> zygote (trusted on both ends): the body is marshal'd, ~5x cheaper than JSON
+both ways: a batch is (timeout_s, [marshal'd job dict, ...]), its reply [marshal'd result
+dict, ...], each job kept as bytes until its turn (see zygote.run_batch). Child -> zygote (untrusted): the body is a status byte, a 4-byte value
 length, the value's UTF-8, then the error's UTF-8; the zygote checks every part. Children
 write it through _sandbox.send_result, and the C SIGSYS handler (csrc/sandbox/harden.c)
 writes the same layout."""
@@ -20,7 +21,7 @@ CHILD_STATUSES = ("ok", "error", "memory", "output_limit", "violation", "setup")
 VALUE_LENGTH = struct.Struct(">I")
 
 
-def encode(message: dict) -> bytes:
+def encode(message) -> bytes:
     body = marshal.dumps(message)
     return HEADER.pack(len(body)) + body
 
@@ -39,7 +40,7 @@ def parse_child_frame(body: bytes) -> tuple[str, str, str] | None:
         return None
 
 
-def write_frame(fd: int, message: dict) -> None:
+def write_frame(fd: int, message) -> None:
     data = memoryview(encode(message))
     while data:
         data = data[os.write(fd, data):]
@@ -57,7 +58,7 @@ def read_exact(fd: int, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def read_frame(fd: int) -> dict | None:
+def read_frame(fd: int):
     """One message from a blocking fd, or None when the other side closed it."""
     head = read_exact(fd, HEADER.size)
     if head is None:

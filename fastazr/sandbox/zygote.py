@@ -12,6 +12,7 @@ import fcntl
 import gc
 import importlib
 import json
+import marshal
 import os
 import signal
 import sys
@@ -52,32 +53,72 @@ class Settings:
 KILLED = {0: None, 1: "timeout", 2: "output_limit"}
 
 
-def run_batch(batch: dict, s: Settings) -> list[dict]:
-    """Run a batch of jobs one child at a time and return one reply per job, in order.
+KILLED = {0: None, 1: "timeout", 2: "output_limit"}
 
-    Every page the zygote writes after a fork faults once (it is shared copy-on-write with the
-    child), so the work that writes many pages, compiling, is done for the whole batch before
-    the first fork: measured ~190 zygote faults per job one at a time. A syntax error costs
-    no fork at all."""
-    timeout = batch["timeout_s"]
-    compiled: list = []
-    replies: list[dict] = []
-    # Every child clears these first: other jobs' sources, code and results must not be
-    # reachable from a job (gc.get_objects() would find them otherwise).
-    others = (batch["jobs"], compiled, replies)
-    for job in batch["jobs"]:
-        start = time.monotonic()
-        try:
-            compiled.append(child.compile_job(job["kind"], job["program"], job.get("entry"), job.get("args", "")))
-        except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
-            compiled.append({"status": "error", "error": child.describe(exc), "duration_s": time.monotonic() - start})
-    for job in compiled:
-        replies.append(job if isinstance(job, dict) else run(job, timeout, s, others))
+
+def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
+    """Run a batch of jobs (each a marshal'd dict) one child at a time; one marshal'd reply
+    per job, in order.
+
+    Other jobs' data must not be reachable from a job: a frame walk from the child reaches
+    this function's locals. So jobs and replies stay bytes, which a child zeroes in place
+    (_sandbox.wipe) without touching the pages around them, and each job's objects live only
+    inside run_one, gone before the next fork."""
+    replies: list[bytes] = []
+    for i in range(len(jobs)):
+        replies.append(run_one(i, timeout_s, jobs, replies, s))
     return replies
 
 
-def run(job: child.Job, timeout_s: float, s: Settings, others: tuple) -> dict:
-    """Fork a child for one compiled job, harden it, run the job there, and judge the outcome.
+def run_one(i: int, timeout_s: float, jobs: list[bytes], replies: list[bytes], s: Settings) -> bytes:
+    start = time.monotonic()
+    job = marshal.loads(jobs[i])
+    try:
+        compiled = child.compile_job(job["kind"], job["program"], job.get("entry"), job.get("args", ""))
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
+        return marshal.dumps({"status": "error", "error": child.describe(exc), "duration_s": time.monotonic() - start})
+    return marshal.dumps(run(compiled, timeout_s, s, (jobs, replies)))
+
+
+def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
+    """Run a batch of jobs (each a marshal'd dict) one child at a time; one marshal'd reply
+    per job, in order.
+
+    Every page the zygote writes after a fork faults once (it is shared copy-on-write with the
+    child), so compiling, which writes many pages, is done for the whole batch before the first
+    fork (measured on the dev VM: ~100 more zygote faults per job when compiling per job).
+    Other jobs must not be reachable from a job, and a frame walk from the child reaches this
+    function's locals; so compiled jobs and replies are kept marshal'd, as bytes a child zeroes
+    in place (_sandbox.wipe) after loading its own, without touching the pages around them."""
+    compiled: list[bytes] = []
+    kinds: list[str] = []
+    for blob in jobs:
+        code, kind = compile_blob(blob)
+        compiled.append(code)
+        kinds.append(kind)
+    jobs.clear()
+    replies: list[bytes] = []
+    for i, kind in enumerate(kinds):
+        replies.append(compiled[i] if kind == "failed" else
+                       marshal.dumps(run(i, compiled, replies, kind == "call", timeout_s, s)))
+    return replies
+
+
+def compile_blob(blob: bytes) -> tuple[bytes, str]:
+    """(marshal'd Job, "call" or "exec"), or (marshal'd error reply, "failed") when the source
+    does not compile."""
+    start = time.monotonic()
+    job = marshal.loads(blob)
+    try:
+        compiled = child.compile_job(job["kind"], job["program"], job.get("entry"), job.get("args", ""))
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
+        reply = {"status": "error", "error": child.describe(exc), "duration_s": time.monotonic() - start}
+        return marshal.dumps(reply), "failed"
+    return marshal.dumps(tuple(compiled)), job["kind"]
+
+
+def run(i: int, compiled: list[bytes], replies: list[bytes], is_call: bool, timeout_s: float, s: Settings) -> dict:
+    """Fork a child for compiled job i, harden it, run the job there, and judge the outcome.
 
     The job reaches the child through fork (no pipe, no parsing), and the zygote waits in C
     (_sandbox.supervise), touching almost no shared pages while the child runs."""
@@ -86,8 +127,9 @@ def run(job: child.Job, timeout_s: float, s: Settings, others: tuple) -> dict:
     err_r, err_w = os.pipe()
     pid = _sandbox.fork()
     if pid == 0:
-        for container in others:
-            container.clear()
+        job = child.Job(*marshal.loads(compiled[i]))
+        _sandbox.wipe(compiled)
+        _sandbox.wipe(replies)
         try:
             _sandbox.harden(result_fd=result_w, stdout_fd=out_w, stderr_fd=err_w, devnull_fd=s.devnull,
                             workdir=s.workdir, address_space=s.address_space, cpu_seconds=s.cpu_seconds,
@@ -106,7 +148,7 @@ def run(job: child.Job, timeout_s: float, s: Settings, others: tuple) -> dict:
         pid, pidfd, result_r, out_r, err_r, timeout_s, s.max_output_bytes, result_cap)
     if killed == 0 and len(out) + len(err) > s.max_output_bytes:
         killed = 2  # it wrote past the cap just before exiting
-    reply = judge(wait_status, cpu, KILLED[killed], result, job.entry is not None, timeout_s, s)
+    reply = judge(wait_status, cpu, KILLED[killed], result, is_call, timeout_s, s)
     reply["duration_s"] = duration
     if out:
         reply["stdout"] = out.decode("utf-8", "replace")
@@ -183,7 +225,7 @@ def main() -> None:
     gc.disable()
     write_frame(channel, {"pid": os.getpid(), "vm_bytes": vm_bytes()})
     while (batch := read_frame(channel)) is not None:
-        write_frame(channel, {"results": run_batch(batch, settings)})
+        write_frame(channel, run_batch(*batch, settings))
     os._exit(0)  # skip interpreter teardown: nothing to flush, and fewer syscalls to allow
 
 
