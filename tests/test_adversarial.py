@@ -58,7 +58,8 @@ def test_attack_is_contained(run, attack):
 def test_violations_name_the_syscall(run):
     named = {name: o["result"].error for name, o in run[0].items() if o["result"].status == "violation"}
     assert "openat" in named["write_new_file_tmp"]
-    assert "socket" in named["socket_tcp"]
+    # importing socket imports selectors, which probes epoll at import time
+    assert "socket" in named["socket_tcp"] or "epoll_create1" in named["socket_tcp"]
     assert "execve" in named["execv"]
     assert "kill" in named["kill_parent"]
     assert "prlimit64" in named["raise_rlimits"]
