@@ -68,7 +68,7 @@ def test_memory(sb):
 
 def test_violation_names_the_syscall(sb):
     r = sb.call_many([("import _socket\ndef f():\n    return _socket.socket()\n", "f", "")])[0]
-    assert r.status == "violation" and r.error == "denied syscall: socket (41)"
+    assert r.status == "violation" and r.error.startswith("denied syscall: socket (")
 
 
 def test_value_over_the_limit_is_a_status_not_a_truncation():

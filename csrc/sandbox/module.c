@@ -3,6 +3,7 @@
  *   confine_zygote(backend) the zygote's own filter: the child policy plus what forking needs
  *   harden(...)             turn a just-forked child into a sandboxed one
  *   fork()                  a bare fork for the single-threaded zygote
+ *   child_pipes(capacity)   the three pipes of one child
  *   supervise(...)          the zygote's wait for one child: wall clock, output caps, reaping
  *   send_result(...)        a child's one result frame, immune to the job's monkeypatching
  *   wipe(list)              zero other jobs' data that a child inherited
@@ -62,15 +63,15 @@ static PyObject *py_confine_zygote(PyObject *self, PyObject *arg) {
 
 static PyObject *py_supervise(PyObject *self, PyObject *args) {
     (void)self;
-    int pid, pidfd, result_fd, out_fd, err_fd;
+    int pid, pidfd, result_fd, out_fd, err_fd, watch_result;
     double timeout_s;
     Py_ssize_t output_cap, result_cap;
-    if (!PyArg_ParseTuple(args, "iiiiidnn", &pid, &pidfd, &result_fd, &out_fd, &err_fd, &timeout_s,
-                          &output_cap, &result_cap))
+    if (!PyArg_ParseTuple(args, "iiiiidnnp", &pid, &pidfd, &result_fd, &out_fd, &err_fd, &timeout_s,
+                          &output_cap, &result_cap, &watch_result))
         return NULL;
     struct fz_outcome o;
     if (fz_supervise(pid, pidfd, result_fd, out_fd, err_fd, timeout_s, (size_t)output_cap,
-                     (size_t)result_cap, &o) != 0) {
+                     (size_t)result_cap, watch_result, &o) != 0) {
         fz_outcome_free(&o);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
@@ -161,6 +162,15 @@ static PyObject *py_wipe(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_child_pipes(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_ssize_t capacity = PyLong_AsSsize_t(arg);
+    if (capacity < 0 && PyErr_Occurred()) return NULL;
+    int fds[6];
+    if (fz_child_pipes((size_t)capacity, fds) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return Py_BuildValue("iiiiii", fds[0], fds[1], fds[2], fds[3], fds[4], fds[5]);
+}
+
 static PyObject *py_landlock_abi(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     return PyLong_FromLong(fz_landlock_abi());
@@ -245,8 +255,11 @@ static PyMethodDef methods[] = {
      "Sandbox the calling (just forked, single-threaded) process. Irreversible."},
     {"confine_zygote", py_confine_zygote, METH_O,
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},
+    {"child_pipes", py_child_pipes, METH_O,
+     "child_pipes(result_capacity) -> (result_r, result_w, out_r, out_w, err_r, err_w); a capacity "
+     "of 0 keeps the kernel's default."},
     {"supervise", py_supervise, METH_VARARGS,
-     "supervise(pid, pidfd, result_fd, out_fd, err_fd, timeout_s, output_cap, result_cap) -> "
+     "supervise(pid, pidfd, result_fd, out_fd, err_fd, timeout_s, output_cap, result_cap, watch_result) -> "
      "(killed, wait_status, cpu_seconds, duration_s, result, stdout, stderr); 'killed' is 0, "
      "1 (timeout) or 2 (output cap). Closes the descriptors and reaps the child."},
     {"fork", py_fork, METH_NOARGS,

@@ -44,8 +44,10 @@ const struct fz_rule fz_rules[] = {
     {"rt_sigaction", __NR_rt_sigaction, FZ_ARG_NE, 0, {SIGSYS}, 1},
     {"prlimit64", __NR_prlimit64, FZ_ARG_NULL, 2, {0}, 0},
     {"ioctl", __NR_ioctl, FZ_ARG_IN, 1, {TCGETS, FIOCLEX, FIONCLEX}, 3},
+    /* F_SETPIPE_SZ: the zygote sizes result pipes; a capability-less child stays under
+     * /proc/sys/fs/pipe-max-size. */
     {"fcntl", __NR_fcntl, FZ_ARG_IN, 1,
-     {F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD, F_DUPFD_CLOEXEC}, 6},
+     {F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD, F_DUPFD_CLOEXEC, F_GETPIPE_SZ, F_SETPIPE_SZ}, 8},
 };
 const size_t fz_nrules = sizeof(fz_rules) / sizeof(fz_rules[0]);
 

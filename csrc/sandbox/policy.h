@@ -38,7 +38,7 @@ struct fz_rule {
     int nr;
     enum fz_rule_kind kind;
     int arg;
-    uint32_t values[6];
+    uint32_t values[8];
     int nvalues;
 };
 

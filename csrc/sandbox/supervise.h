@@ -22,9 +22,15 @@ struct fz_outcome {
     struct fz_buffer result, out, err;
 };
 
-/* Takes ownership of the descriptors (closes them). Returns 0, or -1 with errno set. */
+/* Takes ownership of the descriptors (closes them). With watch_result 0 the result pipe is
+ * read only after the child exits (its capacity must hold result_cap). Returns 0, or -1 with
+ * errno set. */
 int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,
-                 size_t output_cap, size_t result_cap, struct fz_outcome *o);
+                 size_t output_cap, size_t result_cap, int watch_result, struct fz_outcome *o);
+
+/* Three pipes for a child, fds = {result_r, result_w, out_r, out_w, err_r, err_w}, the result
+ * pipe's capacity raised to result_capacity bytes when nonzero. Returns 0, or -1 with errno. */
+int fz_child_pipes(size_t result_capacity, int fds[6]);
 void fz_outcome_free(struct fz_outcome *o);
 
 #endif

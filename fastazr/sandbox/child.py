@@ -3,8 +3,9 @@ forked for (already compiled by the zygote), write one result frame to fd 3, exi
 here is trusted by the parent.
 
 Everything the runner calls is bound at import time in the zygote, so a job that rebinds
-os.write, random.seed or builtins.repr changes only its own view, and a job can only forge its
-own result (which it could as well return)."""
+os._exit, gc.enable or builtins.repr changes only its own view, and a job can only forge its
+own result (which it could as well return). The zygote reseeds random before each fork
+(its at-fork hook does not run: see _sandbox.fork)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import builtins
 import gc
 import io
 import os
-import random
 import sys
 from types import CodeType
 from typing import NamedTuple
@@ -21,7 +21,7 @@ from .. import _sandbox
 from .protocol import CHILD_STATUSES
 
 RESULT_FD = 3
-_exit, _urandom, _seed, _gc_enable = os._exit, os.urandom, random.seed, gc.enable
+_exit, _gc_enable = os._exit, gc.enable
 _send, _status_index = _sandbox.send_result, CHILD_STATUSES.index
 _repr, _str, _type, _isinstance, _len = repr, str, type, isinstance, len
 _exec, _eval, _BaseException = exec, eval, BaseException
@@ -98,8 +98,6 @@ def _run(job: Job, max_value_chars: int) -> tuple[str, str | None, str | None]:
 
 def serve(job: Job, max_value_chars: int) -> None:
     """Run one job and exit. Called in a hardened child; never returns."""
-    # The zygote forks without Python's at-fork hooks, so random's own reseed does not run.
-    _seed(int.from_bytes(_urandom(16), "little"))
     _gc_enable()  # the zygote runs with it off
     try:
         outcome = _run(job, max_value_chars)

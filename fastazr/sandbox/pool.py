@@ -106,6 +106,9 @@ class Zygote:
             self.process.kill()
             self.process.wait()
         text = self.process.stderr.read().decode("utf-8", "replace") if self.process.stderr else ""
+        if self.process.returncode == -signal.SIGSYS:
+            return ("the zygote was killed by its own seccomp filter: a call it makes is missing from "
+                    "fz_zygote_extra in csrc/sandbox/policy.c")
         return text.strip()[-2000:] or f"exit code {self.process.returncode}"
 
     def close(self) -> None:
