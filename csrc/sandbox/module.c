@@ -1,10 +1,8 @@
 /* fastazr._sandbox: the C half of the sandbox, called by the zygote (fastazr/sandbox/zygote.py).
  *
+ *   configure(...)          what every child gets: limits, workdir, Landlock ruleset, caps
  *   confine_zygote(backend) the zygote's own filter: the child policy plus what forking needs
- *   harden(...)             turn a just-forked child into a sandboxed one
- *   fork()                  a bare fork for the single-threaded zygote
- *   child_pipes(capacity)   the three pipes of one child
- *   supervise(...)          the zygote's wait for one child: wall clock, output caps, reaping
+ *   spawn(timeout_s)        fork a hardened child; in the zygote, supervise it to the end
  *   send_result(...)        a child's one result frame, immune to the job's monkeypatching
  *   wipe(list)              zero other jobs' data that a child inherited
  *   landlock_abi()          the kernel's Landlock ABI version, 0 when absent
@@ -17,7 +15,7 @@
 
 #include "harden.h"
 #include "policy.h"
-#include "supervise.h"
+#include "spawn.h"
 
 static int parse_backend(const char *name, enum fz_backend *out) {
     if (strcmp(name, "bpf") == 0) *out = FZ_BACKEND_BPF;
@@ -27,25 +25,6 @@ static int parse_backend(const char *name, enum fz_backend *out) {
         return -1;
     }
     return 0;
-}
-
-static PyObject *py_harden(PyObject *self, PyObject *args, PyObject *kw) {
-    (void)self;
-    static char *names[] = {"result_fd", "stdout_fd", "stderr_fd", "devnull_fd",
-                            "workdir", "address_space", "cpu_seconds", "open_files",
-                            "drop_to_uid", "landlock_fd", NULL};
-    struct fz_harden_opts o;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiiisKKKli", names, &o.result_fd,
-                                     &o.stdout_fd, &o.stderr_fd, &o.devnull_fd, &o.workdir,
-                                     &o.address_space, &o.cpu_seconds, &o.open_files,
-                                     &o.drop_to_uid, &o.landlock_fd))
-        return NULL;
-    char err[256] = {0};
-    if (fz_harden(&o, err, sizeof(err)) != 0) {
-        PyErr_SetString(PyExc_OSError, err);
-        return NULL;
-    }
-    Py_RETURN_NONE;
 }
 
 static PyObject *py_confine_zygote(PyObject *self, PyObject *arg) {
@@ -59,38 +38,6 @@ static PyObject *py_confine_zygote(PyObject *self, PyObject *arg) {
         return NULL;
     }
     Py_RETURN_NONE;
-}
-
-static PyObject *py_supervise(PyObject *self, PyObject *args) {
-    (void)self;
-    int pid, pidfd, result_fd, out_fd, err_fd, watch_result;
-    double timeout_s;
-    Py_ssize_t output_cap, result_cap;
-    if (!PyArg_ParseTuple(args, "iiiiidnnp", &pid, &pidfd, &result_fd, &out_fd, &err_fd, &timeout_s,
-                          &output_cap, &result_cap, &watch_result))
-        return NULL;
-    struct fz_outcome o;
-    if (fz_supervise(pid, pidfd, result_fd, out_fd, err_fd, timeout_s, (size_t)output_cap,
-                     (size_t)result_cap, watch_result, &o) != 0) {
-        fz_outcome_free(&o);
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    PyObject *r = Py_BuildValue("iiddy#y#y#", (int)o.killed, o.wait_status, o.cpu_seconds, o.duration_s,
-                                o.result.data ? o.result.data : "", (Py_ssize_t)o.result.len,
-                                o.out.data ? o.out.data : "", (Py_ssize_t)o.out.len,
-                                o.err.data ? o.err.data : "", (Py_ssize_t)o.err.len);
-    fz_outcome_free(&o);
-    return r;
-}
-
-/* Python's os.fork() re-initialises the runtime's locks and runs the at-fork callbacks in the
- * child; in a process with no other thread none of that is needed, and it writes ~170 pages
- * that are then copied on write: 220 faults per child against 47 (Python 3.11, dev VM). */
-static PyObject *py_fork(PyObject *self, PyObject *unused) {
-    (void)self; (void)unused;
-    pid_t pid = fork();
-    if (pid < 0) return PyErr_SetFromErrno(PyExc_OSError);
-    return PyLong_FromLong(pid);
 }
 
 /* Encode text for a frame; NULL stands for no text. Returns a new bytes object or NULL. */
@@ -162,13 +109,59 @@ static PyObject *py_wipe(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_child_pipes(PyObject *self, PyObject *arg) {
+/* Set once per zygote (before confine_zygote): what every child gets. */
+static struct fz_spawn_config spawn_config;
+static int spawn_configured;
+
+static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    Py_ssize_t capacity = PyLong_AsSsize_t(arg);
-    if (capacity < 0 && PyErr_Occurred()) return NULL;
-    int fds[6];
-    if (fz_child_pipes((size_t)capacity, fds) != 0) return PyErr_SetFromErrno(PyExc_OSError);
-    return Py_BuildValue("iiiiii", fds[0], fds[1], fds[2], fds[3], fds[4], fds[5]);
+    static char *names[] = {"devnull_fd", "workdir", "address_space", "cpu_seconds", "open_files",
+                            "drop_to_uid", "landlock_fd", "output_cap", "result_cap",
+                            "result_pipe_capacity", NULL};
+    static PyObject *workdir; /* keeps the path string alive for the zygote's lifetime */
+    struct fz_spawn_config c;
+    memset(&c, 0, sizeof(c));
+    PyObject *path;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iUKKKlinnn", names, &c.harden.devnull_fd, &path,
+                                     &c.harden.address_space, &c.harden.cpu_seconds, &c.harden.open_files,
+                                     &c.harden.drop_to_uid, &c.harden.landlock_fd, &c.output_cap,
+                                     &c.result_cap, &c.result_pipe_capacity))
+        return NULL;
+    c.harden.workdir = PyUnicode_AsUTF8(path);
+    if (c.harden.workdir == NULL) return NULL;
+    Py_INCREF(path);
+    Py_XSETREF(workdir, path);
+    spawn_config = c;
+    spawn_configured = 1;
+    Py_RETURN_NONE;
+}
+
+/* A raw fork(): Python's os.fork() re-initialises the runtime's locks and runs at-fork
+ * callbacks in the child, which the single-threaded zygote does not need and which wrote ~170
+ * pages there, each then copied on write: 220 faults per child against 47 (Python 3.11, dev
+ * VM). The child goes on in Python after this returns None. */
+static PyObject *py_spawn(PyObject *self, PyObject *arg) {
+    (void)self;
+    double timeout_s = PyFloat_AsDouble(arg);
+    if (timeout_s == -1.0 && PyErr_Occurred()) return NULL;
+    if (!spawn_configured) {
+        PyErr_SetString(PyExc_RuntimeError, "call _sandbox.configure() before spawn()");
+        return NULL;
+    }
+    struct fz_outcome o;
+    memset(&o, 0, sizeof(o));
+    int rc = fz_spawn(&spawn_config, timeout_s, &o);
+    if (rc < 0) {
+        fz_outcome_free(&o);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (rc == 0) Py_RETURN_NONE;
+    PyObject *r = Py_BuildValue("iiddy#y#y#", (int)o.killed, o.wait_status, o.cpu_seconds, o.duration_s,
+                                o.result.data ? o.result.data : "", (Py_ssize_t)o.result.len,
+                                o.out.data ? o.out.data : "", (Py_ssize_t)o.out.len,
+                                o.err.data ? o.err.data : "", (Py_ssize_t)o.err.len);
+    fz_outcome_free(&o);
+    return r;
 }
 
 static PyObject *py_landlock_abi(PyObject *self, PyObject *unused) {
@@ -251,19 +244,15 @@ static PyObject *py_have_libseccomp(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef methods[] = {
-    {"harden", (PyCFunction)(void (*)(void))py_harden, METH_VARARGS | METH_KEYWORDS,
-     "Sandbox the calling (just forked, single-threaded) process. Irreversible."},
+    {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
+     "configure(devnull_fd, workdir, address_space, cpu_seconds, open_files, drop_to_uid, "
+     "landlock_fd, output_cap, result_cap, result_pipe_capacity): what every child gets."},
+    {"spawn", py_spawn, METH_O,
+     "spawn(timeout_s): fork a hardened child. Returns None in the child; in the zygote, once "
+     "the child is gone, (killed, wait_status, cpu_seconds, duration_s, result, stdout, stderr) "
+     "with killed 0, 1 (timeout) or 2 (output cap)."},
     {"confine_zygote", py_confine_zygote, METH_O,
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},
-    {"child_pipes", py_child_pipes, METH_O,
-     "child_pipes(result_capacity) -> (result_r, result_w, out_r, out_w, err_r, err_w); a capacity "
-     "of 0 keeps the kernel's default."},
-    {"supervise", py_supervise, METH_VARARGS,
-     "supervise(pid, pidfd, result_fd, out_fd, err_fd, timeout_s, output_cap, result_cap, watch_result) -> "
-     "(killed, wait_status, cpu_seconds, duration_s, result, stdout, stderr); 'killed' is 0, "
-     "1 (timeout) or 2 (output cap). Closes the descriptors and reaps the child."},
-    {"fork", py_fork, METH_NOARGS,
-     "fork() without Python's at-fork handling; only for a process that has one thread."},
     {"send_result", py_send_result, METH_VARARGS,
      "send_result(fd, status_index, value, error): write a child's result frame."},
     {"wipe", py_wipe, METH_O, "Zero, in place, every bytes object in a list (a child's copy of other jobs)."},

@@ -1,7 +1,6 @@
 #include "supervise.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -39,20 +38,6 @@ static ssize_t take(int fd, struct fz_buffer *b) {
 static void drain(int fd, struct fz_buffer *b) {
     while (take(fd, b) > 0) {
     }
-}
-
-int fz_child_pipes(size_t result_capacity, int fds[6]) {
-    for (int i = 0; i < 3; i++) {
-        if (pipe2(fds + 2 * i, O_CLOEXEC) != 0) {
-            for (int j = 0; j < 2 * i; j++) close(fds[j]);
-            return -1;
-        }
-    }
-    if (result_capacity > 0 && fcntl(fds[1], F_SETPIPE_SZ, (int)result_capacity) < 0) {
-        for (int j = 0; j < 6; j++) close(fds[j]);
-        return -1;
-    }
-    return 0;
 }
 
 int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,

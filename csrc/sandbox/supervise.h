@@ -28,9 +28,6 @@ struct fz_outcome {
 int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,
                  size_t output_cap, size_t result_cap, int watch_result, struct fz_outcome *o);
 
-/* Three pipes for a child, fds = {result_r, result_w, out_r, out_w, err_r, err_w}, the result
- * pipe's capacity raised to result_capacity bytes when nonzero. Returns 0, or -1 with errno. */
-int fz_child_pipes(size_t result_capacity, int fds[6]);
 void fz_outcome_free(struct fz_outcome *o);
 
 #endif

@@ -1,11 +1,11 @@
-"""The code a sandboxed child runs after fastazr._sandbox.harden(): run the one job it was
+"""The code a sandboxed child runs once _sandbox.spawn() has hardened it: run the one job it was
 forked for (already compiled by the zygote), write one result frame to fd 3, exit. Nothing
 here is trusted by the parent.
 
 Everything the runner calls is bound at import time in the zygote, so a job that rebinds
 os._exit, gc.enable or builtins.repr changes only its own view, and a job can only forge its
 own result (which it could as well return). The zygote reseeds random before each fork
-(its at-fork hook does not run: see _sandbox.fork)."""
+(its at-fork hook does not run: see _sandbox.spawn)."""
 
 from __future__ import annotations
 

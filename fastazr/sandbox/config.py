@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 AZR_MODULES = (
     "math", "itertools", "collections", "functools", "heapq", "bisect", "re", "string",
     "typing", "dataclasses", "copy", "operator", "statistics", "fractions", "decimal",
-    # random reseeds itself in every forked child (its os.register_at_fork hook).
+    # the zygote reseeds it before every fork
     "random",
 )
 

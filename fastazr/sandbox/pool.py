@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections import deque
@@ -128,6 +129,15 @@ def selectors_wait(sock: socket.socket, timeout_s: float) -> None:
         sel.select(max(timeout_s, 0.0))
 
 
+def landlock_read_paths(workdir: str) -> list[str]:
+    """Directories a child may read: the standard library (for lazy imports) and its workdir.
+    Worked out here so the zygote need not import sysconfig."""
+    paths = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib")}
+    paths.add(os.path.dirname(os.__file__))
+    paths.add(workdir)
+    return sorted(p for p in paths if os.path.isdir(p))
+
+
 def scrubbed_env() -> dict:
     """What a zygote inherits: enough to run Python, nothing of the trainer's secrets."""
     return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -184,7 +194,8 @@ class Sandbox:
         return {"workdir": self._workdir, "memory_mb": c.memory_mb, "cpu_seconds": c.cpu_seconds,
                 "open_files": c.open_files, "backend": p["seccomp"],
                 "drop_to_uid": p["uid"] if p["uid"] != os.geteuid() else -1,
-                "landlock": bool(p["landlock_abi"]), "max_output_bytes": c.max_output_bytes,
+                "landlock_paths": landlock_read_paths(self._workdir) if p["landlock_abi"] else [],
+                "max_output_bytes": c.max_output_bytes,
                 "max_value_chars": c.max_value_chars, "preload": list(c.preload)}
 
     def _check_memory(self, hello: dict) -> None:

@@ -1,10 +1,15 @@
 """A zygote: a small warm interpreter that forks one hardened child per job.
 
-Started by Sandbox as a fresh `python -I` (its own random hash seed, no user site, no
+Started by Sandbox as a fresh `python -I -S` (its own random hash seed, no site hooks, no
 PYTHON* variables, a scrubbed environment), never forked from the trainer: forking a
 torch-sized process costs ~20 ms against ~1 ms for this one. It talks to the trainer over
-one socket: a job frame in, a result frame out. The zygote is trusted code; it enforces the
-wall clock (SIGKILL from outside the child), the output caps and the frame format."""
+one socket: a batch frame in, a reply frame out. The zygote is trusted code; it enforces the
+wall clock (SIGKILL from outside the child), the output caps and the frame format.
+
+Cost model, measured on the 2-core dev VM: after each fork every page the zygote or the child
+writes faults once (both share it copy-on-write), so the work per job is arranged to touch as
+few pages as it can: compiling happens once per batch, the fork-to-reap path is C
+(_sandbox.spawn), and the child's own Python is the job and little else."""
 
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import os
 import random
 import signal
 import sys
-import sysconfig
 import time
 
 from .. import _sandbox
@@ -25,79 +29,39 @@ from . import child
 from .protocol import CHILD_STATUSES, parse_child_frame, read_frame, split_frames, write_frame
 
 SYSCALL_NAMES = _sandbox.syscall_names()
-
-
-def landlock_read_paths(workdir: str) -> list[str]:
-    """Directories a child may read: the standard library (for lazy imports) and its workdir."""
-    paths = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib")}
-    paths.add(os.path.dirname(os.__file__))
-    paths.add(workdir)
-    return sorted(p for p in paths if os.path.isdir(p))
+KILLED = {0: None, 1: "timeout", 2: "output_limit"}
 
 
 class Settings:
     """What the trainer decided at start, as the zygote uses it per child."""
 
     def __init__(self, raw: dict):
-        self.workdir: str = raw["workdir"]
-        self.address_space = raw["memory_mb"] << 20
         self.cpu_seconds: int = raw["cpu_seconds"]
-        self.open_files: int = raw["open_files"]
-        self.backend: str = raw["backend"]
-        self.drop_to_uid: int = raw["drop_to_uid"]
         self.max_output_bytes: int = raw["max_output_bytes"]
         self.max_value_chars: int = raw["max_value_chars"]
-        self.landlock_fd = _sandbox.landlock_ruleset(landlock_read_paths(self.workdir)) if raw["landlock"] else -1
-        self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.result_cap = 4 * self.max_value_chars + 4096  # UTF-8 takes up to 4 bytes a char
         # A result pipe that holds any allowed result is read only after exit (one wakeup of
         # the zygote per job, not two); past the kernel's pipe-max-size it must be watched.
         capacity = 1 << (self.result_cap - 1).bit_length()
         with open("/proc/sys/fs/pipe-max-size") as f:
-            self.watch_result = capacity > int(f.read())
-        self.result_pipe_capacity = 0 if self.watch_result else capacity
-
-
-KILLED = {0: None, 1: "timeout", 2: "output_limit"}
-
-
-KILLED = {0: None, 1: "timeout", 2: "output_limit"}
-
-
-def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
-    """Run a batch of jobs (each a marshal'd dict) one child at a time; one marshal'd reply
-    per job, in order.
-
-    Other jobs' data must not be reachable from a job: a frame walk from the child reaches
-    this function's locals. So jobs and replies stay bytes, which a child zeroes in place
-    (_sandbox.wipe) without touching the pages around them, and each job's objects live only
-    inside run_one, gone before the next fork."""
-    replies: list[bytes] = []
-    for i in range(len(jobs)):
-        replies.append(run_one(i, timeout_s, jobs, replies, s))
-    return replies
-
-
-def run_one(i: int, timeout_s: float, jobs: list[bytes], replies: list[bytes], s: Settings) -> bytes:
-    start = time.monotonic()
-    job = marshal.loads(jobs[i])
-    try:
-        compiled = child.compile_job(job["kind"], job["program"], job.get("entry"), job.get("args", ""))
-    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
-        return marshal.dumps({"status": "error", "error": child.describe(exc), "duration_s": time.monotonic() - start})
-    return marshal.dumps(run(compiled, timeout_s, s, (jobs, replies)))
+            pipe_capacity = capacity if capacity <= int(f.read()) else 0
+        landlock_fd = _sandbox.landlock_ruleset(raw["landlock_paths"]) if raw["landlock_paths"] else -1
+        _sandbox.configure(devnull_fd=os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), workdir=raw["workdir"],
+                           address_space=raw["memory_mb"] << 20, cpu_seconds=self.cpu_seconds,
+                           open_files=raw["open_files"], drop_to_uid=raw["drop_to_uid"], landlock_fd=landlock_fd,
+                           output_cap=self.max_output_bytes, result_cap=self.result_cap,
+                           result_pipe_capacity=pipe_capacity)
 
 
 def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
     """Run a batch of jobs (each a marshal'd dict) one child at a time; one marshal'd reply
     per job, in order.
 
-    Every page the zygote writes after a fork faults once (it is shared copy-on-write with the
-    child), so compiling, which writes many pages, is done for the whole batch before the first
-    fork (measured on the dev VM: ~100 more zygote faults per job when compiling per job).
-    Other jobs must not be reachable from a job, and a frame walk from the child reaches this
-    function's locals; so compiled jobs and replies are kept marshal'd, as bytes a child zeroes
-    in place (_sandbox.wipe) after loading its own, without touching the pages around them."""
+    Compiling writes many pages, so the whole batch is compiled before the first fork (per job
+    it cost ~100 more zygote faults). Other jobs must not be reachable from a job, and a frame
+    walk from the child reaches this function's locals: compiled jobs and replies are kept
+    marshal'd, as bytes that each child zeroes in place (_sandbox.wipe), which touches only
+    the few pages they occupy."""
     compiled: list[bytes] = []
     kinds: list[str] = []
     for blob in jobs:
@@ -126,35 +90,18 @@ def compile_blob(blob: bytes) -> tuple[bytes, str]:
 
 
 def run(i: int, compiled: list[bytes], replies: list[bytes], is_call: bool, timeout_s: float, s: Settings) -> dict:
-    """Fork a child for compiled job i, harden it, run the job there, and judge the outcome.
-
-    The job reaches the child through fork (no pipe, no parsing), and the zygote waits in C
-    (_sandbox.supervise), touching almost no shared pages while the child runs."""
-    # Unmarshalled and reseeded here, between children, rather than in the child: the child
-    # would copy every page this touches (~106 faults there, measured on the dev VM, against a
-    # few cheap write faults here). Every child still starts from fresh entropy.
+    """Run compiled job i in a fresh hardened child and judge the outcome."""
+    # Unmarshalled and reseeded here, between children, not in the child, which would copy
+    # every page this touches (~40 faults fewer there). Each child still starts from fresh
+    # entropy: _sandbox.spawn skips the at-fork hook by which random reseeds itself.
     job = child.Job(*marshal.loads(compiled[i]))
     random.seed(int.from_bytes(os.urandom(16), "little"))
-    result_r, result_w, out_r, out_w, err_r, err_w = _sandbox.child_pipes(s.result_pipe_capacity)
-    pid = _sandbox.fork()
-    if pid == 0:
+    outcome = _sandbox.spawn(timeout_s)
+    if outcome is None:
         _sandbox.wipe(compiled)
         _sandbox.wipe(replies)
-        try:
-            _sandbox.harden(result_fd=result_w, stdout_fd=out_w, stderr_fd=err_w, devnull_fd=s.devnull,
-                            workdir=s.workdir, address_space=s.address_space, cpu_seconds=s.cpu_seconds,
-                            open_files=s.open_files, drop_to_uid=s.drop_to_uid, landlock_fd=s.landlock_fd)
-        except BaseException as exc:
-            try:
-                _sandbox.send_result(child.RESULT_FD, CHILD_STATUSES.index("setup"), None, f"sandbox setup failed: {exc}")
-            finally:
-                os._exit(70)
         child.serve(job, s.max_value_chars)
-    for fd in (result_w, out_w, err_w):
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    killed, wait_status, cpu, duration, result, out, err = _sandbox.supervise(
-        pid, pidfd, result_r, out_r, err_r, timeout_s, s.max_output_bytes, s.result_cap, s.watch_result)
+    killed, wait_status, cpu, duration, result, out, err = outcome
     if killed == 0 and len(out) + len(err) > s.max_output_bytes:
         killed = 2  # it wrote past the cap just before exiting
     if len(result) > s.result_cap:
@@ -207,7 +154,7 @@ def judge(wait_status: int, cpu: float, killed_for: str | None, result: bytes, i
             return {"status": "error", "error": f"exited with code {code} before returning a result"}
         return {"status": "error", "error": "the result channel was tampered with (extra, partial or missing frames)"}
     status, value, error = messages[0]
-    if status in ("violation", "setup"):
+    if status == "violation":
         return {"status": "error", "error": "the result channel carried a malformed frame"}
     if status == "ok":
         return {"status": "ok", "value": value if is_call else None, "error": None}
@@ -221,13 +168,13 @@ def main() -> None:
     os.close(int(sys.argv[1]))
     raw = json.loads(sys.argv[2])
     if len(os.listdir("/proc/self/task")) != 1:
-        raise SystemExit("the zygote must be single-threaded: _sandbox.fork skips Python's at-fork handling")
+        raise SystemExit("the zygote must be single-threaded: _sandbox.spawn skips Python's at-fork handling")
     for name in raw["preload"]:
         importlib.import_module(name)
     child.install_stdio()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     settings = Settings(raw)
-    _sandbox.confine_zygote(settings.backend)
+    _sandbox.confine_zygote(raw["backend"])
     # Everything imported so far is shared copy-on-write with every child; moving it out of
     # the collector's reach keeps a child's GC from touching (and so copying) those pages.
     gc.freeze()

@@ -1,0 +1,84 @@
+/* The zygote's per-job path in one C call: everything Python did here (pipes, fork, closes,
+ * pidfd, the harden and supervise calls) wrote pages shared with the child and so cost
+ * copy-on-write faults. */
+#include "spawn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int child_pipes(size_t result_capacity, int fds[6]) {
+    for (int i = 0; i < 3; i++) {
+        if (pipe2(fds + 2 * i, O_CLOEXEC) != 0) {
+            for (int j = 0; j < 2 * i; j++) close(fds[j]);
+            return -1;
+        }
+    }
+    /* Big enough for any allowed result, so the child never blocks on it (see fz_supervise). */
+    if (result_capacity > 0 && fcntl(fds[1], F_SETPIPE_SZ, (int)result_capacity) < 0) {
+        for (int j = 0; j < 6; j++) close(fds[j]);
+        return -1;
+    }
+    return 0;
+}
+
+/* The "setup" frame of fastazr/sandbox/protocol.py: status byte 5, empty value, the reason. */
+static void report_setup_failure(const char *reason) {
+    size_t n = strlen(reason);
+    unsigned char frame[300];
+    if (n > sizeof(frame) - 9) n = sizeof(frame) - 9;
+    uint32_t body = (uint32_t)(5 + n);
+    unsigned char head[9] = {(unsigned char)(body >> 24), (unsigned char)(body >> 16), (unsigned char)(body >> 8),
+                             (unsigned char)body, 5, 0, 0, 0, 0};
+    memcpy(frame, head, 9);
+    memcpy(frame + 9, reason, n);
+    ssize_t unused = write(FZ_FD_RESULT, frame, 9 + n);
+    (void)unused;
+}
+
+int fz_spawn(const struct fz_spawn_config *c, double timeout_s, struct fz_outcome *o) {
+    int fds[6];
+    if (child_pipes(c->result_pipe_capacity, fds) != 0) return -1;
+    pid_t pid = fork();
+    if (pid < 0) {
+        int saved = errno;
+        for (int j = 0; j < 6; j++) close(fds[j]);
+        errno = saved;
+        return -1;
+    }
+    if (pid == 0) {
+        struct fz_harden_opts h = c->harden;
+        h.result_fd = fds[1];
+        h.stdout_fd = fds[3];
+        h.stderr_fd = fds[5];
+        char err[256] = "sandbox setup failed: ";
+        size_t head = strlen(err);
+        if (fz_harden(&h, err + head, sizeof(err) - head) != 0) {
+            report_setup_failure(err);
+            _exit(70);
+        }
+        return 0;
+    }
+    close(fds[1]);
+    close(fds[3]);
+    close(fds[5]);
+    int pidfd = (int)syscall(__NR_pidfd_open, pid, 0);
+    if (pidfd < 0) {
+        int saved = errno;
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        close(fds[0]);
+        close(fds[2]);
+        close(fds[4]);
+        errno = saved;
+        return -1;
+    }
+    if (fz_supervise(pid, pidfd, fds[0], fds[2], fds[4], timeout_s, c->output_cap, c->result_cap,
+                     c->result_pipe_capacity == 0, o) != 0)
+        return -1;
+    return 1;
+}
