@@ -104,7 +104,9 @@ static PyObject *py_wipe(PyObject *self, PyObject *arg) {
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arg); i++) {
         PyObject *item = PyList_GET_ITEM(arg, i);
-        if (PyBytes_Check(item)) memset(PyBytes_AS_STRING(item), 0, (size_t)PyBytes_GET_SIZE(item));
+        /* Bytes of length 0 and 1 are interpreter-wide singletons, shared with the job. */
+        if (PyBytes_Check(item) && PyBytes_GET_SIZE(item) > 1)
+            memset(PyBytes_AS_STRING(item), 0, (size_t)PyBytes_GET_SIZE(item));
     }
     Py_RETURN_NONE;
 }

@@ -57,11 +57,12 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
     """Run a batch of jobs (each a marshal'd dict) one child at a time; one marshal'd reply
     per job, in order.
 
-    Compiling writes many pages, so the whole batch is compiled before the first fork (per job
-    it cost ~100 more zygote faults). Other jobs must not be reachable from a job, and a frame
-    walk from the child reaches this function's locals: compiled jobs and replies are kept
-    marshal'd, as bytes that each child zeroes in place (_sandbox.wipe), which touches only
-    the few pages they occupy."""
+    Work that writes many pages is done once per batch, not once per fork: compiling before
+    the first child (per job it cost ~100 more zygote faults), judging and encoding replies
+    after the last. Other jobs must not be reachable from a job, and a frame walk from the
+    child reaches this function's locals: compiled jobs and earlier children's output are
+    kept as bytes, which each child zeroes in place (_sandbox.wipe) touching only the few
+    pages they occupy."""
     compiled: list[bytes] = []
     kinds: list[str] = []
     for blob in jobs:
@@ -69,11 +70,15 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
         compiled.append(code)
         kinds.append(kind)
     jobs.clear()
-    replies: list[bytes] = []
+    outcomes: list[tuple | None] = []
+    seen: list[bytes] = []
     for i, kind in enumerate(kinds):
-        replies.append(compiled[i] if kind == "failed" else
-                       marshal.dumps(run(i, compiled, replies, kind == "call", timeout_s, s)))
-    return replies
+        outcome = None if kind == "failed" else run(i, compiled, seen, timeout_s, s)
+        outcomes.append(outcome)
+        if outcome is not None:
+            seen.extend(outcome[4:])
+    return [compiled[i] if kind == "failed" else marshal.dumps(judge_outcome(outcomes[i], kind == "call", timeout_s, s))
+            for i, kind in enumerate(kinds)]
 
 
 def compile_blob(blob: bytes) -> tuple[bytes, str]:
@@ -89,8 +94,8 @@ def compile_blob(blob: bytes) -> tuple[bytes, str]:
     return marshal.dumps(tuple(compiled)), job["kind"]
 
 
-def run(i: int, compiled: list[bytes], replies: list[bytes], is_call: bool, timeout_s: float, s: Settings) -> dict:
-    """Run compiled job i in a fresh hardened child and judge the outcome."""
+def run(i: int, compiled: list[bytes], seen: list[bytes], timeout_s: float, s: Settings) -> tuple:
+    """Run compiled job i in a fresh hardened child; the raw outcome of _sandbox.spawn."""
     # Unmarshalled and reseeded here, between children, not in the child, which would copy
     # every page this touches (~40 faults fewer there). Each child still starts from fresh
     # entropy: _sandbox.spawn skips the at-fork hook by which random reseeds itself.
@@ -99,8 +104,12 @@ def run(i: int, compiled: list[bytes], replies: list[bytes], is_call: bool, time
     outcome = _sandbox.spawn(timeout_s)
     if outcome is None:
         _sandbox.wipe(compiled)
-        _sandbox.wipe(replies)
+        _sandbox.wipe(seen)
         child.serve(job, s.max_value_chars)
+    return outcome
+
+
+def judge_outcome(outcome: tuple, is_call: bool, timeout_s: float, s: Settings) -> dict:
     killed, wait_status, cpu, duration, result, out, err = outcome
     if killed == 0 and len(out) + len(err) > s.max_output_bytes:
         killed = 2  # it wrote past the cap just before exiting
@@ -169,6 +178,7 @@ def main() -> None:
     raw = json.loads(sys.argv[2])
     if len(os.listdir("/proc/self/task")) != 1:
         raise SystemExit("the zygote must be single-threaded: _sandbox.spawn skips Python's at-fork handling")
+    os.environ.clear()  # the trainer passed a scrubbed one; children get none at all
     for name in raw["preload"]:
         importlib.import_module(name)
     child.install_stdio()
