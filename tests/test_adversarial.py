@@ -154,3 +154,31 @@ def f(x):
         bad = sb.call_many([(raising_repr, "f", "1"), (non_str_repr, "f", "1")])
     assert bad[0].status == "error" and "ValueError" in bad[0].error
     assert bad[1].status == "error" and "__repr__" in bad[1].error
+
+
+SHELLCODE = """
+import ctypes, mmap
+buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+buf.write(bytes({code}))
+ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))()
+print("not stopped")
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="i386 and x32 entry points are x86-64's")
+@pytest.mark.parametrize("backend", ["bpf", "libseccomp"])
+def test_other_architectures_kill_the_process(backend):
+    """getpid through int 0x80 (i386) and through syscall with the x32 bit: no filter rule may
+    match them, the process dies outright (ctypes needs Landlock off to load)."""
+    from fastazr import _sandbox
+
+    if backend == "libseccomp" and not _sandbox.have_libseccomp():
+        pytest.skip("built without libseccomp headers")
+    i386_getpid = [0xB8, 0x14, 0, 0, 0, 0xCD, 0x80, 0xC3]       # mov eax, 20; int 0x80; ret
+    x32_getpid = [0xB8, 0x27, 0, 0, 0x40, 0x0F, 0x05, 0xC3]     # mov eax, 0x40000027; syscall; ret
+    native_getpid = [0xB8, 0x27, 0, 0, 0, 0x0F, 0x05, 0xC3]     # mov eax, 39; syscall; ret
+    with Sandbox(workers=1, landlock="off", drop_privileges="off", seccomp_backend=backend) as sb:
+        r = sb.exec_many([SHELLCODE.format(code=c) for c in (i386_getpid, x32_getpid, native_getpid)])
+    assert r[0].status == "violation" and "SIGSYS" in r[0].error, r[0]
+    assert r[1].status == "violation" and "SIGSYS" in r[1].error, r[1]
+    assert r[2].status == "ok" and r[2].stdout == "not stopped\n", r[2]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import _sandbox
 from .config import SandboxConfig
-from .protocol import encode, split_frames
+from .protocol import HEADER, encode
 from .result import Result
 
 # How long past its job's own timeout a zygote may stay silent before it is presumed stuck,
@@ -74,8 +74,9 @@ class Zygote:
         self.sock.sendall(encode((timeout_s, [marshal.dumps(jobs[i]) for i in batch])))
         self.sock.setblocking(False)
 
-    def receive(self) -> list[dict] | None:
-        """Messages completed by what is readable now; None when the zygote is gone."""
+    def receive(self):
+        """The message completed by what is readable now, [] while it is partial, None when the
+        zygote is gone. A zygote sends one message per batch and waits for the next."""
         try:
             data = self.sock.recv(1 << 20)
         except BlockingIOError:
@@ -85,9 +86,14 @@ class Zygote:
         if not data:
             return None
         self.buffer += data
-        bodies, rest = split_frames(bytes(self.buffer))
-        self.buffer = bytearray(rest)
-        return [marshal.loads(body) for body in bodies]
+        if len(self.buffer) < HEADER.size:
+            return []
+        (n,) = HEADER.unpack_from(self.buffer)
+        if len(self.buffer) < HEADER.size + n:
+            return []
+        body = bytes(self.buffer[HEADER.size:HEADER.size + n])
+        del self.buffer[:HEADER.size + n]
+        return [marshal.loads(body)]
 
     def wait_hello(self, timeout_s: float) -> dict:
         end = time.monotonic() + timeout_s
