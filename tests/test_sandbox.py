@@ -87,6 +87,11 @@ def test_stdout_is_captured_and_capped():
     assert r[2].status == "output_limit" and r[2].stdout.startswith("x")
 
 
+def test_output_survives_a_swapped_stdout(sb):
+    r = sb.exec_many(["import sys, io\nprint('kept')\nsys.stdout = io.StringIO()\nprint('swallowed')"])[0]
+    assert r.status == "ok" and r.stdout == "kept\n"
+
+
 def test_every_status_is_reachable(sb):
     jobs = ["x = 1", "raise ValueError", "while True: pass", "x = bytearray(1 << 40)",
             "import os\nos.fork()", "print('x' * 2_000_000)"]

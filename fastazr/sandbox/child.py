@@ -14,8 +14,6 @@ import gc
 import io
 import os
 import sys
-from types import CodeType
-from typing import NamedTuple
 
 from .. import _sandbox
 from .protocol import CHILD_STATUSES
@@ -27,12 +25,10 @@ _repr, _str, _type, _isinstance, _len = repr, str, type, isinstance, len
 _exec, _eval, _BaseException = exec, eval, BaseException
 
 
-class Job(NamedTuple):
-    """A job as the zygote compiled it. entry None means exec the program only."""
-
-    program: CodeType
-    entry: str | None
-    args: CodeType | None  # the argument tuple's expression; None for no arguments
+# A job as the zygote compiled it: (program code, entry name or None to only exec the program,
+# code of the argument tuple's expression or None for no arguments). A plain tuple: it is
+# marshal'd, and building a class instance per job in the zygote cost page faults.
+Job = tuple
 
 
 def compile_job(kind: str, program: str, entry: str | None, args_source: str) -> Job:
@@ -42,10 +38,10 @@ def compile_job(kind: str, program: str, entry: str | None, args_source: str) ->
     Sandbox caps at max_program_bytes."""
     code = compile(program, "<program>", "exec", dont_inherit=True)
     if kind == "exec":
-        return Job(code, None, None)
+        return code, None, None
     source = args_source.strip()
     args = compile(f"({source},)", "<input>", "eval", dont_inherit=True) if source else None
-    return Job(code, entry, args)
+    return code, entry, args
 
 
 def install_stdio() -> None:
@@ -56,6 +52,11 @@ def install_stdio() -> None:
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace")
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    # Bound now: a job that swaps sys.stdout must not stop what it printed before from going out.
+    _flushes[:] = [sys.stdout.flush, sys.stderr.flush]
+
+
+_flushes: list = []
 
 
 def describe(exc: BaseException) -> str:
@@ -70,17 +71,16 @@ def describe(exc: BaseException) -> str:
 
 
 def _run(job: Job, max_value_chars: int) -> tuple[str, str | None, str | None]:
-    # 1 MiB held back so that after a MemoryError there is room to build and send the result.
-    reserve = bytearray(1)
+    program, entry_name, args_code = job
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     try:
-        _exec(job.program, namespace)
-        if job.entry is None:
+        _exec(program, namespace)
+        if entry_name is None:
             return "ok", None, None
-        entry = namespace.get(job.entry)
+        entry = namespace.get(entry_name)
         if entry is None:
-            return "error", None, f"NameError: the program defines no {job.entry!r}"
-        args = _eval(job.args, {"__builtins__": builtins}) if job.args is not None else ()
+            return "error", None, f"NameError: the program defines no {entry_name!r}"
+        args = _eval(args_code, {"__builtins__": builtins}) if args_code is not None else ()
         value = _repr(entry(*args))
         if not _isinstance(value, _str):
             return "error", None, f"TypeError: __repr__ returned {_type(value).__name__}"
@@ -88,9 +88,10 @@ def _run(job: Job, max_value_chars: int) -> tuple[str, str | None, str | None]:
             return "output_limit", None, f"repr of the result has {_len(value)} chars, over max_value_chars={max_value_chars}"
         return "ok", _str.__str__(value), None
     except MemoryError as exc:
-        exc.__traceback__ = None  # the frames it holds may hold the memory that ran out
+        # Free what ran out before building the reply: the frames the traceback holds and
+        # the program's globals.
+        exc.__traceback__ = None
         namespace.clear()
-        del reserve
         return "memory", None, describe(exc)
     except _BaseException as exc:
         return "error", None, describe(exc)
@@ -103,9 +104,9 @@ def serve(job: Job, max_value_chars: int) -> None:
         outcome = _run(job, max_value_chars)
     except _BaseException as exc:
         outcome = ("memory" if _isinstance(exc, MemoryError) else "error", None, describe(exc))
-    for stream in (sys.stdout, sys.stderr):
+    for flush in _flushes:
         try:
-            stream.flush()
+            flush()
         except _BaseException:
             pass
     try:

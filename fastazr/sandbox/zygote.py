@@ -30,6 +30,8 @@ from .protocol import CHILD_STATUSES, parse_child_frame, read_frame, split_frame
 
 SYSCALL_NAMES = _sandbox.syscall_names()
 KILLED = {0: None, 1: "timeout", 2: "output_limit"}
+# random's C-level seeding from the kernel's entropy, without the Python-level Random.seed.
+reseed = super(random.Random, random._inst).seed
 
 
 class Settings:
@@ -91,7 +93,7 @@ def compile_blob(blob: bytes) -> tuple[bytes, str]:
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
         reply = {"status": "error", "error": child.describe(exc), "duration_s": time.monotonic() - start}
         return marshal.dumps(reply), "failed"
-    return marshal.dumps(tuple(compiled)), job["kind"]
+    return marshal.dumps(compiled), job["kind"]
 
 
 def run(i: int, compiled: list[bytes], seen: list[bytes], timeout_s: float, s: Settings) -> tuple:
@@ -99,8 +101,8 @@ def run(i: int, compiled: list[bytes], seen: list[bytes], timeout_s: float, s: S
     # Unmarshalled and reseeded here, between children, not in the child, which would copy
     # every page this touches (~40 faults fewer there). Each child still starts from fresh
     # entropy: _sandbox.spawn skips the at-fork hook by which random reseeds itself.
-    job = child.Job(*marshal.loads(compiled[i]))
-    random.seed(int.from_bytes(os.urandom(16), "little"))
+    job = marshal.loads(compiled[i])
+    reseed()
     outcome = _sandbox.spawn(timeout_s)
     if outcome is None:
         _sandbox.wipe(compiled)
