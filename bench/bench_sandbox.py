@@ -79,39 +79,26 @@ def jobs(n: int) -> list[tuple[str, str, str]]:
     return [MIX[i % len(MIX)] for i in range(n)]
 
 
-def expected_values() -> list[str]:
-    return [pebble_job(*job) for job in MIX]
+# ---- the contenders: each keeps its workers warm across rounds --------------------------
 
+class Fastazr:
+    name = "fastazr"
 
-# ---- (a) fastazr -------------------------------------------------------------------------
+    def __init__(self, workers: int):
+        start = time.perf_counter()
+        self.sb = Sandbox(workers=workers, timeout_s=TIMEOUT_S)
+        self.startup_s = time.perf_counter() - start
+        self.sb.call_many(jobs(20 * workers))
 
-def bench_fastazr(workers: int, n: int, latency_n: int, mark) -> dict:
-    start = time.perf_counter()
-    with Sandbox(workers=workers, timeout_s=TIMEOUT_S) as sb:
-        startup = time.perf_counter() - start
-        sb.call_many(jobs(max(50, n // 10)))
-        with mark("fastazr throughput"):
-            t = time.perf_counter()
-            results = sb.call_many(jobs(n))
-            wall = time.perf_counter() - t
-        latencies = []
-        with mark("fastazr latency"):
-            for _ in range(latency_n):
-                t = time.perf_counter()
-                sb.call_many([TRIVIAL])
-                latencies.append(time.perf_counter() - t)
-        timeout = [0.2]
-        t = time.perf_counter()
-        timed_out = sb.call_many([("def f():\n    while True:\n        pass\n", "f", "")], timeout_s=timeout[0])[0]
-        timeout_wall = time.perf_counter() - t
-        protections = sb.protections
-    values = [r.value for r in results[:3]]
-    return dict(rate=n / wall, latencies=latencies, correct=values == expected_values() and all(r.ok for r in results),
-                startup_s=startup, timeout_overshoot_ms=(timeout_wall - timeout[0]) * 1e3,
-                timeout_status=timed_out.status, protections=protections)
+    def run(self, batch):
+        return [r.value for r in self.sb.call_many(batch)]
 
+    def one(self, job):
+        return self.sb.call_many([job])[0].value
 
-# ---- (b) a fresh interpreter per job ----------------------------------------------------
+    def close(self):
+        self.sb.close()
+
 
 def subprocess_job(job) -> str:
     out = subprocess.run([sys.executable, "-c", SUBPROCESS_RUNNER], input=json.dumps(job), capture_output=True,
@@ -119,51 +106,97 @@ def subprocess_job(job) -> str:
     return out.stdout.strip()
 
 
-def bench_subprocess(workers: int, n: int, latency_n: int, mark) -> dict:
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(subprocess_job, jobs(workers)))
-        with mark("subprocess throughput"):
-            t = time.perf_counter()
-            values = list(pool.map(subprocess_job, jobs(n)))
-            wall = time.perf_counter() - t
-    latencies = []
-    for _ in range(latency_n):
-        t = time.perf_counter()
-        subprocess_job(TRIVIAL)
-        latencies.append(time.perf_counter() - t)
-    return dict(rate=n / wall, latencies=latencies, correct=values[:3] == expected_values())
+class FreshInterpreter:
+    name = "subprocess"
+
+    def __init__(self, workers: int):
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers)
+        list(self.pool.map(subprocess_job, jobs(workers)))
+
+    def run(self, batch):
+        return list(self.pool.map(subprocess_job, batch))
+
+    def one(self, job):
+        return subprocess_job(job)
+
+    def close(self):
+        self.pool.shutdown()
 
 
-# ---- (c) a persistent process pool ------------------------------------------------------
+class Pebble:
+    def __init__(self, workers: int):
+        from pebble import ProcessPool
 
-def bench_pebble(workers: int, n: int, latency_n: int, mark) -> dict:
-    from pebble import ProcessPool
+        self.name = f"pebble x{workers}"
+        self.pool = ProcessPool(max_workers=workers)
+        self.run(jobs(4 * workers))
 
-    with ProcessPool(max_workers=workers) as pool:
-        for f in [pool.schedule(pebble_job, args=job, timeout=TIMEOUT_S) for job in jobs(4 * workers)]:
-            f.result()
-        with mark(f"pebble x{workers} throughput"):
-            t = time.perf_counter()
-            futures = [pool.schedule(pebble_job, args=job, timeout=TIMEOUT_S) for job in jobs(n)]
-            values = [f.result() for f in futures]
-            wall = time.perf_counter() - t
-        latencies = []
-        for _ in range(latency_n):
-            t = time.perf_counter()
-            pool.schedule(pebble_job, args=TRIVIAL, timeout=TIMEOUT_S).result()
-            latencies.append(time.perf_counter() - t)
-    return dict(rate=n / wall, latencies=latencies, correct=values[:3] == expected_values())
+    def run(self, batch):
+        return [f.result() for f in [self.pool.schedule(pebble_job, args=job, timeout=TIMEOUT_S) for job in batch]]
+
+    def one(self, job):
+        return self.pool.schedule(pebble_job, args=job, timeout=TIMEOUT_S).result()
+
+    def close(self):
+        self.pool.close()
+        self.pool.join()
 
 
-# ---- (d) the fork ceiling ---------------------------------------------------------------
+class ForkCeiling:
+    """Bare fork + _exit + wait in `workers` fresh small Python processes at once."""
 
-def bench_fork_ceiling(workers: int, forks_per_worker: int, mark) -> dict:
-    with mark("fork ceiling"):
-        procs = [subprocess.Popen([sys.executable, "-c", FORK_LOOP, str(forks_per_worker)], stdout=subprocess.PIPE,
-                                  text=True) for _ in range(workers)]
+    name = "fork ceiling"
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def rate(self, n: int) -> float:
+        per_worker = max(1, n // self.workers)
+        procs = [subprocess.Popen([sys.executable, "-c", FORK_LOOP, str(per_worker)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(self.workers)]
         spans = [tuple(map(float, p.communicate()[0].split())) for p in procs]
-    wall = max(end for _, end in spans) - min(start for start, _ in spans)
-    return dict(rate=workers * forks_per_worker / wall)
+        return self.workers * per_worker / (max(end for _, end in spans) - min(start for start, _ in spans))
+
+    def close(self):
+        pass
+
+
+def measure(contenders, n: int, rounds: int, latency_n: int, mark) -> dict:
+    """Every contender runs n / rounds jobs per round, in turn, so that a noisy stretch of the
+    machine hits all of them; rates are the median over rounds. Then one-at-a-time latency."""
+    expected = [pebble_job(*job) for job in MIX]
+    stats = {c.name: {"rates": [], "correct": True} for c in contenders}
+    for _ in range(rounds):
+        for c in contenders:
+            size = n // rounds if not isinstance(c, FreshInterpreter) else max(len(MIX), n // rounds // 10)
+            with mark(f"{c.name} throughput"):
+                if isinstance(c, ForkCeiling):
+                    stats[c.name]["rates"].append(c.rate(size))
+                    continue
+                start = time.perf_counter()
+                values = c.run(jobs(size))
+                stats[c.name]["rates"].append(size / (time.perf_counter() - start))
+            stats[c.name]["correct"] &= values[:len(MIX)] == expected
+    for c in contenders:
+        if isinstance(c, ForkCeiling):
+            continue
+        latencies = []
+        with mark(f"{c.name} latency"):
+            for _ in range(latency_n if not isinstance(c, FreshInterpreter) else max(10, latency_n // 10)):
+                start = time.perf_counter()
+                c.one(TRIVIAL)
+                latencies.append(time.perf_counter() - start)
+        stats[c.name]["latencies"] = latencies
+    for v in stats.values():
+        v["rate"] = median(v["rates"])
+    return stats
+
+
+def timeout_overshoot(sb: Sandbox) -> tuple[float, str]:
+    limit = 0.2
+    start = time.perf_counter()
+    r = sb.call_many([("def f():\n    while True:\n        pass\n", "f", "")], timeout_s=limit)[0]
+    return (time.perf_counter() - start - limit) * 1e3, r.status
 
 
 # ---- containment ------------------------------------------------------------------------
@@ -233,45 +266,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--jobs", type=int, default=3000, help="jobs per contender (subprocess runs a tenth)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; rates are their median")
     parser.add_argument("--latency-jobs", type=int, default=300)
     parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of the measured region")
     parser.add_argument("--skip-pebble", action="store_true", help="when pebble is not installed")
     args = parser.parse_args()
     w, n = args.workers, args.jobs
     print(f"machine: {machine()}")
-    print(f"workers: {w}, jobs: {n} (a third each: trivial, AZR-typical, 10-input induction)")
+    print(f"workers: {w}, jobs: {n} in {args.rounds} interleaved rounds "
+          f"(a third each: trivial, AZR-typical, 10-input induction)")
 
-    with profiled(args.profile, "bench_sandbox") as mark:
-        results = {"fastazr": bench_fastazr(w, n, args.latency_jobs, mark),
-                   "subprocess": bench_subprocess(w, max(3 * w, n // 10), max(20, args.latency_jobs // 10), mark)}
-        if not args.skip_pebble:
-            results[f"pebble x{w}"] = bench_pebble(w, n, args.latency_jobs, mark)
-            results["pebble x1"] = bench_pebble(1, n, args.latency_jobs, mark)
-        results["fork ceiling"] = bench_fork_ceiling(w, max(200, n // w), mark)
+    ours = Fastazr(w)
+    contenders = [ours, FreshInterpreter(w)]
+    if not args.skip_pebble:
+        contenders += [Pebble(w), Pebble(1)]
+    contenders.append(ForkCeiling(w))
+    try:
+        with profiled(args.profile, "bench_sandbox") as mark:
+            results = measure(contenders, n, args.rounds, args.latency_jobs, mark)
+        overshoot_ms, timeout_status = timeout_overshoot(ours.sb)
+        protections = ours.sb.protections
+    finally:
+        for c in contenders:
+            c.close()
     contained = None if args.skip_pebble else containment(w)
 
-    print(f"fastazr protections: {results['fastazr']['protections']}")
-    print(f"fastazr startup: {results['fastazr']['startup_s'] * 1e3:.0f} ms for {w} zygotes; a 0.2 s timeout "
-          f"returned after +{results['fastazr']['timeout_overshoot_ms']:.1f} ms ({results['fastazr']['timeout_status']})")
+    print(f"fastazr protections: {protections}")
+    print(f"fastazr startup: {ours.startup_s * 1e3:.0f} ms for {w} zygotes; a 0.2 s timeout returned after "
+          f"+{overshoot_ms:.1f} ms ({timeout_status})")
+    headers = ["contender", "jobs/s (median)", "min-max", "p50 ms (trivial)", "p99 ms (trivial)", "correct"]
     rows = []
     for name, r in results.items():
         lat = r.get("latencies")
-        rows.append([name, f"{r['rate']:,.0f}", f"{median(lat) * 1e3:.2f}" if lat else "-",
-                     f"{percentile(lat, 99) * 1e3:.2f}" if lat else "-",
-                     "yes" if r.get("correct", True) else "NO"])
+        rows.append([name, f"{r['rate']:,.0f}", f"{min(r['rates']):,.0f}-{max(r['rates']):,.0f}",
+                     f"{median(lat) * 1e3:.2f}" if lat else "-", f"{percentile(lat, 99) * 1e3:.2f}" if lat else "-",
+                     "yes" if r["correct"] else "NO"])
     if contained:
-        total = len(contained)
+        headers.append("attacks contained")
         for row, key in zip(rows, results):
             index = 0 if key == "fastazr" else 1 if key.startswith("pebble") else None
-            row.append(f"{sum(v[index] for v in contained.values())}/{total}" if index is not None else "-")
+            row.append(f"{sum(v[index] for v in contained.values())}/{len(contained)}" if index is not None else "-")
     print()
-    print_table(["contender", "jobs/s", "p50 ms (trivial)", "p99 ms (trivial)", "correct", "attacks contained"]
-                if contained else ["contender", "jobs/s", "p50 ms (trivial)", "p99 ms (trivial)", "correct"], rows)
-    ours = results["fastazr"]["rate"]
-    ratios = {"vs_fork_ceiling": ours / results["fork ceiling"]["rate"], "vs_subprocess": ours / results["subprocess"]["rate"]}
+    print_table(headers, rows)
+    rate = results["fastazr"]["rate"]
+    ratios = {"vs_fork_ceiling": rate / results["fork ceiling"]["rate"], "vs_subprocess": rate / results["subprocess"]["rate"]}
     if not args.skip_pebble:
-        ratios["vs_pebble_same_workers"] = ours / results[f"pebble x{w}"]["rate"]
-        ratios["vs_pebble_one_worker"] = ours / results["pebble x1"]["rate"]
+        ratios["vs_pebble_same_workers"] = rate / results[f"pebble x{w}"]["rate"]
+        ratios["vs_pebble_one_worker"] = rate / results["pebble x1"]["rate"]
     print()
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     if contained:
@@ -279,12 +320,13 @@ def main() -> None:
         missed = [k for k, (ours_ok, _) in contained.items() if not ours_ok]
         print(f"pebble let through {len(let_through)}/{len(contained)}: {', '.join(let_through)}")
         print(f"fastazr let through {len(missed)}/{len(contained)}" + (f": {', '.join(missed)}" if missed else ""))
-    json_line({"bench": "sandbox", "machine": machine(), "workers": w, "jobs": n,
+    json_line({"bench": "sandbox", "machine": machine(), "workers": w, "jobs": n, "rounds": args.rounds,
                "rates": {k: round(v["rate"], 1) for k, v in results.items()},
+               "rate_rounds": {k: [round(x, 1) for x in v["rates"]] for k, v in results.items()},
                "p50_ms": {k: round(median(v["latencies"]) * 1e3, 3) for k, v in results.items() if v.get("latencies")},
                "p99_ms": {k: round(percentile(v["latencies"], 99) * 1e3, 3) for k, v in results.items() if v.get("latencies")},
                "ratios": {k: round(v, 3) for k, v in ratios.items()},
-               "timeout_overshoot_ms": round(results["fastazr"]["timeout_overshoot_ms"], 2),
+               "timeout_overshoot_ms": round(overshoot_ms, 2),
                "contained": {k: {"fastazr": a, "pebble": b} for k, (a, b) in contained.items()} if contained else None})
 
 
