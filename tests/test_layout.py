@@ -26,5 +26,5 @@ def test_no_top_level_kernels_module_is_installed():
 def test_extension_is_built():
     from fastazr import _sandbox
 
-    assert {"configure", "confine_zygote", "spawn", "send_result", "wipe"} <= set(dir(_sandbox))
+    assert {"configure", "confine_zygote", "spawn", "send_result", "Stash"} <= set(dir(_sandbox))
     assert importlib.util.find_spec("fastazr._sandbox").origin.endswith(".so")

@@ -4,7 +4,7 @@
  *   confine_zygote(backend) the zygote's own filter: the child policy plus what forking needs
  *   spawn(timeout_s)        fork a hardened child; in the zygote, supervise it to the end
  *   send_result(...)        a child's one result frame, immune to the job's monkeypatching
- *   wipe(list)              zero other jobs' data that a child inherited
+ *   Stash                   byte strings the children never inherit (MADV_DONTFORK)
  *   landlock_abi()          the kernel's Landlock ABI version, 0 when absent
  *   landlock_ruleset(paths) a ruleset fd allowing reads beneath paths only (built once per zygote)
  *   syscall_names()         {number: name} for every syscall the policy names
@@ -90,24 +90,6 @@ static PyObject *py_send_result(PyObject *self, PyObject *args) {
         done += (size_t)n;
     }
     PyMem_Free(frame);
-    Py_RETURN_NONE;
-}
-
-/* Zero the buffers of a list of bytes objects in place. A child calls this on the other jobs
- * of its batch, which it inherited from the zygote: a frame walk (sys._getframe().f_back...)
- * reaches them, and freeing them instead would touch (and copy) every page they live on. */
-static PyObject *py_wipe(PyObject *self, PyObject *arg) {
-    (void)self;
-    if (!PyList_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "wipe takes a list of bytes");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arg); i++) {
-        PyObject *item = PyList_GET_ITEM(arg, i);
-        /* Bytes of length 0 and 1 are interpreter-wide singletons, shared with the job. */
-        if (PyBytes_Check(item) && PyBytes_GET_SIZE(item) > 1)
-            memset(PyBytes_AS_STRING(item), 0, (size_t)PyBytes_GET_SIZE(item));
-    }
     Py_RETURN_NONE;
 }
 
@@ -257,7 +239,6 @@ static PyMethodDef methods[] = {
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},
     {"send_result", py_send_result, METH_VARARGS,
      "send_result(fd, status_index, value, error): write a child's result frame."},
-    {"wipe", py_wipe, METH_O, "Zero, in place, every bytes object in a list (a child's copy of other jobs)."},
     {"landlock_abi", py_landlock_abi, METH_NOARGS, "Kernel Landlock ABI version, 0 if absent."},
     {"landlock_ruleset", py_landlock_ruleset, METH_O,
      "Return a Landlock ruleset fd allowing reads beneath the given directories only."},
@@ -275,4 +256,17 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__sandbox(void) { return PyModule_Create(&module); }
+extern PyTypeObject fz_stash_type;
+
+PyMODINIT_FUNC PyInit__sandbox(void) {
+    if (PyType_Ready(&fz_stash_type) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&fz_stash_type);
+    if (PyModule_AddObject(m, "Stash", (PyObject *)&fz_stash_type) < 0) {
+        Py_DECREF(&fz_stash_type);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -61,25 +61,34 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
 
     Work that writes many pages is done once per batch, not once per fork: compiling before
     the first child (per job it cost ~100 more zygote faults), judging and encoding replies
-    after the last. Other jobs must not be reachable from a job, and a frame walk from the
-    child reaches this function's locals: compiled jobs and earlier children's output are
-    kept as bytes, which each child zeroes in place (_sandbox.wipe) touching only the few
-    pages they occupy."""
-    compiled: list[bytes] = []
+    after the last. Compiled jobs and children's outputs wait in a Stash, memory that no
+    child inherits: no job can reach another's code or output, however it walks the heap."""
+    compiled = _sandbox.Stash()
     kinds: list[str] = []
     for blob in jobs:
         code, kind = compile_blob(blob)
         compiled.append(code)
         kinds.append(kind)
     jobs.clear()
+    outputs = _sandbox.Stash()
     outcomes: list[tuple | None] = []
-    seen: list[bytes] = []
     for i, kind in enumerate(kinds):
-        outcome = None if kind == "failed" else run(i, compiled, seen, timeout_s, s)
-        outcomes.append(outcome)
-        if outcome is not None:
-            seen.extend(outcome[4:])
-    return [compiled[i] if kind == "failed" else marshal.dumps(judge_outcome(outcomes[i], kind == "call", timeout_s, s))
+        if kind == "failed":
+            outcomes.append(None)
+            continue
+        # Unmarshalled and reseeded here, between children, not in the child, which would
+        # copy every page this touches (~40 faults fewer there). Each child still starts
+        # from fresh entropy: _sandbox.spawn skips the at-fork hook that reseeds random.
+        job = marshal.loads(compiled.get(i))
+        reseed()
+        outcome = _sandbox.spawn(timeout_s)
+        if outcome is None:
+            child.serve(job, s.max_value_chars)
+        killed, wait_status, cpu, duration, result, out, err = outcome
+        outcomes.append((killed, wait_status, cpu, duration, outputs.append(result), outputs.append(out),
+                         outputs.append(err)))
+    return [compiled.get(i) if kind == "failed" else
+            marshal.dumps(judge_outcome(outcomes[i], outputs, kind == "call", timeout_s, s))
             for i, kind in enumerate(kinds)]
 
 
@@ -96,23 +105,9 @@ def compile_blob(blob: bytes) -> tuple[bytes, str]:
     return marshal.dumps(compiled), job["kind"]
 
 
-def run(i: int, compiled: list[bytes], seen: list[bytes], timeout_s: float, s: Settings) -> tuple:
-    """Run compiled job i in a fresh hardened child; the raw outcome of _sandbox.spawn."""
-    # Unmarshalled and reseeded here, between children, not in the child, which would copy
-    # every page this touches (~40 faults fewer there). Each child still starts from fresh
-    # entropy: _sandbox.spawn skips the at-fork hook by which random reseeds itself.
-    job = marshal.loads(compiled[i])
-    reseed()
-    outcome = _sandbox.spawn(timeout_s)
-    if outcome is None:
-        _sandbox.wipe(compiled)
-        _sandbox.wipe(seen)
-        child.serve(job, s.max_value_chars)
-    return outcome
-
-
-def judge_outcome(outcome: tuple, is_call: bool, timeout_s: float, s: Settings) -> dict:
-    killed, wait_status, cpu, duration, result, out, err = outcome
+def judge_outcome(outcome: tuple, outputs, is_call: bool, timeout_s: float, s: Settings) -> dict:
+    killed, wait_status, cpu, duration, *where = outcome
+    result, out, err = (outputs.get(k) for k in where)
     if killed == 0 and len(out) + len(err) > s.max_output_bytes:
         killed = 2  # it wrote past the cap just before exiting
     if len(result) > s.result_cap:
