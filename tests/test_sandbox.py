@@ -149,6 +149,7 @@ def test_child_environment_and_descriptors(sb):
     assert stdin.status == "error" and stdin.error.startswith("EOFError")
 
 
+@pytest.mark.filterwarnings("ignore:fastazr sandbox")
 def test_child_descriptors_without_landlock():
     with Sandbox(workers=1, landlock="off", drop_privileges="off") as box:
         r = box.exec_many(["import os\nprint(sorted(os.listdir('/proc/self/fd')))"])[0]
@@ -193,12 +194,49 @@ def test_dropped_privileges_when_root():
     assert r.value == "(65534, 65534)"
 
 
-def test_lost_zygote_is_replaced():
+def test_zygote_lost_while_idle_is_replaced_and_no_job_fails():
     with Sandbox(workers=1) as box:
         os.kill(box._zygotes[0].process.pid, signal.SIGKILL)
-        r = box.call_many([(ADD, "f", "1, 1")])[0]
+        time.sleep(0.3)
+        assert [r.value for r in box.call_many([(ADD, "f", "1, 1")] * 3)] == ["2", "2", "2"]
+        assert [r.value for r in box.call_many([(ADD, "f", "2, 2")])] == ["4"]
+
+
+def test_zygote_lost_mid_batch_fails_only_that_batch():
+    import threading
+
+    with Sandbox(workers=1) as box:
+        pid = box._zygotes[0].process.pid
+        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+        r = box.call_many([("import time\ndef f():\n    time.sleep(1)\n", "f", "")])[0]
         assert r.status == "error" and "died" in r.error
         assert box.call_many([(ADD, "f", "1, 1")])[0].value == "2"
+
+
+def test_per_call_timeout_above_the_configured_one():
+    with Sandbox(workers=1, timeout_s=0.5) as box:
+        # 3 s of CPU: past the 2.5 s RLIMIT_CPU a 0.5 s configuration would set
+        busy = "import time\ndef f():\n    end = time.monotonic() + 3\n    while time.monotonic() < end:\n        pass\n    return 1\n"
+        r = box.call_many([(busy, "f", "")], timeout_s=20)[0]
+    assert r.status == "ok", r
+
+
+def test_hash_seeds_differ_with_one_worker():
+    with Sandbox(workers=1) as box:
+        r = box.call_many([("def f():\n    return hash('fastazr')\n", "f", "")] * 2, groups=[0, 1])
+    assert r[0].status == r[1].status == "ok" and r[0].value != r[1].value
+
+
+def test_a_job_may_signal_itself(sb):
+    program = ("import signal\nhits = []\nsignal.signal(signal.SIGUSR1, lambda *a: hits.append(1))\n"
+               "def f():\n    signal.raise_signal(signal.SIGUSR1)\n    return len(hits)\n")
+    r = sb.call_many([(program, "f", "")])[0]
+    assert r.status == "ok" and r.value == "1", r
+
+
+def test_unprotected_files_are_warned_about():
+    with pytest.warns(RuntimeWarning, match="Landlock"):
+        Sandbox(workers=1, landlock="off", drop_privileges="off").close()
 
 
 def test_workers_default_to_cores():

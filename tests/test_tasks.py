@@ -7,6 +7,7 @@ import pytest
 
 from fastazr.sandbox import Sandbox
 from fastazr.tasks import TaskExecutor, ValueParseError, check_program, parse_value, same_value
+from fastazr.tasks.values import to_source
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def test_validate_proposals(ex):
         ("def f(x):\n    while True:\n        pass\n", "0"),
         ("import os\ndef f(x):\n    return x\n", "1"),
         ("def f(x):\n    return {'b': x, 'a': [x, (x,)]}\n", "float('nan')"),
+        ("def f(x):\n    return x\n", "__import__('os').getpid()"),                    # input not literal
     ]
     out = ex.validate_proposals(items)
     assert out[0].valid and out[0].output == "[3, 2, 1]"
@@ -58,6 +60,7 @@ def test_validate_proposals(ex):
     assert not out[5].valid and out[5].reason.startswith("timeout")
     assert not out[6].valid and "banned module" in out[6].reason
     assert out[7].valid and out[7].output == "{'b': nan, 'a': [nan, (nan,)]}"
+    assert not out[8].valid and "not literal" in out[8].reason
 
 
 def test_run_programs_computes_the_output(ex):
@@ -80,6 +83,14 @@ def test_abduction(ex):
     verdicts = ex.check_abduction([(program, "3", "[5, 3, 9], 0"), (program, "3", "[4, 9], 0"),
                                    (program, "3", "[3], 7"), (program, "3", "not valid python(")])
     assert verdicts == [True, False, False, False]
+
+
+def test_abduction_answers_must_be_literals(ex):
+    """An expression answer could build an object whose repr imitates the gold output."""
+    program = "def f(x):\n    return x * 2\n"
+    imitation = "type('R', (), {'__mul__': lambda self, k: self, '__repr__': lambda self: '4'})()"
+    assert ex.check_abduction([(program, "4", imitation), (program, "4", "2"), (program, "4", "1 + 1")]) == \
+        [False, True, False]
 
 
 def test_induction(ex):
@@ -111,6 +122,12 @@ def test_parse_value(text, value):
 def test_parse_value_rejects_non_literals(text):
     with pytest.raises(ValueParseError):
         parse_value(text)
+
+
+@pytest.mark.parametrize("value", [float("nan"), [float("-inf"), {1: complex(float("nan"), 2)}], set(), frozenset(),
+                                   (1,), frozenset({(1, 2)}), {"a": {b"x", None}}, complex(1, -0.0)])
+def test_to_source_round_trips(value):
+    assert same_value(eval(to_source(value)), value)  # test code evaluating its own rendering
 
 
 def test_same_value_is_strict_about_containers():

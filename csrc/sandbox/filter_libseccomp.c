@@ -27,7 +27,7 @@ static int add_rule(scmp_filter_ctx ctx, const struct fz_rule *r, pid_t self) {
     case FZ_ARG_EQ_SELF:
         return seccomp_rule_add(ctx, allow, r->nr, 1, LOW32(arg, (uint32_t)self));
     case FZ_ARG_NE:
-        return seccomp_rule_add(ctx, allow, r->nr, 1, SCMP_CMP(arg, SCMP_CMP_NE, r->values[0]));
+        break; /* libseccomp has no 32-bit "not equal": such rules must be zygote extras */
     case FZ_ARG_IN:
         for (int i = 0; i < r->nvalues; i++) {
             int rc = seccomp_rule_add(ctx, allow, r->nr, 1, LOW32(arg, r->values[i]));
@@ -37,7 +37,7 @@ static int add_rule(scmp_filter_ctx ctx, const struct fz_rule *r, pid_t self) {
     case FZ_ARG_NULL:
         return seccomp_rule_add(ctx, allow, r->nr, 1, SCMP_CMP(arg, SCMP_CMP_EQ, 0));
     }
-    return -1;
+    return -EINVAL;
 }
 
 /* The child stage starts from ALLOW (the zygote's filter is underneath) and traps each extra
@@ -49,12 +49,13 @@ static int deny_extra(scmp_filter_ctx ctx, int nr, pid_t self) {
     unsigned arg = (unsigned)r->arg;
     switch (r->kind) {
     case FZ_ALLOW: return 0;
+    /* 64-bit "not equal": a pid with garbage in the upper half traps too, which is stricter */
     case FZ_ARG_EQ_SELF: return seccomp_rule_add(ctx, trap, nr, 1, SCMP_CMP(arg, SCMP_CMP_NE, (uint32_t)self));
-    case FZ_ARG_NE: return seccomp_rule_add(ctx, trap, nr, 1, SCMP_CMP(arg, SCMP_CMP_EQ, r->values[0]));
+    case FZ_ARG_NE: return seccomp_rule_add(ctx, trap, nr, 1, LOW32(arg, r->values[0]));
     case FZ_ARG_NULL: return seccomp_rule_add(ctx, trap, nr, 1, SCMP_CMP(arg, SCMP_CMP_NE, 0));
     case FZ_ARG_MASK_ZERO: case FZ_ARG_IN: break;
     }
-    return -22; /* -EINVAL: add a negation here before making such a call a zygote extra */
+    return -EINVAL; /* add a negation here before making such a call a zygote extra */
 }
 
 /* libseccomp builds the program; seccomp_export_bpf hands it back through a pipe (at most

@@ -19,8 +19,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-extern char **environ;
-
 /* Landlock's kernel ABI, spelled out here because distribution headers lag the kernel (Debian 12
  * ships the ABI 2 header; ABI 4 adds TCP, ABI 6 scopes signals and abstract sockets). */
 struct fz_landlock_ruleset_attr {
@@ -193,7 +191,6 @@ int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
     int landlock_fd = o->landlock_fd;
     if (place_fds(o, &landlock_fd, err, errlen)) return -1;
     if (chdir(o->workdir) != 0) FAIL("chdir(%s): %s", o->workdir, strerror(errno));
-    if (environ != NULL && environ[0] != NULL) clearenv(); /* fz_confine_zygote emptied it already */
     if (o->drop_to_uid >= 0) {
         uid_t id = (uid_t)o->drop_to_uid;
         if (setgroups(0, NULL) != 0 || setresgid(id, id, id) != 0 || setresuid(id, id, id) != 0)
@@ -232,11 +229,13 @@ int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
 
 int fz_confine_zygote(enum fz_backend backend, char *err, size_t errlen) {
     static struct sock_filter zygote_program[FZ_MAX_INSNS];
-    clearenv();
     child_length = build(backend, FZ_STAGE_CHILD, FZ_PID_PLACEHOLDER, child_program, err, errlen);
     if (child_length < 0) return -1;
     int n = build(backend, FZ_STAGE_ZYGOTE, getpid(), zygote_program, err, errlen);
     if (n < 0) return -1;
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) FAIL("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
+    /* Not dumpable: /proc/<zygote>/{mem,environ,maps} become root's, so a child of the same
+     * uid cannot read the zygote (where Landlock does not already hide /proc). */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) FAIL("PR_SET_DUMPABLE: %s", strerror(errno));
     return install(zygote_program, n, err, errlen);
 }

@@ -16,7 +16,7 @@ struct fz_harden_opts {
     int landlock_fd;          /* a prepared ruleset, or -1 */
     const char *workdir;
     uint64_t address_space;   /* bytes */
-    uint64_t cpu_seconds;
+    uint64_t cpu_seconds;     /* per child: the batch's timeout + 2 s */
     uint64_t open_files;
     long drop_to_uid;         /* -1 keeps the uid; otherwise uid and gid become this */
 };

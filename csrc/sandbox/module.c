@@ -2,7 +2,7 @@
  *
  *   configure(...)          what every child gets: limits, workdir, Landlock ruleset, caps
  *   confine_zygote(backend) the zygote's own filter: the child policy plus what forking needs
- *   spawn(timeout_s)        fork a hardened child; in the zygote, supervise it to the end
+ *   spawn(timeout, cpu)     fork a hardened child; in the zygote, supervise it to the end
  *   send_result(...)        a child's one result frame, immune to the job's monkeypatching
  *   Stash                   byte strings the children never inherit (MADV_DONTFORK)
  *   landlock_abi()          the kernel's Landlock ABI version, 0 when absent
@@ -99,15 +99,14 @@ static int spawn_configured;
 
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
-    static char *names[] = {"devnull_fd", "workdir", "address_space", "cpu_seconds", "open_files",
-                            "drop_to_uid", "landlock_fd", "output_cap", "result_cap",
-                            "result_pipe_capacity", NULL};
+    static char *names[] = {"devnull_fd", "workdir", "address_space", "open_files", "drop_to_uid",
+                            "landlock_fd", "output_cap", "result_cap", "result_pipe_capacity", NULL};
     static PyObject *workdir; /* keeps the path string alive for the zygote's lifetime */
     struct fz_spawn_config c;
     memset(&c, 0, sizeof(c));
     PyObject *path;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iUKKKlinnn", names, &c.harden.devnull_fd, &path,
-                                     &c.harden.address_space, &c.harden.cpu_seconds, &c.harden.open_files,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iUKKlinnn", names, &c.harden.devnull_fd, &path,
+                                     &c.harden.address_space, &c.harden.open_files,
                                      &c.harden.drop_to_uid, &c.harden.landlock_fd, &c.output_cap,
                                      &c.result_cap, &c.result_pipe_capacity))
         return NULL;
@@ -124,17 +123,18 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
  * callbacks in the child, which the single-threaded zygote does not need and which wrote ~170
  * pages there, each then copied on write: 220 faults per child against 47 (Python 3.11, dev
  * VM). The child goes on in Python after this returns None. */
-static PyObject *py_spawn(PyObject *self, PyObject *arg) {
+static PyObject *py_spawn(PyObject *self, PyObject *args) {
     (void)self;
-    double timeout_s = PyFloat_AsDouble(arg);
-    if (timeout_s == -1.0 && PyErr_Occurred()) return NULL;
+    double timeout_s;
+    unsigned long long cpu_seconds;
+    if (!PyArg_ParseTuple(args, "dK", &timeout_s, &cpu_seconds)) return NULL;
     if (!spawn_configured) {
         PyErr_SetString(PyExc_RuntimeError, "call _sandbox.configure() before spawn()");
         return NULL;
     }
     struct fz_outcome o;
     memset(&o, 0, sizeof(o));
-    int rc = fz_spawn(&spawn_config, timeout_s, &o);
+    int rc = fz_spawn(&spawn_config, timeout_s, cpu_seconds, &o);
     if (rc < 0) {
         fz_outcome_free(&o);
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -204,24 +204,6 @@ fail:
     return NULL;
 }
 
-static PyObject *py_allowed_syscalls(PyObject *self, PyObject *unused) {
-    (void)self; (void)unused;
-    PyObject *d = PyDict_New();
-    if (d == NULL) return NULL;
-    static const char *kinds[] = {"always", "no write flags", "own pid only", "not SIGSYS",
-                                  "listed commands only", "read only"};
-    for (size_t i = 0; i < fz_nrules; i++) {
-        PyObject *v = PyUnicode_FromString(kinds[fz_rules[i].kind]);
-        if (v == NULL || PyDict_SetItemString(d, fz_rules[i].name, v) < 0) {
-            Py_XDECREF(v);
-            Py_DECREF(d);
-            return NULL;
-        }
-        Py_DECREF(v);
-    }
-    return d;
-}
-
 static PyObject *py_have_libseccomp(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     return PyBool_FromLong(fz_have_libseccomp());
@@ -229,10 +211,10 @@ static PyObject *py_have_libseccomp(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
-     "configure(devnull_fd, workdir, address_space, cpu_seconds, open_files, drop_to_uid, "
-     "landlock_fd, output_cap, result_cap, result_pipe_capacity): what every child gets."},
-    {"spawn", py_spawn, METH_O,
-     "spawn(timeout_s): fork a hardened child. Returns None in the child; in the zygote, once "
+     "configure(devnull_fd, workdir, address_space, open_files, drop_to_uid, landlock_fd, "
+     "output_cap, result_cap, result_pipe_capacity): what every child gets."},
+    {"spawn", py_spawn, METH_VARARGS,
+     "spawn(timeout_s, cpu_seconds): fork a hardened child. Returns None in the child; in the zygote, once "
      "the child is gone, (killed, wait_status, cpu_seconds, duration_s, result, stdout, stderr) "
      "with killed 0, 1 (timeout) or 2 (output cap)."},
     {"confine_zygote", py_confine_zygote, METH_O,
@@ -243,7 +225,6 @@ static PyMethodDef methods[] = {
     {"landlock_ruleset", py_landlock_ruleset, METH_O,
      "Return a Landlock ruleset fd allowing reads beneath the given directories only."},
     {"syscall_names", py_syscall_names, METH_NOARGS, "{number: name} of syscalls the policy names."},
-    {"allowed_syscalls", py_allowed_syscalls, METH_NOARGS, "{name: condition} of allowed syscalls."},
     {"have_libseccomp", py_have_libseccomp, METH_NOARGS, "Whether libseccomp was compiled in."},
     {NULL, NULL, 0, NULL},
 };

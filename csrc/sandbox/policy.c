@@ -79,7 +79,10 @@ const size_t fz_ndenied_names = sizeof(fz_denied_names) / sizeof(fz_denied_names
 
 /* Calls the zygote makes after its own filter is on: forking, reaping and hardening children. */
 const struct fz_syscall_name fz_zygote_extra[] = {
-    NAME(clone), NAME(wait4), NAME(waitid), NAME(pidfd_open), NAME(pipe2), NAME(kill),
+    NAME(clone), NAME(wait4), NAME(waitid), NAME(pidfd_open), NAME(pipe2),
+    /* the signal calls are here for their child rule: "own pid only" must name the child's pid,
+     * which only the child-stage program carries (the zygote's compares with the zygote's) */
+    NAME(kill), NAME(tgkill), NAME(tkill),
     NAME(setsid), NAME(close_range), NAME(chdir), NAME(prlimit64), NAME(setrlimit),
     NAME(capset), NAME(prctl), NAME(landlock_restrict_self), NAME(seccomp),
     NAME(rt_sigaction), NAME(setgroups), NAME(setresgid), NAME(setresuid),

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -26,8 +27,16 @@ static int child_pipes(size_t result_capacity, int fds[6]) {
     return 0;
 }
 
+/* Whether fd is the write end of a pipe: fd 3 is the result pipe once fz_harden has placed
+ * the descriptors; before that it is whatever the zygote had there (never a pipe writer). */
+static int is_pipe_writer(int fd) {
+    struct stat st;
+    int flags = fcntl(fd, F_GETFL);
+    return flags >= 0 && (flags & O_ACCMODE) == O_WRONLY && fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode);
+}
+
 /* The "setup" frame of fastazr/sandbox/protocol.py: status byte 5, empty value, the reason. */
-static void report_setup_failure(const char *reason) {
+static void report_setup_failure(int result_fd, const char *reason) {
     size_t n = strlen(reason);
     unsigned char frame[300];
     if (n > sizeof(frame) - 9) n = sizeof(frame) - 9;
@@ -36,11 +45,12 @@ static void report_setup_failure(const char *reason) {
                              (unsigned char)body, 5, 0, 0, 0, 0};
     memcpy(frame, head, 9);
     memcpy(frame + 9, reason, n);
-    ssize_t unused = write(FZ_FD_RESULT, frame, 9 + n);
+    int fd = is_pipe_writer(FZ_FD_RESULT) ? FZ_FD_RESULT : result_fd;
+    ssize_t unused = write(fd, frame, 9 + n);
     (void)unused;
 }
 
-int fz_spawn(const struct fz_spawn_config *c, double timeout_s, struct fz_outcome *o) {
+int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_seconds, struct fz_outcome *o) {
     int fds[6];
     if (child_pipes(c->result_pipe_capacity, fds) != 0) return -1;
     pid_t pid = fork();
@@ -55,10 +65,11 @@ int fz_spawn(const struct fz_spawn_config *c, double timeout_s, struct fz_outcom
         h.result_fd = fds[1];
         h.stdout_fd = fds[3];
         h.stderr_fd = fds[5];
+        h.cpu_seconds = cpu_seconds;
         char err[256] = "sandbox setup failed: ";
         size_t head = strlen(err);
         if (fz_harden(&h, err + head, sizeof(err) - head) != 0) {
-            report_setup_failure(err);
+            report_setup_failure(fds[1], err);
             _exit(70);
         }
         return 0;

@@ -40,6 +40,11 @@ static void drain(int fd, struct fz_buffer *b) {
     }
 }
 
+static void close_all(struct pollfd fds[3], int pidfd) {
+    for (int i = 0; i < 3; i++) close(fds[i].fd < 0 ? -fds[i].fd - 1 : fds[i].fd);
+    close(pidfd);
+}
+
 int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,
                  size_t output_cap, size_t result_cap, int watch_result, struct fz_outcome *o) {
     memset(o, 0, sizeof(*o));
@@ -61,7 +66,14 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
             break;
         }
         int ready = poll(fds, 4, (int)(left * 1000) + 1);
-        if (ready < 0 && errno != EINTR) break;
+        if (ready < 0 && errno != EINTR) {
+            int saved = errno;
+            kill(pid, SIGKILL);
+            waitpid(pid, NULL, 0);
+            close_all(fds, pidfd);
+            errno = saved;
+            return -1;
+        }
         for (int i = 0; i < 3 && ready > 0; i++) {
             if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
             if (take(fds[i].fd, bufs[i]) <= 0) fds[i].fd = -fds[i].fd - 1; /* poll skips negatives */
@@ -75,7 +87,12 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
     if (o->killed) kill(pid, SIGKILL);
     struct rusage ru;
     while (wait4(pid, &o->wait_status, 0, &ru) < 0) {
-        if (errno != EINTR) return -1;
+        if (errno != EINTR) {
+            int saved = errno;
+            close_all(fds, pidfd);
+            errno = saved;
+            return -1;
+        }
     }
     o->duration_s = now() - start;
     o->cpu_seconds = (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +

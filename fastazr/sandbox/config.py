@@ -30,7 +30,8 @@ class SandboxConfig:
     """Zygote processes, i.e. jobs running at once. Defaults to the cores this process may use."""
 
     timeout_s: float = 5.0
-    """Wall-clock limit per job; the zygote SIGKILLs the child when it passes."""
+    """Wall-clock limit per job; the zygote SIGKILLs the child when it passes. RLIMIT_CPU
+    (this + 2 s, hard) backs it up from the kernel's side."""
 
     memory_mb: int = 1024
     """Address-space limit (RLIMIT_AS) of a child, in MiB, counting the ~30 MiB interpreter."""
@@ -45,7 +46,8 @@ class SandboxConfig:
     """Longest program plus input source accepted; longer ones get status "error" unrun."""
 
     open_files: int = 32
-    """RLIMIT_NOFILE of a child (it starts with five descriptors)."""
+    """RLIMIT_NOFILE of a child (it starts with four descriptors: stdin, stdout, stderr and
+    its result pipe)."""
 
     seccomp_backend: str = "auto"
     """'bpf' (the filter assembled in C), 'libseccomp' (needs it at build time), or 'auto'."""
@@ -87,9 +89,3 @@ class SandboxConfig:
                 raise bad(option, f"must be 'auto', 'on' or 'off', got {getattr(self, option)!r}")
         if self.unprivileged_uid < 1:
             raise bad("unprivileged_uid", "must be a non-root uid (>= 1)")
-
-    @property
-    def cpu_seconds(self) -> int:
-        """RLIMIT_CPU backs the wall clock up: the kernel kills a child that burns this much CPU
-        even if its zygote were stalled."""
-        return int(self.timeout_s) + 2

@@ -20,7 +20,6 @@ class Attack:
     expected: frozenset
     probe: str = "escaped = False"
     timeout_s: float = 1.0
-    notes: str = ""
     tags: tuple = field(default=())
 
     def render(self, text: str, sentinel: str, drop: str) -> str:
@@ -175,6 +174,8 @@ ATTACKS = [
     _raw("raw_io_uring_setup", "buf = ctypes.create_string_buffer(120)\nlibc.syscall(425, 8, buf)",
          "buf = ctypes.create_string_buffer(120)\nfd = libc.syscall(425, 8, buf)\nescaped = fd >= 0\nif escaped:\n    __import__('os').close(fd)"),
     _raw("raw_unshare", "libc.unshare(0x10000000)"),
+    _raw("tgkill_parent", "import os\nlibc.syscall(234, os.getppid(), os.getppid(), 19)"),
+    _raw("tkill_parent", "import os\nlibc.syscall(200, os.getppid(), 19)"),
     _raw("prctl_seccomp_off", "libc.prctl(22, 0, 0, 0, 0)"),
     # -- the result channel and the verdict
     _attack("close_result_channel", "import os\nos.close(3)", E),

@@ -2,7 +2,7 @@
 
 Trainer <-> zygote (trusted on both ends): the body is marshal'd, ~5x cheaper than JSON
 both ways: a batch is (timeout_s, [marshal'd job dict, ...]), its reply [marshal'd result
-dict, ...], each job kept as bytes until its turn (see zygote.run_batch). Child -> zygote (untrusted): the body is a status byte, a 4-byte value
+dict, ...]. Child -> zygote (untrusted): the body is a status byte, a 4-byte value
 length, the value's UTF-8, then the error's UTF-8; the zygote checks every part. Children
 write it through _sandbox.send_result, and the C SIGSYS handler (csrc/sandbox/harden.c)
 writes the same layout."""

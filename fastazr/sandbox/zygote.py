@@ -38,7 +38,6 @@ class Settings:
     """What the trainer decided at start, as the zygote uses it per child."""
 
     def __init__(self, raw: dict):
-        self.cpu_seconds: int = raw["cpu_seconds"]
         self.max_output_bytes: int = raw["max_output_bytes"]
         self.max_value_chars: int = raw["max_value_chars"]
         self.result_cap = 4 * self.max_value_chars + 4096  # UTF-8 takes up to 4 bytes a char
@@ -49,7 +48,7 @@ class Settings:
             pipe_capacity = capacity if capacity <= int(f.read()) else 0
         landlock_fd = _sandbox.landlock_ruleset(raw["landlock_paths"]) if raw["landlock_paths"] else -1
         _sandbox.configure(devnull_fd=os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), workdir=raw["workdir"],
-                           address_space=raw["memory_mb"] << 20, cpu_seconds=self.cpu_seconds,
+                           address_space=raw["memory_mb"] << 20,
                            open_files=raw["open_files"], drop_to_uid=raw["drop_to_uid"], landlock_fd=landlock_fd,
                            output_cap=self.max_output_bytes, result_cap=self.result_cap,
                            result_pipe_capacity=pipe_capacity)
@@ -61,35 +60,49 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
 
     Work that writes many pages is done once per batch, not once per fork: compiling before
     the first child (per job it cost ~100 more zygote faults), judging and encoding replies
-    after the last. Compiled jobs and children's outputs wait in a Stash, memory that no
-    child inherits: no job can reach another's code or output, however it walks the heap."""
+    after the last. No job may reach another's program or output, and a child can walk the
+    stack it inherited (sys._getframe().f_back...): so compiled jobs and outputs wait in a
+    Stash, memory no child inherits, and a job's own objects live only in run_one's frame.
+    What the frames above hold when a child forks is the empty `jobs` list, the two Stashes,
+    job kinds and small numbers."""
+    cpu_seconds = int(timeout_s) + 2  # RLIMIT_CPU backs the wall clock up
+    compiled, kinds = compile_batch(jobs)
+    outputs = _sandbox.Stash()
+    outcomes = [None if kind == "failed" else run_one(i, compiled, outputs, timeout_s, cpu_seconds, s)
+                for i, kind in enumerate(kinds)]
+    return [compiled.get(i) if kind == "failed" else
+            marshal.dumps(judge_outcome(outcomes[i], outputs, kind == "call", timeout_s, cpu_seconds, s))
+            for i, kind in enumerate(kinds)]
+
+
+def compile_batch(jobs: list[bytes]):
+    """(Stash of compiled jobs or error replies, kinds), emptying `jobs`."""
     compiled = _sandbox.Stash()
-    kinds: list[str] = []
+    kinds = []
     for blob in jobs:
         code, kind = compile_blob(blob)
         compiled.append(code)
         kinds.append(kind)
     jobs.clear()
-    outputs = _sandbox.Stash()
-    outcomes: list[tuple | None] = []
-    for i, kind in enumerate(kinds):
-        if kind == "failed":
-            outcomes.append(None)
-            continue
-        # Unmarshalled and reseeded here, between children, not in the child, which would
-        # copy every page this touches (~40 faults fewer there). Each child still starts
-        # from fresh entropy: _sandbox.spawn skips the at-fork hook that reseeds random.
-        job = marshal.loads(compiled.get(i))
-        reseed()
-        outcome = _sandbox.spawn(timeout_s)
-        if outcome is None:
-            child.serve(job, s.max_value_chars)
-        killed, wait_status, cpu, duration, result, out, err = outcome
-        outcomes.append((killed, wait_status, cpu, duration, outputs.append(result), outputs.append(out),
-                         outputs.append(err)))
-    return [compiled.get(i) if kind == "failed" else
-            marshal.dumps(judge_outcome(outcomes[i], outputs, kind == "call", timeout_s, s))
-            for i, kind in enumerate(kinds)]
+    return compiled, kinds
+
+
+def run_one(i: int, compiled, outputs, timeout_s: float, cpu_seconds: int, s: Settings) -> tuple:
+    """Run job i in a fresh hardened child. Returns (killed, wait status, CPU seconds,
+    duration, and the Stash indices of its result frame, stdout and stderr)."""
+    # Unmarshalled and reseeded here, between children, not in the child, which would copy
+    # every page this touches (~40 faults fewer there). Each child still starts from fresh
+    # entropy: _sandbox.spawn skips the at-fork hook that reseeds random.
+    job = marshal.loads(compiled.get(i))
+    reseed()
+    try:
+        outcome = _sandbox.spawn(timeout_s, cpu_seconds)
+    except OSError as exc:  # no fork, pipe or pidfd to be had right now
+        return None, exc.errno
+    if outcome is None:
+        child.serve(job, s.max_value_chars)
+    killed, wait_status, cpu, duration, result, out, err = outcome
+    return killed, wait_status, cpu, duration, outputs.append(result), outputs.append(out), outputs.append(err)
 
 
 def compile_blob(blob: bytes) -> tuple[bytes, str]:
@@ -105,14 +118,20 @@ def compile_blob(blob: bytes) -> tuple[bytes, str]:
     return marshal.dumps(compiled), job["kind"]
 
 
-def judge_outcome(outcome: tuple, outputs, is_call: bool, timeout_s: float, s: Settings) -> dict:
+def judge_outcome(outcome: tuple, outputs, is_call: bool, timeout_s: float, cpu_seconds: int,
+                  s: Settings) -> dict:
+    if outcome[0] is None:
+        return {"status": "error", "error": f"could not start a child: {os.strerror(outcome[1])}"}
     killed, wait_status, cpu, duration, *where = outcome
     result, out, err = (outputs.get(k) for k in where)
     if killed == 0 and len(out) + len(err) > s.max_output_bytes:
         killed = 2  # it wrote past the cap just before exiting
     if len(result) > s.result_cap:
         killed = 2  # including a result pipe filled until the clock ran out
-    reply = judge(wait_status, cpu, KILLED[killed], result, is_call, timeout_s, s)
+    try:
+        reply = judge(wait_status, cpu, KILLED[killed], result, is_call, timeout_s, cpu_seconds, s)
+    except Exception as exc:  # the zygote must outlive any child, whatever it sent
+        reply = {"status": "error", "error": f"the child's outcome could not be judged: {type(exc).__name__}"}
     reply["duration_s"] = duration
     if out:
         reply["stdout"] = out.decode("utf-8", "replace")
@@ -126,9 +145,11 @@ def syscall_name(nr: int) -> str:
 
 
 def judge(wait_status: int, cpu: float, killed_for: str | None, result: bytes, is_call: bool,
-          timeout_s: float, s: Settings) -> dict:
-    """Turn what was observed about a child into its status. The child's own frame is believed
-    only when the process exited normally right after sending exactly one well-formed frame."""
+          timeout_s: float, cpu_seconds: int, s: Settings) -> dict:
+    """Turn what was observed about a child into its status. A violation or setup report is
+    believed wherever it appears (it can only make the job fail); an "ok", "error", "memory" or
+    "output_limit" result only when the process exited normally right after sending exactly
+    one well-formed frame."""
     if killed_for == "timeout":
         return {"status": "timeout", "error": f"ran past timeout_s={timeout_s:g}s and was killed"}
     if killed_for == "output_limit":
@@ -139,7 +160,7 @@ def judge(wait_status: int, cpu: float, killed_for: str | None, result: bytes, i
     if None in messages:
         return {"status": "error", "error": "the result channel carried a malformed frame"}
     for status, _, error in messages:
-        if status == "violation" and error.isdigit():
+        if status == "violation" and error.isascii() and error.isdigit() and len(error) < 6:
             return {"status": "violation", "error": f"denied syscall: {syscall_name(int(error))}"}
         if status == "setup":
             return {"status": "error", "error": error}
@@ -147,13 +168,13 @@ def judge(wait_status: int, cpu: float, killed_for: str | None, result: bytes, i
         sig = os.WTERMSIG(wait_status)
         if sig == signal.SIGSYS:
             return {"status": "violation", "error": "denied syscall (killed by SIGSYS, handler unavailable)"}
-        if sig in (signal.SIGKILL, signal.SIGXCPU) and cpu >= s.cpu_seconds - 0.05:
-            return {"status": "timeout", "error": f"used {cpu:.1f}s of CPU, the RLIMIT_CPU of {s.cpu_seconds}s"}
+        if sig in (signal.SIGKILL, signal.SIGXCPU) and cpu >= cpu_seconds - 0.05:
+            return {"status": "timeout", "error": f"used {cpu:.1f}s of CPU, the RLIMIT_CPU of {cpu_seconds}s"}
         if sig == signal.SIGKILL:
             return {"status": "memory", "error": "killed by SIGKILL (the kernel's out-of-memory killer)"}
         if sig == signal.SIGSEGV:
             return {"status": "error", "error": "crashed with SIGSEGV (often a C stack overflow from deep recursion)"}
-        return {"status": "error", "error": f"killed by {signal.Signals(sig).name}"}
+        return {"status": "error", "error": f"killed by signal {sig} ({signal.strsignal(sig) or 'unknown'})"}
     code = os.WEXITSTATUS(wait_status)
     if rest or len(messages) != 1 or code != 0:
         if not messages and not rest:
@@ -175,7 +196,7 @@ def main() -> None:
     raw = json.loads(sys.argv[2])
     if len(os.listdir("/proc/self/task")) != 1:
         raise SystemExit("the zygote must be single-threaded: _sandbox.spawn skips Python's at-fork handling")
-    os.environ.clear()  # the trainer passed a scrubbed one; children get none at all
+    os.environ.clear()  # unsets the C environment too: children start with none at all
     for name in raw["preload"]:
         importlib.import_module(name)
     child.install_stdio()

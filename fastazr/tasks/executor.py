@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..sandbox import Result, Sandbox
 from .validate import check_program
-from .values import ValueParseError, parse_value, same_value
+from .values import ValueParseError, parse_value, same_value, to_source
 
 ENTRY = "f"
 # Appended to an induction answer: runs f on every held-out input in one child and returns the
@@ -26,6 +26,20 @@ def __fastazr_run_all(inputs):
             results.append(("error", type(exc).__name__))
     return results
 '''
+
+
+def literal_arguments(text: str) -> str | None:
+    """Argument source rebuilt from the literal values in `text` ("[3, 1], 'a'"), or None when
+    it holds anything but literals. Only this rebuilt text reaches a child."""
+    if not isinstance(text, str):
+        return None
+    if not text.strip():
+        return ""
+    try:
+        values = parse_value(f"({text},)")
+    except ValueParseError:
+        return None
+    return ", ".join(map(to_source, values))
 
 
 @dataclass(frozen=True)
@@ -50,18 +64,23 @@ class TaskExecutor:
         return self.sandbox.call_many([(p, ENTRY, i) for p, i in items])
 
     def validate_proposals(self, items: list[tuple[str, str]]) -> list[ProgramOutput]:
-        """Static checks, then f(input) twice in separate children with different hash seeds:
-        a proposal is valid when both runs succeed with the same literal output of at most
-        max_output_chars (longer outputs are rejected, never truncated)."""
+        """Static checks, an input of literal values, then f(input) twice in separate children
+        with different hash seeds: a proposal is valid when both runs succeed with the same
+        literal output of at most max_output_chars (longer outputs are rejected, never
+        truncated)."""
         outcomes: list[ProgramOutput | None] = [None] * len(items)
-        runnable = []
-        for k, (program, _) in enumerate(items):
+        runnable, arguments = [], []
+        for k, (program, given) in enumerate(items):
             check = check_program(program, ENTRY, self.max_program_chars)
-            if check.ok:
-                runnable.append(k)
-            else:
+            args = literal_arguments(given)
+            if not check.ok:
                 outcomes[k] = ProgramOutput(False, reason=check.reason)
-        calls = [(items[k][0], ENTRY, items[k][1]) for k in runnable]
+            elif args is None:
+                outcomes[k] = ProgramOutput(False, reason="the input is not literal values")
+            else:
+                runnable.append(k)
+                arguments.append(args)
+        calls = [(items[k][0], ENTRY, args) for k, args in zip(runnable, arguments)]
         n = len(calls)
         results = self.sandbox.call_many(calls + calls, groups=[0] * n + [1] * n)
         for j, k in enumerate(runnable):
@@ -95,10 +114,21 @@ class TaskExecutor:
         return verdicts
 
     def check_abduction(self, items: list[tuple[str, str, str]]) -> list[bool]:
-        """(program, gold output repr, predicted input source): f(predicted input) reproduces
-        the gold output as a value."""
-        results = self.sandbox.call_many([(p, ENTRY, answer) for p, _, answer in items])
-        return [self._matches(r, gold) for r, (_, gold, _) in zip(results, items)]
+        """(program, gold output repr, predicted input text): f(predicted input) reproduces
+        the gold output as a value. The prediction must be literal values ("[1, 2], 'a'"):
+        an expression could build an object whose repr imitates the gold output."""
+        verdicts: list[bool | None] = [None] * len(items)
+        calls, where = [], []
+        for k, (program, _, answer) in enumerate(items):
+            args = literal_arguments(answer)
+            if args is None:
+                verdicts[k] = False
+            else:
+                calls.append((program, ENTRY, args))
+                where.append(k)
+        for k, result in zip(where, self.sandbox.call_many(calls)):
+            verdicts[k] = self._matches(result, items[k][1])
+        return verdicts  # type: ignore[return-value]
 
     def check_induction(self, items: list[tuple[str, list[tuple[str, str]]]]) -> list[bool]:
         """(predicted program, [(input source, gold output repr), ...]): the program passes the
@@ -106,10 +136,11 @@ class TaskExecutor:
         verdicts: list[bool | None] = [None] * len(items)
         calls, where = [], []
         for k, (program, pairs) in enumerate(items):
-            if not pairs or not check_program(program, ENTRY, self.max_program_chars).ok:
+            args = [literal_arguments(source) for source, _ in pairs]
+            if not pairs or None in args or not check_program(program, ENTRY, self.max_program_chars).ok:
                 verdicts[k] = False
                 continue
-            inputs = ", ".join(f"({source},)" if source.strip() else "()" for source, _ in pairs)
+            inputs = ", ".join(f"({a},)" if a else "()" for a in args)
             calls.append((program + INDUCTION_RUNNER, "__fastazr_run_all", f"[{inputs}]"))
             where.append(k)
         for k, result in zip(where, self.sandbox.call_many(calls)):

@@ -95,6 +95,25 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def to_source(value) -> str:
+    """Python source that evaluates to `value` (a value parse_value returns): repr, except
+    where repr does not round-trip (nan, inf, complex parts, empty sets), at any depth."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float({repr(value)!r})"
+    if isinstance(value, complex):
+        return f"complex({to_source(value.real)}, {to_source(value.imag)})"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(to_source, value)) + "]"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(map(to_source, value)) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{to_source(k)}: {to_source(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (set, frozenset)):
+        inner = "{" + ", ".join(map(to_source, value)) + "}" if value else ""
+        return f"frozenset({inner})" if isinstance(value, frozenset) else inner or "set()"
+    return repr(value)
+
+
 def same_value(a, b) -> bool:
     """Equality as Python's ==, except that NaN equals NaN at any depth, and a container never
     equals one of another type (list vs tuple, set vs frozenset); 1 == 1.0 == True stays."""
