@@ -3,6 +3,7 @@
  *   configure(...)          what every child gets: limits, workdir, Landlock ruleset, caps
  *   confine_zygote(backend) the zygote's own filter: the child policy plus what forking needs
  *   spawn(timeout, cpu)     fork a hardened child; in the zygote, supervise it to the end
+ *   reap()                  wait for the children spawn() killed
  *   send_result(...)        a child's one result frame, immune to the job's monkeypatching
  *   Stash                   byte strings the children never inherit (MADV_DONTFORK)
  *   landlock_abi()          the kernel's Landlock ABI version, 0 when absent
@@ -148,6 +149,12 @@ static PyObject *py_spawn(PyObject *self, PyObject *args) {
     return r;
 }
 
+static PyObject *py_reap(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    fz_reap_dying();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_landlock_abi(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     return PyLong_FromLong(fz_landlock_abi());
@@ -217,6 +224,7 @@ static PyMethodDef methods[] = {
      "spawn(timeout_s, cpu_seconds): fork a hardened child. Returns None in the child; in the zygote, once "
      "the child is gone, (killed, wait_status, cpu_seconds, duration_s, result, stdout, stderr) "
      "with killed 0, 1 (timeout) or 2 (output cap)."},
+    {"reap", py_reap, METH_NOARGS, "Wait for the children spawn() killed (it also does so itself)."},
     {"confine_zygote", py_confine_zygote, METH_O,
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},
     {"send_result", py_send_result, METH_VARARGS,

@@ -51,6 +51,7 @@ static void report_setup_failure(int result_fd, const char *reason) {
 }
 
 int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_seconds, struct fz_outcome *o) {
+    fz_reap_dying(); /* the last killed child has had a whole job's setup to finish dying */
     int fds[6];
     if (child_pipes(c->result_pipe_capacity, fds) != 0) return -1;
     pid_t pid = fork();

@@ -1,6 +1,7 @@
 #include "supervise.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -38,6 +39,27 @@ static ssize_t take(int fd, struct fz_buffer *b) {
 static void drain(int fd, struct fz_buffer *b) {
     while (take(fd, b) > 0) {
     }
+}
+
+/* Children killed and not yet reaped. A killed child cannot fork, so each is one zombie-to-be;
+ * more than a few at once would mean the next spawn did not run fz_reap_dying. */
+static pid_t dying[64];
+static int ndying;
+
+static int remember_dying(pid_t pid) {
+    if (ndying == (int)(sizeof(dying) / sizeof(dying[0]))) {
+        waitpid(pid, NULL, 0);
+        return 0;
+    }
+    dying[ndying++] = pid;
+    return 0;
+}
+
+void fz_reap_dying(void) {
+    for (int i = 0; i < ndying; i++)
+        while (waitpid(dying[i], NULL, 0) < 0 && errno == EINTR) {
+        }
+    ndying = 0;
 }
 
 static void close_all(struct pollfd fds[3], int pidfd) {
@@ -84,7 +106,17 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
             break;
         }
     }
-    if (o->killed) kill(pid, SIGKILL);
+    if (o->killed) {
+        /* Killed: the verdict is known now, and tearing down a big address space can take
+         * 50 ms (a 512 MiB heap), which must not count against "timeout + 100 ms". Take what
+         * is already in the result pipe, and leave the corpse to fz_reap_dying. */
+        kill(pid, SIGKILL);
+        o->duration_s = now() - start;
+        int flags = fcntl(result_fd, F_GETFL);
+        if (flags >= 0 && fcntl(result_fd, F_SETFL, flags | O_NONBLOCK) == 0) drain(result_fd, &o->result);
+        close_all(fds, pidfd);
+        return remember_dying(pid);
+    }
     struct rusage ru;
     while (wait4(pid, &o->wait_status, 0, &ru) < 0) {
         if (errno != EINTR) {
@@ -97,14 +129,9 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
     o->duration_s = now() - start;
     o->cpu_seconds = (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
                      ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) * 1e-6;
-    for (int i = 0; i < 3; i++) {
-        int fd = fds[i].fd < 0 ? -fds[i].fd - 1 : fds[i].fd;
-        /* The child is reaped and could not fork, so no writer is left: these reads end. A
-         * killed child's result still counts, to tell a full result pipe from a slow job. */
-        if (i == 0 || !o->killed) drain(fd, bufs[i]);
-        close(fd);
-    }
-    close(pidfd);
+    /* Reaped, and it could not fork: no writer is left, so these reads end. */
+    for (int i = 0; i < 3; i++) drain(fds[i].fd < 0 ? -fds[i].fd - 1 : fds[i].fd, bufs[i]);
+    close_all(fds, pidfd);
     return 0;
 }
 

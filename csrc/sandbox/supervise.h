@@ -23,11 +23,15 @@ struct fz_outcome {
 };
 
 /* Takes ownership of the descriptors (closes them). With watch_result 0 the result pipe is
- * read only after the child exits (its capacity must hold result_cap). Returns 0, or -1 with
- * errno set. */
+ * read only after the child exits (its capacity must hold result_cap). A child killed for
+ * time or output is left dying, to be reaped by fz_reap_dying; its wait_status and CPU time
+ * stay 0. Returns 0, or -1 with errno set. */
 int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,
                  size_t output_cap, size_t result_cap, int watch_result, struct fz_outcome *o);
 
 void fz_outcome_free(struct fz_outcome *o);
+
+/* Wait for every child fz_supervise killed and left dying. */
+void fz_reap_dying(void);
 
 #endif

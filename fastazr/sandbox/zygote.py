@@ -212,6 +212,7 @@ def main() -> None:
     write_frame(channel, {"pid": os.getpid(), "vm_bytes": vm_bytes()})
     while (batch := read_frame(channel)) is not None:
         write_frame(channel, run_batch(*batch, settings))
+    _sandbox.reap()
     os._exit(0)  # skip interpreter teardown: nothing to flush, and fewer syscalls to allow
 
 
