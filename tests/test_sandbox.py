@@ -239,6 +239,16 @@ def test_unprotected_files_are_warned_about():
         Sandbox(workers=1, landlock="off", drop_privileges="off").close()
 
 
+def test_zygotes_are_pinned_one_cpu_each():
+    cpus = sorted(os.sched_getaffinity(0))
+    probe = "import os\nprint(sorted(os.sched_getaffinity(0)))"
+    with Sandbox(workers=len(cpus)) as box:
+        pinned = {box.exec_many([probe])[0].stdout for _ in range(4 * len(cpus))}
+    assert all(len(eval(p)) == 1 for p in pinned) and {eval(p)[0] for p in pinned} <= set(cpus)
+    with Sandbox(workers=1, pin_cpus=False) as box:
+        assert box.exec_many([probe])[0].stdout == f"{cpus}\n"
+
+
 def test_workers_default_to_cores():
     assert SandboxConfig().workers == len(os.sched_getaffinity(0))
 

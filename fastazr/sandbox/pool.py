@@ -52,6 +52,8 @@ class Zygote:
 
     def __init__(self, index: int, settings: dict):
         self.index = index
+        cpus = settings["cpus"]
+        settings = {**settings, "cpu": cpus[index % len(cpus)] if cpus else None}
         self.sock, theirs = socket.socketpair()
         package_root = str(Path(__file__).resolve().parents[2])
         bootstrap = (f"import sys; sys.path.insert(0, {package_root!r}); "
@@ -215,7 +217,8 @@ class Sandbox:
                 "drop_to_uid": p["uid"] if p["uid"] != os.geteuid() else -1,
                 "landlock_paths": landlock_read_paths(self._workdir) if p["landlock_abi"] else [],
                 "max_output_bytes": c.max_output_bytes,
-                "max_value_chars": c.max_value_chars, "preload": list(c.preload)}
+                "max_value_chars": c.max_value_chars, "preload": list(c.preload),
+                "cpus": sorted(os.sched_getaffinity(0)) if c.pin_cpus else []}
 
     def _check_memory(self, hello: dict) -> None:
         need = hello["vm_bytes"] + (32 << 20)

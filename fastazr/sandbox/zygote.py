@@ -197,6 +197,8 @@ def main() -> None:
     if len(os.listdir("/proc/self/task")) != 1:
         raise SystemExit("the zygote must be single-threaded: _sandbox.spawn skips Python's at-fork handling")
     os.environ.clear()  # unsets the C environment too: children start with none at all
+    if raw["cpu"] is not None:
+        os.sched_setaffinity(0, {raw["cpu"]})
     for name in raw["preload"]:
         importlib.import_module(name)
     child.install_stdio()
