@@ -35,7 +35,7 @@ def compile_job(kind: str, program: str, entry: str | None, args_source: str) ->
     """Compile in the zygote, before forking: a child then starts from bytecode (~110 fewer
     copy-on-write faults, about 0.3 ms on the dev VM) and a syntax error costs no fork.
     compile() runs no code from its input; its time and memory grow with the source, which
-    Sandbox caps at max_program_bytes."""
+    Sandbox caps at max_program_chars."""
     code = compile(program, "<program>", "exec", dont_inherit=True)
     if kind == "exec":
         return code, None, None
