@@ -115,7 +115,7 @@ def test_monkeypatching_does_not_carry_over():
 
 def test_gc_hunt_finds_no_other_job(tmp_path):
     secret = "S3CRET_" + os.urandom(8).hex()
-    hunter = f"""
+    hunter = """
 import gc
 needle = "S3CRET" + "_"
 found = False

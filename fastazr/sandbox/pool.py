@@ -286,7 +286,7 @@ class Sandbox:
                     busy.add(z)
                 except OSError:  # it died while idle: its batch goes back to the queue, unrun
                     for i in reversed(batch):
-                        queues[groups[i] if groups is not None and len(self._zygotes) > 1 else None].appendleft(i)
+                        queues[self._queue_of(i, groups)].appendleft(i)
                     idle.append(self._replace(z))
             for key, _ in self._selector.select(timeout=1.0):
                 z = key.data
@@ -316,10 +316,14 @@ class Sandbox:
         for i in z.batch:
             results[i] = Result("error", error=error)
 
+    def _queue_of(self, i: int, groups):
+        """Job i's hash-seed group (0 or 1), or None when it may run on any zygote."""
+        return groups[i] if groups is not None and len(self._zygotes) > 1 else None
+
     def _queues(self, indices: list[int], groups) -> dict:
         queues = {None: deque(), 0: deque(), 1: deque()}
         for i in indices:
-            queues[groups[i] if groups is not None and len(self._zygotes) > 1 else None].append(i)
+            queues[self._queue_of(i, groups)].append(i)
         return queues
 
     def _next_batch(self, queues: dict, z: Zygote) -> list[int]:

@@ -26,7 +26,7 @@ import time
 
 from .. import _sandbox
 from . import child
-from .protocol import CHILD_STATUSES, parse_child_frame, read_frame, split_frames, write_frame
+from .protocol import parse_child_frame, read_frame, split_frames, write_frame
 
 SYSCALL_NAMES = _sandbox.syscall_names()
 KILLED = {0: None, 1: "timeout", 2: "output_limit"}
