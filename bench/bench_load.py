@@ -50,11 +50,11 @@ def main() -> None:
     device = args.device
     workdir = Path(tempfile.mkdtemp(prefix="fastazr-bench-load-"))
     try:
-        init_s, (model, _) = timed(device, lambda: load(args.model, device=device, dtype=torch.bfloat16))
+        init_s, (model, _tokenizer) = timed(device, lambda: load(args.model, device=device, dtype=torch.bfloat16))
         save_s, _ = timed(device, lambda: save_hf(model, workdir / "ckpt"))
         nbytes = sum(p.stat().st_size for p in (workdir / "ckpt").glob("*.safetensors"))
         params = model.config.num_parameters()
-        del model
+        model = None  # frees its GPU memory before the loads are measured
         contenders = {"fastazr load_hf": lambda: load_hf(workdir / "ckpt", device, torch.bfloat16)}
         if not args.skip_transformers:
             contenders["transformers from_pretrained"] = lambda: transformers_load(workdir / "ckpt", device)

@@ -82,6 +82,7 @@ def test_tokenizer_matches_transformers_and_round_trips(ours, theirs, text):
     ids = tokenizer.encode(text)
     assert ids == theirs[1].encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text
+    assert tokenizer.encode_batch([text, text + "x"])[0] == ids
 
 
 def test_special_tokens_are_single_ids_and_digits_split(ours):

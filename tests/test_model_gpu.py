@@ -33,17 +33,23 @@ def test_every_backend_matches_naive_in_bf16(heads, kv_heads, dim):
 
 
 def test_backends_agree_through_the_whole_model():
+    """24 bf16 layers compound rounding, so no backend matches fp32 tightly; each must be as
+    close to the fp32 model as SDPA in bf16 is."""
     model, _ = load("qwen2.5-0.5b", device="cuda", seed=3)
     p = pack([torch.randint(0, 151936, (n,)).tolist() for n in LENGTHS], device="cuda")
-    outputs = {}
     with torch.no_grad():
+        exact = model.float()
+        exact.attention = "sdpa"
+        reference = exact(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen)
+        model = exact.bfloat16()
+        errors = {}
         for backend in available_backends(model.device, model.dtype):
             model.attention = backend
-            outputs[backend] = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen).float()
-    reference = outputs.pop("sdpa")
-    for backend, hidden in outputs.items():
-        # 24 bf16 layers: differences of rounding order compound, but stay a small fraction
-        assert (hidden - reference).abs().mean() < 0.02 * reference.abs().mean(), backend
+            hidden = model(p.input_ids, p.position_ids, p.cu_seqlens, p.max_seqlen).float()
+            errors[backend] = ((hidden - reference).abs().mean() / reference.abs().mean()).item()
+    print("mean relative error vs fp32:", errors)
+    assert all(e < 0.05 for e in errors.values()), errors
+    assert all(e <= 1.5 * errors["sdpa"] for e in errors.values()), errors
 
 
 def test_backward_through_the_fast_backend_with_checkpointing():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelError
@@ -117,14 +117,6 @@ class ModelConfig:
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + h + embeddings
 
-    def flops_per_token(self, context: int = 0) -> int:
-        """Forward FLOPs of one token (2 per multiply-add), lm_head included, with attention over
-        `context` earlier tokens; training costs three times this."""
-        # the embedding lookup costs nothing; the lm_head (tied or not) is one V x H matmul
-        matmul_params = self.num_parameters() - self.vocab_size * self.hidden_size * (not self.tie_word_embeddings)
-        attention = 2 * 2 * self.num_layers * self.q_size * context
-        return 2 * matmul_params + attention
-
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Read a Hugging Face config.json dict (transformers 4 and 5 spellings)."""
@@ -211,7 +203,3 @@ class ModelConfig:
             hf["use_sliding_window"] = False
             hf["sliding_window"] = None
         return hf
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-

@@ -16,10 +16,6 @@ class Packed:
     cu_seqlens: torch.Tensor
     max_seqlen: int
 
-    @property
-    def lengths(self) -> list[int]:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
-
 
 def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> Packed:
     """Token id lists -> Packed on `device` (positions restart at 0 for each sequence)."""
