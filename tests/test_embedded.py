@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from fastazr.model import embedded, load, pack, save_hf
+from fastazr.model import Tokenizer, embedded, load, pack, save_hf
 from fastazr.model.errors import ModelNotFoundError
 from model_helpers import FP32_LOGITS_ATOL
 
@@ -99,6 +99,23 @@ def test_chat_template_matches_transformers(ours, theirs, conversation, generati
     messages = CONVERSATIONS[conversation]
     expected = theirs[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     assert ours[1].render_chat(messages, add_generation_prompt=generation_prompt) == expected
+
+
+def test_generation_tags_render_their_body(ours):
+    template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    tokenizer = Tokenizer(ours[1].backend, template, eos_token="<|im_end|>")
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert tokenizer.render_chat(messages) == "ab"
+
+
+def test_gguf_end_of_turn_tokens_stop_generation():
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "<|im_end|>", "<|endoftext|>"],
+            "tokenizer.ggml.token_type": [1, 1, 3, 3], "tokenizer.ggml.merges": [], "tokenizer.ggml.pre": "qwen2",
+            "tokenizer.ggml.eos_token_id": 3, "tokenizer.ggml.eot_token_id": 2}
+    tokenizer = Tokenizer.from_gguf_metadata(meta, "test.gguf")
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.stop_token_ids == [3, 2]
+    assert tokenizer.encode("ab<|im_end|>") == [0, 1, 2]
 
 
 def test_saved_directory_loads_in_transformers(ours, tmp_path):

@@ -2,6 +2,7 @@
 presets and saving. The embedded GGUF model has its own file (test_embedded.py)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -57,18 +58,17 @@ def test_packed_equals_one_sequence_at_a_time(checkpoint):
         torch.testing.assert_close(packed, packed_logits(model, [sequence])[0], atol=FP32_LOGITS_ATOL, rtol=0)
 
 
-def test_positions_continue_a_prefix(checkpoint):
-    """A sequence's tail fed with the positions it would have after its prefix gives the same
-    rotary angles: position ids, not the packing, decide them."""
+def test_position_ids_drive_the_rotary_embedding(checkpoint):
+    """Shifting every position leaves relative rotary attention unchanged; other positions change it."""
     kind, directory, _ = checkpoint
     model = load_hf(directory)
     p = pack(random_sequences([12], TINY[kind]["vocab_size"], seed=3))
-    shifted = p.position_ids + 5
     with torch.no_grad():
         a = model(p.input_ids, p.position_ids, p.cu_seqlens)
-        b = model(p.input_ids, shifted, p.cu_seqlens)
-    # relative rotary: shifting every position leaves attention unchanged
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        shifted = model(p.input_ids, p.position_ids + 5, p.cu_seqlens)
+        reversed_ = model(p.input_ids, p.position_ids.flip(0), p.cu_seqlens)
+    torch.testing.assert_close(a, shifted, atol=1e-4, rtol=0)
+    assert (a - reversed_).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -139,6 +139,26 @@ def test_save_replaces_an_existing_checkpoint_whole(checkpoint, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"], "staging directories left behind"
 
 
+def test_saving_over_a_checkpoint_keeps_files_it_does_not_write(checkpoint, tmp_path):
+    _, directory, _ = checkpoint
+    model = load_hf(directory)
+    out = tmp_path / "ckpt"
+    save_hf(model, out, max_shard_bytes=20_000)
+    (out / "tokenizer.json").write_text("{}")
+    (out / "optimizer.pt").write_bytes(b"state")
+    save_hf(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "optimizer.pt", "tokenizer.json"]
+
+
+def test_an_existing_path_wins_over_a_preset_of_the_same_name(checkpoint, tmp_path, monkeypatch):
+    kind, directory, _ = checkpoint
+    shutil.copytree(directory, tmp_path / "qwen2.5-0.5b")
+    monkeypatch.chdir(tmp_path)
+    model, _ = load("qwen2.5-0.5b")
+    assert model.config.vocab_size == TINY[kind]["vocab_size"]
+
+
 def test_bf16_save_writes_bf16(checkpoint, tmp_path):
     from safetensors import safe_open
 
@@ -155,13 +175,15 @@ def test_load_casts_to_the_requested_dtype(checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-PUBLISHED_PARAMETERS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304}
+PUBLISHED_PARAMETERS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512}
 
 
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_have_the_real_shapes(name):
     config = preset_config(name)
-    assert config.vocab_size == 151_936 and config.qkv_bias and config.architecture == "qwen2"
+    # 7B's embedding is padded to 152,064 rows; the smaller ones have 151,936 (same tokenizer)
+    assert config.vocab_size == (152_064 if name == "qwen2.5-7b" else 151_936)
+    assert config.qkv_bias and config.architecture == "qwen2"
     model = Decoder(config, device="meta")
     assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
     if name in PUBLISHED_PARAMETERS:

@@ -30,8 +30,9 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
-        self.qkv_weight = _param(config.q_size + 2 * config.kv_size, config.hidden_size, device=device, dtype=dtype)
-        self.qkv_bias = _param(config.q_size + 2 * config.kv_size, device=device, dtype=dtype) if config.qkv_bias else None
+        qkv_rows = config.q_size + 2 * config.kv_size
+        self.qkv_weight = _param(qkv_rows, config.hidden_size, device=device, dtype=dtype)
+        self.qkv_bias = _param(qkv_rows, device=device, dtype=dtype) if config.qkv_bias else None
         self.o_weight = _param(config.hidden_size, config.q_size, device=device, dtype=dtype)
         self.o_bias = _param(config.hidden_size, device=device, dtype=dtype) if config.o_bias else None
 

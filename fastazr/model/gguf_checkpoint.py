@@ -92,8 +92,9 @@ def config_from_metadata(meta: dict[str, Any], vocab_size: int, has_output: bool
 
 def load_gguf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
               attention: str = "auto") -> tuple[Decoder, Tokenizer | None]:
-    """Decoder and Tokenizer (None when the file has no vocabulary) from a GGUF file; quantized tensors are dequantized to fp32 on the
-    host, one at a time, then copied to `device` in `dtype` (default fp32 on CPU, bf16 on CUDA)."""
+    """Decoder and Tokenizer (None when the file has no vocabulary) from a GGUF file; quantized
+    tensors are dequantized to fp32 on the host, one at a time, then copied to `device` in
+    `dtype` (default fp32 on CPU, bf16 on CUDA)."""
     from gguf import dequantize
 
     path = Path(path)
@@ -108,8 +109,10 @@ def load_gguf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
     if "rope_freqs.weight" in names:
         raise ModelError(f"{path} carries per-frequency rope factors (Llama 3.1 style), which fastazr does not "
                          "read from GGUF files: load the Hugging Face directory instead")
-    config = config_from_metadata(meta, shapes["token_embd.weight"][0], "output.weight" in names, "blk.0.attn_q.bias" in names,
-                                  "blk.0.attn_output.bias" in names, str(path))
+    # the tokenizer first: an unsupported one should fail before seconds of dequantization
+    tokenizer = Tokenizer.from_gguf_metadata(meta, str(path)) if "tokenizer.ggml.tokens" in meta else None
+    config = config_from_metadata(meta, shapes["token_embd.weight"][0], "output.weight" in names,
+                                  "blk.0.attn_q.bias" in names, "blk.0.attn_output.bias" in names, str(path))
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     model = Decoder(config, device=device, dtype=dtype, attention=attention)
@@ -131,5 +134,4 @@ def load_gguf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
             values = _unpermute_rotary(values, heads[kind])
         # F32 tensors come back as read-only views of the memory map; torch wants writable memory
         filler.fill(name, torch.from_numpy(np.require(values, requirements=["C", "W"])), str(path))
-    tokenizer = Tokenizer.from_gguf_metadata(meta, str(path)) if "tokenizer.ggml.tokens" in meta else None
     return filler.finish(), tokenizer

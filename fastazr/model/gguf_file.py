@@ -97,6 +97,9 @@ class GGUFFile:
             start = -(-cursor.offset // alignment) * alignment
             self.tensors: list[TensorInfo] = []
             for name, dims, kind, offset in directory:
+                if kind not in GGMLQuantizationType._value2member_map_:
+                    raise ModelError(f"tensor {name} in {self.path} uses quantization type {kind}, which this gguf "
+                                     "package does not know: pip install -U gguf")
                 block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
                 count = int(np.prod(dims))
                 nbytes = count // block * block_bytes
@@ -105,6 +108,8 @@ class GGUFFile:
                 data = np.frombuffer(self._map, np.uint8, nbytes, start + offset)
                 rows = count // dims[0] if dims else 1
                 self.tensors.append(TensorInfo(name, dims[::-1], kind, data.reshape(rows, -1)))
+        except ModelError:
+            raise
         except (struct.error, ValueError, KeyError, OverflowError) as e:
             raise ModelError(f"{self.path} ({size:,} bytes) is not a readable GGUF file ({e}): it is corrupt "
                              "or truncated; re-download it") from None

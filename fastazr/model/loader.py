@@ -36,26 +36,26 @@ def load(source: str | os.PathLike = DEFAULT, device: torch.device | str = "cpu"
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     tokenizer = None
-    if text == DEFAULT:
+    path = Path(text).expanduser()
+    # an existing path always wins over a preset of the same name
+    if path.is_dir():
+        model = load_hf(path, device, dtype, attention)
+        if (path / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_dir(path, model.config.eos_token_ids)
+        else:
+            log.warning("%s has no tokenizer.json: loaded the weights without a tokenizer", path)
+    elif path.is_file():
+        model, tokenizer = load_gguf(path, device, dtype, attention)
+    elif text == DEFAULT:
         model, tokenizer = load_gguf(default_model_path(), device, dtype, attention)
     elif text.lower() in preset_names():
         model = Decoder(preset_config(text), device=device, dtype=dtype, attention=attention)
         model.init_weights(seed)
+    elif os.sep in text or text.endswith(".gguf") or text.startswith("."):
+        raise ModelNotFoundError(f"model path {text} does not exist")
     else:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            model = load_hf(path, device, dtype, attention)
-            if (path / "tokenizer.json").is_file():
-                tokenizer = Tokenizer.from_dir(path, model.config.eos_token_ids)
-            else:
-                log.warning("%s has no tokenizer.json: loaded the weights without a tokenizer", path)
-        elif path.is_file():
-            model, tokenizer = load_gguf(path, device, dtype, attention)
-        elif os.sep in text or text.endswith(".gguf") or text.startswith("."):
-            raise ModelNotFoundError(f"model path {text} does not exist")
-        else:
-            raise ModelError(f"{text!r} is neither an existing path nor a model preset: pass '{DEFAULT}', one of "
-                             f"{', '.join(preset_names())}, a Hugging Face checkpoint directory or a .gguf file")
+        raise ModelError(f"{text!r} is neither an existing path nor a model preset: pass '{DEFAULT}', one of "
+                         f"{', '.join(preset_names())}, a Hugging Face checkpoint directory or a .gguf file")
     log.info("loaded %s: %.1fM parameters, %s %s, %.1f s", text, model.config.num_parameters() / 1e6,
              device, dtype, time.perf_counter() - started)
     return model, tokenizer

@@ -56,9 +56,21 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """{% generation %}...{% endgeneration %}: transformers uses it to find assistant tokens for
+    training masks; rendering a prompt keeps the body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _template_environment() -> ImmutableSandboxedEnvironment:
     # the same environment transformers renders chat templates in, so prompts match token for token
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -183,4 +195,7 @@ class Tokenizer:
             bos = token("bos")
             backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                         special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
-        return cls(backend, meta.get("tokenizer.chat_template"), token("bos"), token("eos"), token("padding"))
+        # end-of-turn tokens (Qwen2.5-Instruct's <|im_end|> beside its EOS <|endoftext|>) stop generation too
+        stops = [meta[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")
+                 if f"tokenizer.ggml.{k}_token_id" in meta]
+        return cls(backend, meta.get("tokenizer.chat_template"), token("bos"), token("eos"), token("padding"), stops)
