@@ -21,6 +21,11 @@ from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 
 
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """fp32 on CPU (tests, the laptop path), bf16 on CUDA (what training and generation run in)."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def _param(*shape: int, device, dtype) -> nn.Parameter:
     # torch.empty, not nn.Linear: no throwaway init (a 7B model's kaiming init costs minutes on CPU)
     return nn.Parameter(torch.empty(*shape, device=device, dtype=dtype))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .config import SUPPORTED, ModelConfig
-from .decoder import Decoder
+from .decoder import Decoder, default_dtype
 from .errors import ModelError, ModelNotFoundError
 from .gguf_file import GGUFFile
 from .tokenizer import Tokenizer
@@ -113,9 +113,7 @@ def load_gguf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype
     tokenizer = Tokenizer.from_gguf_metadata(meta, str(path)) if "tokenizer.ggml.tokens" in meta else None
     config = config_from_metadata(meta, shapes["token_embd.weight"][0], "output.weight" in names,
                                   "blk.0.attn_q.bias" in names, "blk.0.attn_output.bias" in names, str(path))
-    if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    model = Decoder(config, device=device, dtype=dtype, attention=attention)
+    model = Decoder(config, device=device, dtype=dtype or default_dtype(device), attention=attention)
     filler = WeightFiller(model, str(path))
     heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads}
     for tensor in reader.tensors:

@@ -35,8 +35,8 @@ class TensorInfo:
 
 
 class _Cursor:
-    def __init__(self, buffer, path: Path):
-        self.buffer, self.offset, self.path = buffer, 0, path
+    def __init__(self, buffer):
+        self.buffer, self.offset = buffer, 0
 
     def take(self, fmt: str):
         value = struct.unpack_from(fmt, self.buffer, self.offset)
@@ -77,7 +77,7 @@ class GGUFFile:
         try:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            cursor = _Cursor(self._map, self.path)
+            cursor = _Cursor(self._map)
             if cursor.take("4s") != MAGIC:
                 raise ValueError("it does not start with the GGUF magic bytes")
             version = cursor.take("<I")

@@ -15,9 +15,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .decoder import Decoder
+from .decoder import Decoder, default_dtype
 from .errors import ModelError, ModelNotFoundError
-from .weights import WeightFiller, hf_layout, hf_tensors
+from .weights import WeightFiller, hf_layout
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -79,9 +79,7 @@ def load_hf(directory: str | os.PathLike, device: torch.device | str = "cpu", dt
     if not directory.exists():
         raise ModelNotFoundError(f"checkpoint directory {directory} does not exist")
     config = read_config(directory)
-    if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    model = Decoder(config, device=device, dtype=dtype, attention=attention)
+    model = Decoder(config, device=device, dtype=dtype or default_dtype(device), attention=attention)
     filler = WeightFiller(model, str(directory))
     # safetensors places tensors on CUDA itself; on CPU it hands out views of the memory map.
     # Eight threads, one tensor each: on an H100 node a 7B bf16 checkpoint (15 GB, page cache)
@@ -102,14 +100,14 @@ def load_hf(directory: str | os.PathLike, device: torch.device | str = "cpu", dt
     return filler.finish()
 
 
-def _plan_shards(tensors: list[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Tensor names grouped in checkpoint order into shards of at most max_bytes (or one tensor)."""
     shards, current, size = [], [], 0
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, nbytes in sizes:
         if current and size + nbytes > max_bytes:
             shards.append(current)
             current, size = [], 0
-        current.append((name, tensor))
+        current.append(name)
         size += nbytes
     return shards + [current]
 
@@ -130,17 +128,19 @@ def save_hf(model: Decoder, directory: str | os.PathLike, tokenizer=None, dtype:
         (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        planned = list(_shapes_only(model, dtype))
-        shards = _plan_shards(planned, max_shard_bytes)
+        layout = hf_layout(model.config)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        sizes = [(name, slot.view(model).numel() * itemsize) for name, slot in layout.items()]
+        shards = _plan_shards(sizes, max_shard_bytes)
         weight_map = {}
-        tensors = hf_tensors(model, dtype)
         for i, shard in enumerate(shards):
             filename = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             # one shard's tensors on the host at a time: a 7B model never needs 15 GB of host RAM
-            save_file(dict(next(tensors) for _ in shard), staging / filename, metadata={"format": "pt"})
-            weight_map.update({name: filename for name, _ in shard})
+            tensors = {name: layout[name].view(model).detach().to("cpu", dtype).contiguous() for name in shard}
+            save_file(tensors, staging / filename, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, filename))
         if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for _, t in planned)
+            total = sum(nbytes for _, nbytes in sizes)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
@@ -150,12 +150,6 @@ def save_hf(model: Decoder, directory: str | os.PathLike, tokenizer=None, dtype:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
-
-
-def _shapes_only(model: Decoder, dtype: torch.dtype):
-    """(name, meta tensor of the saved shape and dtype), to plan shards without copying anything."""
-    for name, slot in hf_layout(model.config).items():
-        yield name, torch.empty(slot.view(model).shape, dtype=dtype, device="meta")
 
 
 def _swap_in(staging: Path, directory: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .decoder import Decoder
+from .decoder import Decoder, default_dtype
 from .embedded import default_model_path
 from .errors import ModelError, ModelNotFoundError
 from .gguf_checkpoint import load_gguf
@@ -33,8 +33,6 @@ def load(source: str | os.PathLike = DEFAULT, device: torch.device | str = "cpu"
     dtype defaults to fp32 on CPU and bf16 on CUDA."""
     started = time.perf_counter()
     text = os.fspath(source)
-    if dtype is None:
-        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     tokenizer = None
     path = Path(text).expanduser()
     # an existing path always wins over a preset of the same name
@@ -49,7 +47,7 @@ def load(source: str | os.PathLike = DEFAULT, device: torch.device | str = "cpu"
     elif text == DEFAULT:
         model, tokenizer = load_gguf(default_model_path(), device, dtype, attention)
     elif text.lower() in preset_names():
-        model = Decoder(preset_config(text), device=device, dtype=dtype, attention=attention)
+        model = Decoder(preset_config(text), device=device, dtype=dtype or default_dtype(device), attention=attention)
         model.init_weights(seed)
     elif os.sep in text or text.endswith(".gguf") or text.startswith("."):
         raise ModelNotFoundError(f"model path {text} does not exist")
@@ -57,5 +55,5 @@ def load(source: str | os.PathLike = DEFAULT, device: torch.device | str = "cpu"
         raise ModelError(f"{text!r} is neither an existing path nor a model preset: pass '{DEFAULT}', one of "
                          f"{', '.join(preset_names())}, a Hugging Face checkpoint directory or a .gguf file")
     log.info("loaded %s: %.1fM parameters, %s %s, %.1f s", text, model.config.num_parameters() / 1e6,
-             device, dtype, time.perf_counter() - started)
+             model.device, model.dtype, time.perf_counter() - started)
     return model, tokenizer

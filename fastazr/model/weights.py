@@ -66,9 +66,6 @@ class WeightFiller:
         self.layout = hf_layout(model.config)
         self.missing = set(self.layout)
 
-    def wants(self, name: str) -> bool:
-        return name in self.layout
-
     @torch.no_grad()
     def fill(self, name: str, tensor: torch.Tensor, origin: str | None = None) -> None:
         origin = origin or self.source
@@ -92,9 +89,3 @@ class WeightFiller:
                              "the checkpoint is incomplete (a shard missing?) or belongs to another model")
         return self.model
 
-
-def hf_tensors(model: Decoder, dtype: torch.dtype | None = None):
-    """(HF name, contiguous CPU tensor) pairs of the model, in checkpoint order."""
-    for name, slot in hf_layout(model.config).items():
-        tensor = slot.view(model).detach()
-        yield name, tensor.to(device="cpu", dtype=dtype or tensor.dtype).contiguous()

@@ -39,52 +39,19 @@ def _raw(name, source, probe="escaped = False") -> Attack:
 
 V, E, T, M, O = "violation", "error", "timeout", "memory", "output_limit"
 CTYPES = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-WRITE_PROBE = """
-import os
-try:
-    with open("{drop}", "w") as handle:
-        handle.write("x")
-    os.remove("{drop}")
-    escaped = True
-except OSError:
-    escaped = False
-"""
-FORK_PROBE = """
-import os
-try:
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    escaped = True
-except OSError:
-    escaped = False
-"""
-SOCKET_PROBE = """
-import socket
-try:
-    socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
-    escaped = True
-except OSError:
-    escaped = False
-"""
-SIGNAL_PROBE = """
-import os
-try:
-    os.kill(os.getppid(), 0)
-    escaped = True
-except OSError:
-    escaped = False
-"""
-EXEC_PROBE = """
-import os
-try:
-    pid = os.posix_spawn("/bin/true", ["true"], {})
-    os.waitpid(pid, 0)
-    escaped = True
-except OSError:
-    escaped = False
-"""
+
+
+def _probe(setup: str, attempt: str, errors: str = "OSError") -> str:
+    """`setup`, then `attempt`: escaped is True when the attempt raised none of `errors`."""
+    body = "\n".join("    " + line for line in attempt.splitlines())
+    return f"{setup}\ntry:\n{body}\n    escaped = True\nexcept {errors}:\n    escaped = False"
+
+
+WRITE_PROBE = _probe("import os", 'with open("{drop}", "w") as handle:\n    handle.write("x")\nos.remove("{drop}")')
+FORK_PROBE = _probe("import os", "pid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)")
+SOCKET_PROBE = _probe("import socket", "socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()")
+SIGNAL_PROBE = _probe("import os", "os.kill(os.getppid(), 0)")
+EXEC_PROBE = _probe("import os", 'pid = os.posix_spawn("/bin/true", ["true"], {})\nos.waitpid(pid, 0)')
 OUTPUT_PROBE = """
 import os
 for _ in range(64):
@@ -113,11 +80,11 @@ ATTACKS = [
     _attack("chdir_out", 'import os\nos.chdir("/")', V),
     # -- reading what is not the job's: the parent's memory and environment, other files
     _attack("read_parent_environ", 'import os\nprint(open(f"/proc/{os.getppid()}/environ").read())', E,
-            'import os\ntry:\n    open(f"/proc/{os.getppid()}/environ").read()\n    escaped = True\nexcept OSError:\n    escaped = False'),
+            _probe("import os", 'open(f"/proc/{os.getppid()}/environ").read()')),
     _attack("read_parent_memory", 'import os\nopen(f"/proc/{os.getppid()}/mem", "rb").read(16)', E,
-            'import os\ntry:\n    open(f"/proc/{os.getppid()}/mem", "rb").close()\n    escaped = True\nexcept OSError:\n    escaped = False'),
+            _probe("import os", 'open(f"/proc/{os.getppid()}/mem", "rb").close()')),
     _attack("list_root", 'import os\nprint(os.listdir("/"))', E,
-            'import os\ntry:\n    os.listdir("/")\n    escaped = True\nexcept OSError:\n    escaped = False'),
+            _probe("import os", 'os.listdir("/")')),
     # -- new processes and programs
     _attack("fork_bomb", "import os\nwhile True:\n    os.fork()", V, FORK_PROBE),
     _attack("os_system", 'import os\nos.system("touch {drop}")', V, EXEC_PROBE),
@@ -126,7 +93,8 @@ ATTACKS = [
     _attack("execv", 'import os\nos.execv("/bin/sh", ["sh", "-c", "touch {drop}"])', V, EXEC_PROBE),
     _attack("posix_spawn", 'import os\nos.posix_spawn("/usr/bin/touch", ["touch", "{drop}"], {})', V, EXEC_PROBE),
     _attack("thread_bomb", "import threading\nwhile True:\n    threading.Thread(target=lambda: None).start()", V,
-            "import threading\ntry:\n    t = threading.Thread(target=lambda: None)\n    t.start()\n    t.join()\n    escaped = True\nexcept (OSError, RuntimeError):\n    escaped = False"),
+            _probe("import threading", "t = threading.Thread(target=lambda: None)\nt.start()\nt.join()",
+                   "(OSError, RuntimeError)")),
     # -- signals and tracing aimed at other processes
     _attack("kill_parent", "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", V, SIGNAL_PROBE),
     _attack("kill_everyone", "import os, signal\nos.kill(-1, signal.SIGKILL)", V, SIGNAL_PROBE),
@@ -134,7 +102,7 @@ ATTACKS = [
     _attack("killpg_parent_group", "import os, signal\nos.killpg(os.getpgid(os.getppid()), signal.SIGTERM)", V, SIGNAL_PROBE),
     # The probe reads /proc/<parent>/mem, which needs ptrace access, rather than stopping the parent.
     _raw("ptrace_parent", "libc.ptrace(16, __import__('os').getppid(), 0, 0)",
-         "import os\ntry:\n    open(f'/proc/{os.getppid()}/mem', 'rb').close()\n    escaped = True\nexcept OSError:\n    escaped = False"),
+         _probe("import os", "open(f'/proc/{os.getppid()}/mem', 'rb').close()")),
     # -- the network
     _attack("socket_tcp", 'import socket\nsocket.create_connection(("127.0.0.1", 22), timeout=0.2)', V, SOCKET_PROBE),
     _attack("socket_udp", 'import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 53))', V, SOCKET_PROBE),
@@ -166,9 +134,10 @@ ATTACKS = [
             OUTPUT_PROBE.replace("{fd}", "1"), timeout_s=5.0),
     # -- limits and the kernel's attack surface
     _attack("raise_rlimits", "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))", V,
-            "import resource\ntry:\n    resource.setrlimit(resource.RLIMIT_CORE, resource.getrlimit(resource.RLIMIT_CORE))\n    escaped = True\nexcept (OSError, ValueError):\n    escaped = False"),
+            _probe("import resource", "resource.setrlimit(resource.RLIMIT_CORE, resource.getrlimit(resource.RLIMIT_CORE))",
+                   "(OSError, ValueError)")),
     _attack("setuid_root", "import os\nos.setuid(0)", V,
-            "import os\ntry:\n    os.setuid(os.getuid())\n    escaped = True\nexcept OSError:\n    escaped = False"),
+            _probe("import os", "os.setuid(os.getuid())")),
     _raw("raw_creat", 'libc.syscall(85, b"{drop}", 0o644)'),
     _raw("raw_openat2", "libc.syscall(437, -100, b'{drop}', 0, 0)"),
     _raw("raw_io_uring_setup", "buf = ctypes.create_string_buffer(120)\nlibc.syscall(425, 8, buf)",
