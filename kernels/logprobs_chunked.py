@@ -39,7 +39,6 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         logprobs, lse, entropy = combine_stats(m, s, t, target_logit, targets, vocab)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.inv_temp, ctx.chunk_bytes = inv_temp, chunk_bytes
-        ctx.mark_non_differentiable(lse)
         return logprobs, entropy
 
     @staticmethod

@@ -3,8 +3,8 @@
 With z = hidden @ weight.T / temperature, p = softmax(z) and lse = logsumexp(z):
   logprob_t = z_t - lse,   entropy = lse - sum_k p_k z_k,
   d logprob_t / d z_k = [k = t] - p_k,   d entropy / d z_k = -p_k (z_k - lse + entropy).
-The forward keeps four fp32 numbers per token and vocabulary slice (running max m, sum of
-exp(z - m), sum of exp(z - m) * z, and the target's logit), which combine exactly across slices.
+A forward over vocabulary slices keeps, per token and slice, the running max m, the sum of
+exp(z - m) and the sum of exp(z - m) * z; these combine exactly across slices.
 """
 import torch
 
