@@ -61,13 +61,14 @@ def main() -> None:
     grad = torch.randn(n, device="cuda", generator=gen)
     flop = 2 * n * h * v
     rows, results = [], []
-    forward_candidates = [Tiles(*c[:5], tma=c[5]) for c in [
-        (64, 256, 64, 4, 4, True), (64, 256, 64, 4, 5, True), (64, 256, 128, 4, 3, True),
-        (64, 256, 64, 4, 4, False), (128, 256, 64, 8, 4, True), (64, 128, 64, 4, 4, True)]]
-    backward_candidates = [Tiles(*c[:5], group_n=c[6], tma=c[5]) for c in [
-        (256, 128, 64, 8, 3, True, 8), (256, 128, 64, 8, 4, True, 8), (256, 128, 64, 8, 3, False, 8),
-        (256, 128, 64, 8, 3, True, 4), (256, 128, 64, 8, 3, True, 16), (128, 256, 64, 8, 4, True, 8),
-        (256, 64, 64, 8, 4, True, 8)]]
+    forward_candidates = [Tiles(*c[:5], tma=True, flatten=c[5]) for c in [
+        (64, 256, 64, 4, 4, False), (64, 256, 64, 4, 4, True), (64, 256, 64, 4, 3, True),
+        (128, 256, 64, 8, 4, False), (128, 256, 64, 8, 3, True), (128, 128, 64, 4, 4, True)]]
+    backward_candidates = [Tiles(*c[:5], group_n=c[5], tma=True, flatten=c[6], programs_per_sm=c[7]) for c in [
+        (256, 128, 64, 8, 3, 16, False, 1), (256, 128, 64, 8, 3, 16, True, 1), (128, 256, 64, 8, 3, 16, True, 1),
+        (128, 128, 64, 4, 4, 16, True, 2), (128, 128, 64, 4, 4, 8, True, 2), (128, 128, 64, 4, 4, 32, True, 2),
+        (128, 128, 64, 4, 3, 16, True, 3), (128, 128, 64, 8, 4, 16, True, 2), (128, 256, 64, 8, 4, 16, True, 1),
+        (64, 256, 64, 4, 4, 16, True, 2)]]
     _, lse, entropy = forward_stats(hidden, weight, targets, 1.0, True)
     with profiled(args.profile, "tune_logprob"):
         for part, candidates in (("forward", forward_candidates), ("backward", backward_candidates)):

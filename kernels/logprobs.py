@@ -76,7 +76,7 @@ def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
                     n_blocks, v_tiles, tiles_per_split,
                     WITH_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_K: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, FLATTEN: tl.constexpr):
     # Logits in log2 units (scale includes log2(e)): exp2 is the hardware's exponential.
     # One flat grid axis (the y/z axes stop at 65,535): consecutive programs share a vocabulary
     # split and walk its weight tiles together, so each tile comes from HBM about once per wave.
@@ -88,7 +88,7 @@ def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
     t = tl.zeros((BLOCK_N,), tl.float32)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, v_tiles)
-    for tile in range(first, last):
+    for tile in tl.range(first, last, flatten=FLATTEN):
         col0 = tile * BLOCK_V
         y_raw = _logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
                              BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
@@ -154,42 +154,47 @@ def _grad_logits_kernel(h, w, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz,
                         n_blocks, v_blocks,
                         HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-                        TMA: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                        TMA: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                        FLATTEN: tl.constexpr):
+    # A grid of one program per tile walks one tile each; a persistent grid (FLATTEN) walks
+    # several, and the flattened loop issues the next tile's loads during this tile's epilogue.
     # GROUP_N row blocks sweep the chunk's columns together: their weight tiles are shared in L2.
-    pid = tl.program_id(0)
     per_group = GROUP_N * v_blocks
-    first_n = (pid // per_group) * GROUP_N
-    group = tl.minimum(n_blocks - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group
-    pid_v = (pid % per_group) // group
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_v = c0 + offs_c
-    y = _logits_tile(h, w, pid_n * BLOCK_N, c0 + pid_v * BLOCK_V, N, V, H, stride_h, stride_w, scale,
-                     BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
-    row_ok = offs_n < N
-    lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
-    glp = tl.load(glp_ptr + offs_n, mask=row_ok, other=0.0)
-    tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
-    p = tl.exp2(y - (lse * LOG2E)[:, None])
-    g = glp[:, None] * (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p)
-    if HAS_GRAD_ENTROPY:
-        ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
-        gent = tl.load(gent_ptr + offs_n, mask=row_ok, other=0.0)
-        g -= gent[:, None] * p * (y * LN2 - (lse - ent)[:, None])
-    g = g * inv_temp
-    if TMA:
-        # a bulk asynchronous store, clipped to [N, chunk_cols] by the descriptor's shape
-        dz.store([pid_n * BLOCK_N, pid_v * BLOCK_V], g.to(dz.dtype))
-    else:
-        out = dz + offs_n.to(tl.int64)[:, None] * stride_dz + offs_c[None, :]
-        tl.store(out, g.to(dz.dtype.element_ty), mask=row_ok[:, None] & (offs_c[None, :] < chunk_cols))
+    for tile_id in tl.range(tl.program_id(0), n_blocks * v_blocks, tl.num_programs(0), flatten=FLATTEN):
+        first_n = (tile_id // per_group) * GROUP_N
+        group = tl.minimum(n_blocks - first_n, GROUP_N)
+        pid_n = first_n + (tile_id % per_group) % group
+        pid_v = (tile_id % per_group) // group
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        offs_v = c0 + offs_c
+        y = _logits_tile(h, w, pid_n * BLOCK_N, c0 + pid_v * BLOCK_V, N, V, H, stride_h, stride_w, scale,
+                         BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
+        row_ok = offs_n < N
+        lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
+        glp = tl.load(glp_ptr + offs_n, mask=row_ok, other=0.0)
+        tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=-1)
+        p = tl.exp2(y - (lse * LOG2E)[:, None])
+        g = glp[:, None] * (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p)
+        if HAS_GRAD_ENTROPY:
+            ent = tl.load(ent_ptr + offs_n, mask=row_ok, other=0.0)
+            gent = tl.load(gent_ptr + offs_n, mask=row_ok, other=0.0)
+            g -= gent[:, None] * p * (y * LN2 - (lse - ent)[:, None])
+        g = g * inv_temp
+        if TMA:
+            # a bulk asynchronous store, clipped to [N, chunk_cols] by the descriptor's shape
+            dz.store([pid_n * BLOCK_N, pid_v * BLOCK_V], g.to(dz.dtype))
+        else:
+            out = dz + offs_n.to(tl.int64)[:, None] * stride_dz + offs_c[None, :]
+            tl.store(out, g.to(dz.dtype.element_ty), mask=row_ok[:, None] & (offs_c[None, :] < chunk_cols))
 
 
 @dataclass(frozen=True)
 class Tiles:
     """Block shape and launch parameters of the two GEMM kernels; ``tma`` loads tiles with the
-    tensor-memory-accelerator copy engine (Hopper and newer)."""
+    tensor-memory-accelerator copy engine (Hopper and newer). ``flatten`` software-pipelines each
+    program's walk over tiles across tile boundaries and makes the backward's dLogits grid
+    persistent, ``programs_per_sm`` programs per SM."""
     block_n: int
     block_v: int
     block_k: int
@@ -197,24 +202,33 @@ class Tiles:
     num_stages: int
     group_n: int = 8
     tma: bool = False
+    flatten: bool = False
+    programs_per_sm: int = 1
 
 
 def default_tiles(hidden: torch.Tensor, backward: bool) -> Tiles:
-    """Measured with bench/tune_logprob.py on an H100 at N=16K, bf16. Forward at H=1536: 64 x 256 tiles, 4 warps 11.7 ms (two programs per SM hide each other's softmax
-    epilogue) vs 128 x 256, 8 warps 12.6 ms; H=3584: 28.5 ms for 128 x 256 vs 35.2 ms (the longer
-    K loop amortizes the epilogue and the larger tile halves the weight traffic). The backward's
-    epilogue is elementwise plus a store: 256 x 128 tiles win at both sizes."""
+    """Measured with bench/tune_logprob.py on an H100 at N=16K, bf16 (ms at H=1536 / 3584).
+    Forward: 64 x 256 tiles, 4 warps, the tile loop flattened 10.8 / 34.1 (11.8 / 35.7 without
+    flattening: the next tile's loads then wait for this tile's softmax epilogue); at H=3584,
+    128 x 256 tiles with 8 warps and 3 stages, flattened, 33.6. Backward (the dLogits GEMM plus
+    cuBLAS's 21.1 / 51.1): at H=1536 a persistent grid of 2 programs per SM over 128 x 128 tiles
+    33.2 vs 35.2 for one 256 x 128 tile per program; at H=3584 the latter 77.9, the persistent
+    grids 78.0-84.4 (the longer K loop already hides the epilogue)."""
     if interpreting():
         # Small blocks so that CI's odd shapes (N=37, H=48, V=1000) span several tiles each way.
         return Tiles(block_n=16, block_v=64, block_k=32, num_warps=4, num_stages=1)
     if hidden.dtype == torch.float32:
         return Tiles(block_n=64, block_v=64, block_k=32, num_warps=4, num_stages=3)
     tma = _tma_ok(hidden)
+    small = hidden.shape[1] <= 2048
+    if backward and small:
+        return Tiles(block_n=128, block_v=128, block_k=64, num_warps=4, num_stages=4, group_n=16, tma=tma,
+                     flatten=tma, programs_per_sm=2)
     if backward:
         return Tiles(block_n=256, block_v=128, block_k=64, num_warps=8, num_stages=3, group_n=16, tma=tma)
-    if hidden.shape[1] <= 2048:
-        return Tiles(block_n=64, block_v=256, block_k=64, num_warps=4, num_stages=4, tma=tma)
-    return Tiles(block_n=128, block_v=256, block_k=64, num_warps=8, num_stages=4, tma=tma)
+    if small:
+        return Tiles(block_n=64, block_v=256, block_k=64, num_warps=4, num_stages=4, tma=tma, flatten=tma)
+    return Tiles(block_n=128, block_v=256, block_k=64, num_warps=8, num_stages=3, tma=tma, flatten=tma)
 
 
 def _tma_ok(hidden: torch.Tensor) -> bool:
@@ -233,6 +247,15 @@ def _operands(hidden, weight, tiles: Tiles):
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grad_grid(hidden: torch.Tensor, tiles: Tiles, n_tiles: int) -> int:
+    """Programs of the backward's dLogits kernel: one per tile, or a persistent grid (the CPU
+    under the interpreter counts as 2 SMs)."""
+    if not tiles.flatten:
+        return n_tiles
+    sms = _multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 2
+    return min(n_tiles, tiles.programs_per_sm * sms)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -262,7 +285,8 @@ def forward_stats(hidden, weight, targets, inv_temp, with_entropy, tiles=None):
         n_blocks, v_tiles, per_split,
         WITH_ENTROPY=with_entropy, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
         BLOCK_K=tiles.block_k, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0,
-        PRECISION=_precision(hidden.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        PRECISION=_precision(hidden.dtype), FLATTEN=tiles.flatten, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     logprobs, lse, entropy = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
     block = 64
     _combine_kernel[(triton.cdiv(n, block),)](
@@ -301,7 +325,7 @@ def backward_grads(hidden, weight, targets, lse, entropy, grad_logprobs, grad_en
         cols = min(chunk, vocab - c0)
         v_blocks = triton.cdiv(cols, tiles.block_v)
         dz = dz_buffer[:, :cols]
-        _grad_logits_kernel[(n_blocks * v_blocks,)](
+        _grad_logits_kernel[(_grad_grid(hidden, tiles, n_blocks * v_blocks),)](
             h_op, w_op, targets, lse, entropy if entropy is not None else lse, grad_logprobs,
             grad_entropy if grad_entropy is not None else grad_logprobs,
             TensorDescriptor.from_tensor(dz, [tiles.block_n, tiles.block_v]) if tiles.tma else dz,
@@ -309,7 +333,8 @@ def backward_grads(hidden, weight, targets, lse, entropy, grad_logprobs, grad_en
             inv_temp, c0, cols, n_blocks, v_blocks,
             HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
             BLOCK_K=tiles.block_k, GROUP_N=tiles.group_n, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0,
-            PRECISION=_precision(hidden.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+            PRECISION=_precision(hidden.dtype), FLATTEN=tiles.flatten, num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages)
         if need_weight:
             torch.mm(dz.t(), hidden, out=grad_weight[c0:c0 + cols])
         if need_hidden:

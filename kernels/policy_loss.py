@@ -227,9 +227,11 @@ def pg_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torc
         normalizer = normalizer.item() if normalizer.device != logprobs.device else normalizer.detach()
     # A bool tensor reinterpreted as bytes: a view, no conversion kernel.
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    # No-ops for the usual contiguous inputs; a strided input costs one copy.
+    # No-ops for the usual contiguous inputs; a strided input costs one copy. old_logprobs and
+    # advantages need no detach: the Function returns no gradient for them.
     loss, stats = _PGLossFunction.apply(
-        logprobs.contiguous(), old_logprobs.detach().contiguous(), advantages.detach().contiguous(),
+        logprobs.contiguous(), old_logprobs.contiguous(), advantages.contiguous(),
         mask.contiguous(), None if entropy is None else entropy.contiguous(), normalizer,
         1.0 - clip_low, 1.0 + clip_high, float(log_ratio_limit), float(entropy_coef))
-    return PGLoss(loss, stats[0], stats[1], stats[2], stats[3])
+    # One unbind makes the four metric views in one op; indexing would cost four (~5 µs each).
+    return PGLoss(loss, *stats.unbind()[:4])

@@ -181,16 +181,20 @@ def test_bad_arguments_say_what_to_change(make, message):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("chunk_bytes", [512 << 20, 37 * 2 * 300])
-def test_tensor_descriptor_path(dtype, chunk_bytes):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_tensor_descriptor_path(dtype, chunk_bytes, persistent):
     """The GPU's default path loads tiles through TMA descriptors (zero padding past the ends
     instead of wrapped indices) and stores dLogits through one; the interpreter runs it too.
     V=1001 in one chunk makes the dLogits buffer's natural row stride misaligned for the copy
-    engine; the small chunk_bytes splits the vocabulary into four chunks."""
+    engine; the small chunk_bytes splits the vocabulary into four chunks. ``persistent``: the
+    flattened loops and a backward grid of 2 programs (the CPU counts as 2 SMs), each walking
+    many tiles in groups of 2 row blocks (N=37 makes 3 row blocks: the last group is ragged)."""
     hidden, weight, targets = make_inputs(37, 48, 1001, dtype)
     gen = torch.Generator().manual_seed(6)
     g_logprobs, g_entropy = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
     want = run(linear_logprobs_reference, hidden, weight, targets, 0.8, g_logprobs, g_entropy)
-    tiles = module.Tiles(block_n=16, block_v=64, block_k=32, num_warps=4, num_stages=1, tma=True)
+    tiles = module.Tiles(block_n=16, block_v=64, block_k=32, num_warps=4, num_stages=1, tma=True,
+                         group_n=2 if persistent else 8, flatten=persistent, programs_per_sm=1)
     with torch.no_grad():
         logprobs, lse, entropy = module.forward_stats(hidden, weight, targets, 1 / 0.8, True, tiles)
         grad_hidden, grad_weight = module.backward_grads(

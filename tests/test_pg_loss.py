@@ -196,6 +196,18 @@ def test_torch_fallback_equals_triton(monkeypatch):
     assert_matches(fallback, triton_result)
 
 
+def test_constants_get_no_gradient():
+    """old_logprobs and advantages that require grad (a caller forgot to detach) are constants all
+    the same: no gradient reaches them, and the loss and the logprob gradient are unchanged."""
+    inputs = make_inputs(1000, seed=7)
+    expected = run(pg_loss, inputs)
+    old = inputs["old_logprobs"].clone().requires_grad_()
+    adv = inputs["advantages"].clone().requires_grad_()
+    got = run(pg_loss, {**inputs, "old_logprobs": old, "advantages": adv})
+    assert old.grad is None and adv.grad is None
+    assert_matches(got, expected)
+
+
 def test_strided_inputs():
     """Every other element of [2N] tensors: copied to contiguous once, same results and gradients."""
     inputs = make_inputs(777, seed=13)
