@@ -140,9 +140,7 @@ class Decoder(nn.Module):
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         backend = self.backend()
         hidden = F.embedding(input_ids, self.embed_tokens)
-        if self._inv_freq.device != hidden.device:
-            self._inv_freq = rope_inv_freq(self.config, device=hidden.device)
-        cos, sin = rope_cos_sin(self._inv_freq, position_ids, hidden.dtype)
+        cos, sin = self.rotary(position_ids)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
@@ -150,6 +148,12 @@ class Decoder(nn.Module):
             else:
                 hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, backend)
         return rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+
+    def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, head_dim] in the model's dtype for integer positions [T]."""
+        if self._inv_freq.device != position_ids.device:
+            self._inv_freq = rope_inv_freq(self.config, device=position_ids.device)
+        return rope_cos_sin(self._inv_freq, position_ids, self.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [N, V] of a few hidden states (sampling, tests); training never calls this."""

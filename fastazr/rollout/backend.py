@@ -1,0 +1,28 @@
+"""The interface every rollout backend implements: the embedded engine (engine.py) and, later,
+SGLang. The trainer talks to this and nothing else."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from .request import Completion, Request
+
+
+class RolloutBackend(ABC):
+    @abstractmethod
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        """Every request of a phase together (any mix of roles and task types); result i holds
+        request i's n completions, in sample order."""
+
+    @abstractmethod
+    def release_memory(self) -> None:
+        """Give back the KV cache (and anything else only generation uses) so training can use
+        the memory; generate() fails until resume_memory()."""
+
+    @abstractmethod
+    def resume_memory(self) -> None:
+        """Re-create what release_memory() gave back, sized from the memory free now."""
+
+    @abstractmethod
+    def weights_updated(self) -> None:
+        """The policy's parameters changed: nothing computed from the old ones may be reused."""

@@ -1,0 +1,50 @@
+"""EngineConfig: every knob of the embedded rollout engine, checked when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    """Tokens per KV-cache block. Prefix sharing works at this granularity: a shared prompt
+    shares its full blocks, and the last partial block is recomputed (at most block_size - 1
+    tokens per sample)."""
+
+    kv_memory_fraction: float = 0.85
+    """On CUDA, the share of the GPU's free memory (measured when the cache is created) that
+    the KV cache takes; the rest is left for activations and the sampler."""
+
+    kv_cache_bytes: int | None = None
+    """Fixed KV-cache size in bytes; overrides kv_memory_fraction. The default on CPU is 256 MiB."""
+
+    max_num_seqs: int = 256
+    """Most sequences in one forward step (decoding and prefilling together)."""
+
+    max_num_batched_tokens: int = 8192
+    """Token budget of one forward step: decode tokens first, then prefill chunks. A prompt
+    longer than this is prefilled over several steps (chunked prefill) while others decode."""
+
+    prefix_sharing: bool = True
+    """Reuse the KV blocks of identical prompt prefixes (the n samples of one prompt, a shared
+    system prompt) instead of recomputing them."""
+
+    max_model_len: int | None = None
+    """Longest prompt + completion in tokens; default: the model's max_position_embeddings.
+    A sequence that reaches it finishes with reason 'length'."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.kv_memory_fraction <= 1.0:
+            raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"EngineConfig.kv_cache_bytes must be positive or None, got {self.kv_cache_bytes}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"EngineConfig.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"EngineConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes one token a step")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"EngineConfig.max_model_len must be >= 2 or None, got {self.max_model_len}")

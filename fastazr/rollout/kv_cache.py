@@ -1,0 +1,36 @@
+"""The paged KV cache: one key and one value tensor [layers, blocks, block_size, kv_heads,
+head_dim] in the model's dtype, sized from the memory there is when it is created."""
+
+from __future__ import annotations
+
+import torch
+
+from fastazr.model import Decoder
+
+from .config import EngineConfig
+
+CPU_DEFAULT_BYTES = 256 << 20
+
+
+class KVCache:
+    def __init__(self, model: Decoder, config: EngineConfig):
+        c = model.config
+        per_block = 2 * c.num_layers * config.block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+        if config.kv_cache_bytes is not None:
+            budget = config.kv_cache_bytes
+        elif model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            budget = int(free * config.kv_memory_fraction)
+        else:
+            budget = CPU_DEFAULT_BYTES
+        self.num_blocks = budget // per_block
+        if self.num_blocks < 2:
+            raise MemoryError(f"the KV cache gets {budget / 2**20:.0f} MiB, under two blocks of {per_block} bytes: "
+                              "free GPU memory or raise EngineConfig.kv_memory_fraction / kv_cache_bytes")
+        shape = (c.num_layers, self.num_blocks, config.block_size, c.num_kv_heads, c.head_dim)
+        self.k = torch.empty(shape, device=model.device, dtype=model.dtype)
+        self.v = torch.empty(shape, device=model.device, dtype=model.dtype)
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

@@ -1,0 +1,99 @@
+"""Which tokens of which sequences the next forward step computes.
+
+Continuous batching: every step, running sequences get their next token (or their next prefill
+chunk) first, then waiting ones are admitted while the token budget, the sequence limit and
+the free blocks allow. A prompt longer than the remaining budget is prefilled in chunks over
+several steps, alongside the decodes of the others. When the cache is full, the most recently
+admitted sequence is preempted: its blocks are freed and it goes back to the front of the
+queue, to be recomputed (prompt and completion so far) when blocks are free again."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .blocks import BlockManager
+from .config import EngineConfig
+from .sequence import Sequence
+
+
+@dataclass
+class Work:
+    seq: Sequence
+    start: int
+    """First token of this step's slice: tokens[start:start + count] are computed."""
+    count: int
+
+    @property
+    def samples(self) -> bool:
+        """This slice reaches the last token, so its logits give the next token."""
+        return self.start + self.count == len(self.seq.tokens)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager):
+        self.config, self.blocks = config, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+        self.cached_tokens = 0
+        """Prompt tokens found in the prefix cache instead of computed."""
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def schedule(self) -> list[Work]:
+        budget = self.config.max_num_batched_tokens
+        work: list[Work] = []
+        # Running sequences, oldest first; each needs the tokens past num_computed (1 when decoding).
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below by an older sequence
+                continue
+            count = min(len(seq.tokens) - seq.num_computed, budget)
+            if count == 0:
+                continue
+            while not self.blocks.grow(seq, seq.num_computed + count):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                work.append(Work(seq, seq.num_computed, count))
+                budget -= count
+        # Waiting sequences, in order; a follower waits until its leader's prompt is cached.
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting.popleft()
+            leader = seq.leader
+            if (self.config.prefix_sharing and leader is not None and leader.finish_reason is None
+                    and not leader.prompt_done):
+                skipped.append(seq)
+                continue
+            self.blocks.share_prefix(seq)
+            count = min(len(seq.tokens) - seq.num_computed, budget)
+            if not self.blocks.grow(seq, seq.num_computed + count):
+                self.blocks.release(seq)
+                seq.num_computed = 0
+                self.waiting.appendleft(seq)
+                break
+            self.running.append(seq)
+            self.cached_tokens += seq.num_computed
+            work.append(Work(seq, seq.num_computed, count))
+            budget -= count
+        self.waiting.extendleft(reversed(skipped))
+        return work
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq)

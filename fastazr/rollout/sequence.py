@@ -1,0 +1,33 @@
+"""One sample being generated: its tokens, how many of them have KV in the cache, its blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .request import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    tokens: list[int]
+    num_prompt: int
+    params: SamplingParams
+    seed: int
+    leader: Sequence | None = None
+    """The first sample of the same prompt: this one waits for the leader's prompt to be in
+    the cache, then shares its blocks."""
+    num_computed: int = 0
+    """Tokens whose keys and values are in the cache."""
+    blocks: list[int] = field(default_factory=list)
+    num_registered: int = 0
+    """Leading blocks already offered to the prefix cache."""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def num_completion(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.num_computed >= self.num_prompt

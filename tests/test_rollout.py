@@ -1,0 +1,291 @@
+"""The embedded rollout engine on CPU: greedy output against a naive full-recompute loop, and
+the properties a scheduler can silently break (continuous batching, chunked prefill, prefix
+sharing, preemption), every stop condition, seeds, and the memory phases."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from fastazr.model import Decoder, ModelConfig
+from fastazr.rollout import Engine, EngineConfig, Request, SamplingParams
+
+# Odd sizes: GQA groups of 3, head_dim 12, a vocabulary that is no multiple of anything.
+TINY = ModelConfig(architecture="qwen2", vocab_size=301, hidden_size=72, intermediate_size=100, num_layers=2,
+                   num_heads=6, num_kv_heads=2, qkv_bias=True, max_position_embeddings=512, eos_token_ids=[7])
+# a KV cache of 32 blocks of 4 tokens: small enough that the preemption test overflows it
+SMALL_CACHE = 2 * TINY.num_layers * TINY.num_kv_heads * TINY.head_dim * 4 * 4 * 32
+
+
+def tiny_model(seed: int = 0) -> Decoder:
+    model = Decoder(TINY, dtype=torch.float32)
+    model.init_weights(seed)
+    with torch.no_grad():
+        # N(0, 0.02) weights give near-uniform logits; std 0.2 makes greedy choices decisive
+        for name, p in model.named_parameters():
+            if not name.endswith("norm") and not name.endswith("bias"):
+                p.mul_(10.0)
+    return model.eval()
+
+
+def naive_greedy(model: Decoder, prompt: list[int], new_tokens: int, stop_ids=()) -> tuple[list[int], list[float]]:
+    """Recompute the whole sequence for every token: no cache, no batching."""
+    tokens, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids = torch.tensor(tokens)
+            hidden = model(ids, torch.arange(len(tokens)), torch.tensor([0, len(tokens)], dtype=torch.int32))
+            logits = model.logits(hidden[-1:])[0]
+            token = int(logits.argmax())
+            tokens.append(token)
+            logprobs.append(float(logits.log_softmax(-1)[token]))
+            if token in stop_ids:
+                break
+    return tokens[len(prompt):], logprobs
+
+
+def prompts(count: int, seed: int = 0, low: int = 3, high: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=g).tolist()
+    return [torch.randint(8, TINY.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)
+
+
+def engine(model, **overrides) -> Engine:
+    options = dict(block_size=4, kv_cache_bytes=SMALL_CACHE * 4, max_num_batched_tokens=64, max_num_seqs=8)
+    return Engine(model, config=EngineConfig(**{**options, **overrides}))
+
+
+def test_greedy_equals_naive_recompute():
+    model = tiny_model()
+    batch = prompts(6)
+    results = engine(model).generate([Request(p, GREEDY) for p in batch])
+    for prompt, (completion,) in zip(batch, results):
+        want_ids, want_logprobs = naive_greedy(model, prompt, GREEDY.max_new_tokens)
+        assert completion.prompt_ids == prompt
+        assert completion.completion_ids == want_ids
+        assert completion.finish_reason == "length"
+        torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(want_logprobs),
+                                   rtol=0, atol=1e-4)
+
+
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=60, max_new_tokens=10, ignore_eos=True)
+
+
+def requests_mix(seed: int = 3) -> list[Request]:
+    """Greedy, sampled and multi-sample requests of ragged lengths, each sampled one seeded."""
+    batch = prompts(7, seed=seed)
+    out = []
+    for i, p in enumerate(batch):
+        params = GREEDY if i % 3 == 0 else SamplingParams(**{**SAMPLED.__dict__, "seed": 100 + i})
+        out.append(Request(p, params, n=1 + i % 3))
+    return out
+
+
+def ids(results):
+    return [[c.completion_ids for c in group] for group in results]
+
+
+def test_continuous_batching_equals_one_request_at_a_time():
+    model = tiny_model()
+    batch = requests_mix()
+    together = engine(model).generate(batch)
+    alone = [engine(model).generate([r])[0] for r in batch]
+    assert ids(together) == ids(alone)
+    for a, b in zip(together, alone):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-5)
+
+
+def test_chunked_prefill_changes_nothing():
+    model = tiny_model()
+    batch = requests_mix(seed=4)
+    whole = Engine(model, config=EngineConfig(block_size=4, kv_cache_bytes=SMALL_CACHE * 4)).generate(batch)
+    tiny_budget = engine(model, max_num_batched_tokens=8, max_num_seqs=4)
+    chunked = tiny_budget.generate(batch)
+    assert ids(chunked) == ids(whole)
+    default = engine(model)
+    default.generate(batch)
+    assert tiny_budget.stats["steps"] > default.stats["steps"]
+
+
+def test_prefix_sharing_on_and_off_give_the_same_samples():
+    model = tiny_model()
+    prompt = prompts(1, seed=5, low=30, high=31)[0]
+    batch = [Request(prompt, SamplingParams(**{**SAMPLED.__dict__, "seed": 9}), n=6),
+             Request(prompt[:17] + [11, 12], GREEDY, n=2),
+             Request(prompt[3:19], GREEDY, n=2)]
+    shared, unshared = engine(model), engine(model, prefix_sharing=False)
+    assert ids(shared.generate(batch)) == ids(unshared.generate(batch))
+    # The five followers reuse their leader's 7 full prompt blocks (28 of 30 tokens). The second
+    # prompt's leader starts in the first step beside the first's, before anything is cached; its
+    # follower then reuses 4 full blocks (16 of 19 tokens). The 16-token prompt is 4 whole
+    # blocks; its follower reuses 3, since its last token must be computed for its logits.
+    assert shared.stats["cached_tokens"] == 5 * 28 + 16 + 12
+    assert unshared.stats["cached_tokens"] == 0
+    assert shared.stats["computed_tokens"] < unshared.stats["computed_tokens"] - 5 * 28
+
+
+def test_preemption_recomputes_and_matches_naive():
+    """A cache of 12 blocks of 4 tokens for 4 sequences of up to 30 tokens each: the scheduler
+    must preempt and recompute, and greedy output must not notice."""
+    model = tiny_model()
+    batch = prompts(4, seed=6, low=14, high=19)
+    params = SamplingParams(temperature=0.0, max_new_tokens=11, ignore_eos=True)
+    small = engine(model, kv_cache_bytes=SMALL_CACHE // 32 * 12)
+    results = small.generate([Request(p, params) for p in batch])
+    assert small.stats["preemptions"] > 0
+    for prompt, (completion,) in zip(batch, results):
+        assert completion.completion_ids == naive_greedy(model, prompt, 11)[0]
+
+
+def test_stop_token_eos_length_and_context_limit():
+    model = tiny_model()
+    prompt = prompts(1, seed=7)[0]
+    free_run, _ = naive_greedy(model, prompt, 12)
+    stop_at = free_run[4]
+    first = free_run.index(stop_at)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(stop_at,))
+    (completion,), = engine(model).generate([Request(prompt, params)])
+    assert completion.completion_ids == free_run[:first + 1] and completion.finish_reason == "stop_token"
+
+    model.config.eos_token_ids = [stop_at]
+    (completion,), = engine(model).generate([Request(prompt, SamplingParams(temperature=0.0, max_new_tokens=12))])
+    assert completion.completion_ids == free_run[:first + 1] and completion.finish_reason == "eos"
+    (completion,), = engine(model).generate([Request(prompt, GREEDY)])  # ignore_eos
+    assert completion.completion_ids == free_run and completion.finish_reason == "length"
+
+    limited = engine(model, max_model_len=len(prompt) + 3)
+    (completion,), (too_long,) = limited.generate([Request(prompt, GREEDY), Request(prompt + [9] * 3, GREEDY)])
+    assert completion.completion_ids == free_run[:3] and completion.finish_reason == "length"
+    assert too_long.completion_ids == [] and too_long.finish_reason == "prompt_too_long"
+
+
+class CharTokenizer:
+    """Token i decodes to one letter: enough for the engine's stop-string check."""
+    stop_token_ids: list[int] = []
+
+    def decode(self, token_ids, skip_special_tokens=False):
+        return "".join(chr(ord("a") + t % 26) for t in token_ids)
+
+
+def test_stop_string_ends_the_completion_at_the_token_that_completes_it():
+    model = tiny_model()
+    prompt = prompts(1, seed=8)[0]
+    free_run, _ = naive_greedy(model, prompt, 12)
+    text = CharTokenizer().decode(free_run)
+    stop = text[5:8]
+    end = text.index(stop) + len(stop)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_strings=("zzzzzzzzzz", stop))
+    (completion,), = Engine(model, CharTokenizer(), EngineConfig(block_size=4)).generate([Request(prompt, params)])
+    assert completion.completion_ids == free_run[:end] and completion.finish_reason == "stop_string"
+    with pytest.raises(ValueError, match="stop_strings needs a tokenizer"):
+        engine(model).generate([Request(prompt, params)])
+
+
+def test_seeds_make_samples_reproducible_and_distinct():
+    model = tiny_model()
+    prompt = prompts(1, seed=9)[0]
+    seeded = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True, seed=42)
+    a = engine(model).generate([Request(prompt, seeded, n=3)])[0]
+    b = engine(model, prefix_sharing=False).generate([Request(prompt, seeded, n=3)])[0]
+    assert [c.completion_ids for c in a] == [c.completion_ids for c in b]
+    assert len({tuple(c.completion_ids) for c in a}) == 3
+    unseeded = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True)
+    c = engine(model).generate([Request(prompt, unseeded), Request(prompt, unseeded)])
+    assert c[0][0].completion_ids != c[1][0].completion_ids
+
+
+def test_release_resume_and_weight_updates():
+    model = tiny_model()
+    batch = prompts(3, seed=10)
+    eng = engine(model)
+    before = eng.generate([Request(p, GREEDY) for p in batch])
+    cache = eng.cache
+    eng.release_memory()
+    assert eng.cache is None
+    gone = weakref.ref(cache.k)
+    del cache
+    assert gone() is None, "the KV cache tensors must be freed on release"
+    with pytest.raises(RuntimeError, match="resume_memory"):
+        eng.generate([Request(batch[0], GREEDY)])
+    eng.resume_memory()
+    assert ids(eng.generate([Request(p, GREEDY) for p in batch])) == ids(before)
+
+    # The engine reads the model's own tensors: an in-place update is what it generates with,
+    # and weights_updated() keeps the prefix cache from serving keys of the old weights.
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.qkv_weight.mul_(1.3)
+    eng.weights_updated()
+    after = eng.generate([Request(p, GREEDY) for p in batch])
+    for prompt, (completion,) in zip(batch, after):
+        assert completion.completion_ids == naive_greedy(model, prompt, GREEDY.max_new_tokens)[0]
+    assert ids(after) != ids(before)
+
+
+def sampling_rows(rows: int, temperature=1.0, top_k=0, top_p=1.0):
+    from fastazr.rollout.sampler import SamplingBatch
+    return SamplingBatch(temperature=torch.full((rows,), temperature), top_k=torch.full((rows,), top_k),
+                         top_p=torch.full((rows,), top_p), seeds=torch.arange(rows) * 7919 + 1,
+                         steps=torch.full((rows,), 3), any_top_k=top_k > 0, any_top_p=top_p < 1.0,
+                         all_greedy=temperature == 0)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, support", [
+    (1.0, 0, 1.0, 6), (0.7, 0, 1.0, 6), (1.0, 2, 1.0, 2), (1.0, 0, 0.5, 2), (1.0, 3, 0.8, 3)])
+def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p, support):
+    """8000 seeds over probabilities (0.4, 0.3, 0.15, 0.1, 0.04, 0.01): frequencies match the
+    renormalized kept set within 4 standard errors. top_p=0.5 keeps the first two tokens (the
+    mass before the second, 0.4, is under 0.5); top_p=0.8 would keep three."""
+    from fastazr.rollout.sampler import sample
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.04, 0.01])
+    rows = 8000
+    logits = probs.log().repeat(rows, 1)
+    tokens, logprobs = sample(logits, sampling_rows(rows, temperature, top_k, top_p))
+    want = (probs.log() / temperature).softmax(-1)[:support]
+    want = want / want.sum()
+    freq = torch.bincount(tokens, minlength=6).float() / rows
+    assert (freq[support:] == 0).all()
+    assert ((freq[:support] - want).abs() <= 4 * (want * (1 - want) / rows).sqrt() + 1e-3).all(), (freq, want)
+    torch.testing.assert_close(logprobs, (probs.log() / temperature).log_softmax(-1)[tokens])
+
+
+def test_sampler_greedy_rows_and_noise_depend_only_on_seed_and_step():
+    from fastazr.rollout.sampler import sample, uniform_noise
+    logits = torch.randn(5, 301)
+    tokens, _ = sample(logits, sampling_rows(5, temperature=0.0))
+    assert torch.equal(tokens, logits.argmax(-1))
+    seeds, steps = torch.tensor([1, 2, 1]), torch.tensor([0, 0, 1])
+    noise = uniform_noise(seeds, steps, 301)
+    assert torch.equal(noise[0], uniform_noise(seeds[:1], steps[:1], 301)[0])
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert 0 < noise.min() and noise.max() < 1
+
+
+def test_embedded_model_greedy_equals_naive_and_stops_on_text():
+    """SmolLM2-135M (the embedded default) with its real tokenizer: greedy completions of two
+    chat prompts (one with 3 samples sharing its prompt) equal the naive loop, and a stop string
+    taken from the middle of a completion's text ends it at the token that completes it."""
+    from fastazr.model import load
+
+    model, tokenizer = load("default")
+    chats = ["Write a Python function that adds two numbers.", "What is 2 + 3? Answer briefly."]
+    batch = [tokenizer.encode_chat([{"role": "user", "content": text}]) for text in chats]
+    params = SamplingParams(temperature=0.0, max_new_tokens=16)
+    eng = Engine(model, tokenizer, EngineConfig(block_size=16))
+    results = eng.generate([Request(batch[0], params, n=3), Request(batch[1], params)])
+    for prompt, group in zip(batch, results):
+        want, _ = naive_greedy(model, prompt, 16, stop_ids=set(tokenizer.stop_token_ids))
+        for completion in group:
+            assert completion.completion_ids == want
+    text = tokenizer.decode(results[0][0].completion_ids)
+    stop = text[len(text) // 2:len(text) // 2 + 4]
+    (stopped,), = eng.generate([Request(batch[0], SamplingParams(temperature=0.0, max_new_tokens=16,
+                                                                 stop_strings=(stop,)))])
+    assert stopped.finish_reason == "stop_string"
+    assert stop in tokenizer.decode(stopped.completion_ids)
+    assert stop not in tokenizer.decode(stopped.completion_ids[:-1])
