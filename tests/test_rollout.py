@@ -194,6 +194,9 @@ def test_seeds_make_samples_reproducible_and_distinct():
     b = engine(model, prefix_sharing=False).generate([Request(prompt, seeded, n=3)])[0]
     assert [c.completion_ids for c in a] == [c.completion_ids for c in b]
     assert len({tuple(c.completion_ids) for c in a}) == 3
+    # seed 42's second sample and seed 43's first are different draws
+    neighbour = SamplingParams(**{**seeded.__dict__, "seed": 43})
+    assert engine(model).generate([Request(prompt, neighbour)])[0][0].completion_ids != a[1].completion_ids
     unseeded = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True)
     c = engine(model).generate([Request(prompt, unseeded), Request(prompt, unseeded)])
     assert c[0][0].completion_ids != c[1][0].completion_ids
@@ -231,16 +234,18 @@ def sampling_rows(rows: int, temperature=1.0, top_k=0, top_p=1.0):
     from fastazr.rollout.sampler import SamplingBatch
     return SamplingBatch(temperature=torch.full((rows,), temperature), top_k=torch.full((rows,), top_k),
                          top_p=torch.full((rows,), top_p), seeds=torch.arange(rows) * 7919 + 1,
+                         samples=torch.zeros(rows, dtype=torch.long),
                          steps=torch.full((rows,), 3), any_top_k=top_k > 0, any_top_p=top_p < 1.0,
                          all_greedy=temperature == 0)
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p, support", [
-    (1.0, 0, 1.0, 6), (0.7, 0, 1.0, 6), (1.0, 2, 1.0, 2), (1.0, 0, 0.5, 2), (1.0, 3, 0.8, 3)])
+    (1.0, 0, 1.0, 6), (0.7, 0, 1.0, 6), (1.0, 2, 1.0, 2), (1.0, 0, 0.5, 2), (1.0, 0, 0.8, 3), (1.0, 3, 0.8, 2)])
 def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p, support):
     """8000 seeds over probabilities (0.4, 0.3, 0.15, 0.1, 0.04, 0.01): frequencies match the
     renormalized kept set within 4 standard errors. top_p=0.5 keeps the first two tokens (the
-    mass before the second, 0.4, is under 0.5); top_p=0.8 would keep three."""
+    mass before the second, 0.4, is under 0.5); top_p=0.8 keeps three, but after top_k=3 only two
+    (renormalized over the top 3, the mass before the third is 0.82)."""
     from fastazr.rollout.sampler import sample
     probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.04, 0.01])
     rows = 8000
@@ -259,10 +264,12 @@ def test_sampler_greedy_rows_and_noise_depend_only_on_seed_and_step():
     logits = torch.randn(5, 301)
     tokens, _ = sample(logits, sampling_rows(5, temperature=0.0))
     assert torch.equal(tokens, logits.argmax(-1))
-    seeds, steps = torch.tensor([1, 2, 1]), torch.tensor([0, 0, 1])
-    noise = uniform_noise(seeds, steps, 301)
-    assert torch.equal(noise[0], uniform_noise(seeds[:1], steps[:1], 301)[0])
-    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    seeds = torch.tensor([1, 2, 1, 1, 1 + 2 ** 32])
+    samples, steps = torch.tensor([0, 0, 0, 1, 0]), torch.tensor([0, 0, 1, 0, 0])
+    noise = uniform_noise(seeds, samples, steps, 301)
+    assert torch.equal(noise[0], uniform_noise(seeds[:1], samples[:1], steps[:1], 301)[0])
+    for other in range(1, 5):  # another seed, step, sample, or only the seed's high bits differ
+        assert not torch.equal(noise[0], noise[other])
     assert 0 < noise.min() and noise.max() < 1
 
 
@@ -289,3 +296,40 @@ def test_embedded_model_greedy_equals_naive_and_stops_on_text():
     assert stopped.finish_reason == "stop_string"
     assert stop in tokenizer.decode(stopped.completion_ids)
     assert stop not in tokenizer.decode(stopped.completion_ids[:-1])
+
+
+def test_a_failing_step_gives_every_block_back(monkeypatch):
+    model = tiny_model()
+    eng = engine(model)
+    calls = []
+    forward = eng.runner.forward
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return forward(*args)
+
+    monkeypatch.setattr(eng.runner, "forward", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        eng.generate([Request(p, GREEDY) for p in prompts(5, seed=11)])
+    assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+def test_prefix_keys_stay_flat_for_long_prompts():
+    """20,000-token prompts: a key per block of fixed size (nested keys would recurse per block)."""
+    from fastazr.rollout.blocks import BlockManager
+    from fastazr.rollout.sequence import Sequence
+
+    manager = BlockManager(num_blocks=3000, block_size=16, prefix_sharing=True)
+    tokens = torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)).tolist()
+    first = Sequence(tokens=list(tokens), num_prompt=len(tokens), params=GREEDY, seed=0, sample=0)
+    assert manager.grow(first, len(tokens))
+    first.num_computed = len(tokens)
+    manager.register(first)
+    second = Sequence(tokens=list(tokens), num_prompt=len(tokens), params=GREEDY, seed=0, sample=1)
+    manager.share_prefix(second)
+    assert second.blocks == first.blocks[:(len(tokens) - 1) // 16]
+    manager.release(first)
+    manager.release(second)
+    assert manager.num_free == 3000

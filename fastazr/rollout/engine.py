@@ -80,7 +80,7 @@ class Engine(RolloutBackend):
             group: list[Sequence] = []
             for i in range(request.n):
                 seq = Sequence(tokens=list(request.prompt_ids), num_prompt=len(request.prompt_ids),
-                               params=request.params, seed=base + i, leader=group[0] if group else None)
+                               params=request.params, seed=base, sample=i, leader=group[0] if group else None)
                 group.append(seq)
                 if seq.num_prompt >= self.max_len:
                     seq.finish_reason = "prompt_too_long"
@@ -88,8 +88,11 @@ class Engine(RolloutBackend):
                     scheduler.add(seq)
             groups.append(group)
         self.stats = dict(steps=0, computed_tokens=0)
-        while not scheduler.done:
-            self._step(scheduler)
+        try:
+            while not scheduler.done:
+                self._step(scheduler)
+        finally:
+            scheduler.abort()
         self.stats.update(cached_tokens=scheduler.cached_tokens, preemptions=scheduler.preemptions)
         return [[Completion(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.finish_reason)
                  for s in group] for group in groups]
@@ -124,6 +127,7 @@ class Engine(RolloutBackend):
             top_k=column([p.top_k for p in params], torch.int64),
             top_p=column([p.top_p for p in params], torch.float32),
             seeds=column([s.seed for s in seqs], torch.int64),
+            samples=column([s.sample for s in seqs], torch.int64),
             steps=column([s.num_completion for s in seqs], torch.int64),
             any_top_k=any(p.top_k > 0 for p in params),
             any_top_p=any(p.top_p < 1.0 for p in params),

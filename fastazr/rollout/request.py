@@ -43,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"SamplingParams.seed must be in [0, 2**63) or None, got {self.seed}")
         if any(not s for s in self.stop_strings):
             raise ValueError("SamplingParams.stop_strings must not contain an empty string")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
@@ -55,7 +57,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     """Samples of this prompt; they share the prompt's KV blocks when prefix sharing is on, and
-    sample i uses seed + i."""
+    sample i draws its noise from (seed, i), so requests seeded s and s + 1 share no sample."""
 
     def __post_init__(self) -> None:
         if self.n < 1:

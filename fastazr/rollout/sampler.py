@@ -1,6 +1,7 @@
 """Next tokens from last-position logits, on the logits' device, with no host synchronization.
 
-Randomness is a counter-based hash of (request seed, completion step, vocabulary index) turned
+Randomness is a counter-based hash of (request seed, sample index, completion step, vocabulary
+index) turned
 into Gumbel noise, and the token is argmax(logits / T + noise) over the tokens that top-k/top-p
 keep: exact sampling from the filtered softmax. A sample therefore depends only on its own seed
 and step, not on which other sequences share the batch or on launch order, so continuous
@@ -28,9 +29,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """fp32 [B, vocab] in (0, 1), a pure function of (seed, step, column)."""
-    row = _mix32(_mix32(seeds & _MASK32) ^ (steps & _MASK32))
+def uniform_noise(seeds: torch.Tensor, samples: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """fp32 [B, vocab] in (0, 1), a pure function of (seed, sample, step, column); all 64 bits of
+    the seed count."""
+    row = _mix32(_mix32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
+    row = _mix32(_mix32(row ^ (samples & _MASK32)) ^ (steps & _MASK32))
     cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     bits = _mix32(((cols * 0x9E3779B1) & _MASK32) ^ row[:, None])
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
@@ -43,6 +46,7 @@ class SamplingBatch:
     top_k: torch.Tensor
     top_p: torch.Tensor
     seeds: torch.Tensor
+    samples: torch.Tensor
     steps: torch.Tensor
     any_top_k: bool
     any_top_p: bool
@@ -50,7 +54,9 @@ class SamplingBatch:
 
 
 def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """-inf outside each row's top-k and top-p sets (rows with 0 / 1.0 keep everything)."""
+    """-inf outside each row's top-k and top-p sets (rows with 0 / 1.0 keep everything). top-p
+    applies to the distribution renormalized over the top-k set, as Hugging Face, vLLM and
+    SGLang do."""
     ordered, order = scaled.sort(dim=-1, descending=True)
     vocab = scaled.shape[-1]
     drop = torch.zeros_like(ordered, dtype=torch.bool)
@@ -58,7 +64,7 @@ def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         k = torch.where(batch.top_k > 0, batch.top_k, vocab).clamp(max=vocab)
         drop |= torch.arange(vocab, device=scaled.device)[None, :] >= k[:, None]
     if batch.any_top_p:
-        probs = ordered.softmax(dim=-1)
+        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # keep a token while the mass before it is < top_p: the first token always stays
         before = probs.cumsum(dim=-1) - probs
         drop |= before >= batch.top_p[:, None]
@@ -75,6 +81,6 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
         tokens = logits.argmax(dim=-1)
     else:
         filtered = _filter(scaled, batch) if batch.any_top_k or batch.any_top_p else scaled
-        gumbel = -torch.log(-torch.log(uniform_noise(batch.seeds, batch.steps, logits.shape[-1])))
+        gumbel = -torch.log(-torch.log(uniform_noise(batch.seeds, batch.samples, batch.steps, logits.shape[-1])))
         tokens = torch.where(greedy, logits.argmax(dim=-1), (filtered + gumbel).argmax(dim=-1))
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)

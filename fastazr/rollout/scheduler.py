@@ -1,8 +1,8 @@
 """Which tokens of which sequences the next forward step computes.
 
-Continuous batching: every step, running sequences get their next token (or their next prefill
-chunk) first, then waiting ones are admitted while the token budget, the sequence limit and
-the free blocks allow. A prompt longer than the remaining budget is prefilled in chunks over
+Continuous batching: every step, running sequences that decode get their next token first, then
+running prefills their next chunk, then waiting ones are admitted while the token budget, the
+sequence limit and the free blocks allow. A prompt longer than the remaining budget is prefilled in chunks over
 several steps, alongside the decodes of the others. When the cache is full, the most recently
 admitted sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed (prompt and completion so far) when blocks are free again."""
@@ -37,7 +37,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.cached_tokens = 0
-        """Prompt tokens found in the prefix cache instead of computed."""
+        """Tokens found in the prefix cache instead of computed (a re-admission after
+        preemption counts again)."""
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -56,8 +57,9 @@ class Scheduler:
     def schedule(self) -> list[Work]:
         budget = self.config.max_num_batched_tokens
         work: list[Work] = []
-        # Running sequences, oldest first; each needs the tokens past num_computed (1 when decoding).
-        for seq in list(self.running):
+        # Running sequences need the tokens past num_computed: 1 when decoding, so decodes go
+        # first and a long prefill chunk never holds them back (the sort is stable: oldest first).
+        for seq in sorted(self.running, key=lambda s: len(s.tokens) - s.num_computed > 1):
             if seq not in self.running:  # preempted below by an older sequence
                 continue
             count = min(len(seq.tokens) - seq.num_computed, budget)
@@ -93,6 +95,13 @@ class Scheduler:
             budget -= count
         self.waiting.extendleft(reversed(skipped))
         return work
+
+    def abort(self) -> None:
+        """Give every running sequence's blocks back (generate() failed half way)."""
+        for seq in self.running:
+            self.blocks.release(seq)
+        self.running.clear()
+        self.waiting.clear()
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -13,6 +13,8 @@ class Sequence:
     num_prompt: int
     params: SamplingParams
     seed: int
+    sample: int
+    """Index of this sample among its request's n: the noise is drawn from (seed, sample, step)."""
     leader: Sequence | None = None
     """The first sample of the same prompt: this one waits for the leader's prompt to be in
     the cache, then shares its blocks."""
