@@ -39,8 +39,8 @@ class Engine(RolloutBackend):
         self.cache: KVCache | None = None
         self.blocks: BlockManager | None = None
         self.stats: dict[str, int] = {}
-        """Counters of the last generate(): steps, computed_tokens, cached_tokens (prompt tokens
-        reused from the prefix cache), preemptions."""
+        """Counters of the last generate(): steps, computed_tokens, cached_tokens (tokens reused
+        from the prefix cache, re-admissions after preemption included), preemptions."""
         self.resume_memory()
 
     # memory phases

@@ -1,9 +1,11 @@
 """Which tokens of which sequences the next forward step computes.
 
-Continuous batching: every step, running sequences that decode get their next token first, then
-running prefills their next chunk, then waiting ones are admitted while the token budget, the
-sequence limit and the free blocks allow. A prompt longer than the remaining budget is prefilled in chunks over
-several steps, alongside the decodes of the others. When the cache is full, the most recently
+Continuous batching: every step, running sequences get their next token (or their next prefill
+chunk), oldest first, then waiting ones are admitted while the token budget, the sequence limit
+and the free blocks allow. A prompt longer than the remaining budget is prefilled in chunks over
+several steps, alongside the decodes of the others. A prefill chunk takes all the budget left,
+so nothing is admitted behind it: at most one running sequence is mid-prefill, the newest, and
+the decodes ahead of it always get their token. When the cache is full, the most recently
 admitted sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed (prompt and completion so far) when blocks are free again."""
 
@@ -57,9 +59,9 @@ class Scheduler:
     def schedule(self) -> list[Work]:
         budget = self.config.max_num_batched_tokens
         work: list[Work] = []
-        # Running sequences need the tokens past num_computed: 1 when decoding, so decodes go
-        # first and a long prefill chunk never holds them back (the sort is stable: oldest first).
-        for seq in sorted(self.running, key=lambda s: len(s.tokens) - s.num_computed > 1):
+        # Running sequences, oldest first; each needs the tokens past num_computed (1 when decoding).
+        # A victim is always the newest, so it has no work in this step yet.
+        for seq in list(self.running):
             if seq not in self.running:  # preempted below by an older sequence
                 continue
             count = min(len(seq.tokens) - seq.num_computed, budget)
