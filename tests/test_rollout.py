@@ -1,6 +1,8 @@
-"""The embedded rollout engine on CPU: greedy output against a naive full-recompute loop, and
-the properties a scheduler can silently break (continuous batching, chunked prefill, prefix
-sharing, preemption), every stop condition, seeds, and the memory phases."""
+"""The embedded rollout engine: greedy output against a naive full-recompute loop, and the
+properties a scheduler can silently break (continuous batching, chunked prefill, prefix sharing,
+preemption), every stop condition, seeds, and the memory phases. The engine-level tests run on
+CPU (the reference attention) and, marked gpu, on CUDA in fp32 with the Triton kernels and CUDA
+graphs, where fp32 makes "equal to the naive loop" exact token for token."""
 from __future__ import annotations
 
 import weakref
@@ -18,8 +20,13 @@ TINY = ModelConfig(architecture="qwen2", vocab_size=301, hidden_size=72, interme
 SMALL_CACHE = 2 * TINY.num_layers * TINY.num_kv_heads * TINY.head_dim * 4 * 4 * 32
 
 
-def tiny_model(seed: int = 0) -> Decoder:
-    model = Decoder(TINY, dtype=torch.float32)
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    return request.param
+
+
+def tiny_model(seed: int = 0, device: str = "cpu") -> Decoder:
+    model = Decoder(TINY, device=device, dtype=torch.float32)
     model.init_weights(seed)
     with torch.no_grad():
         # N(0, 0.02) weights give near-uniform logits; std 0.2 makes greedy choices decisive
@@ -34,8 +41,10 @@ def naive_greedy(model: Decoder, prompt: list[int], new_tokens: int, stop_ids=()
     tokens, logprobs = list(prompt), []
     with torch.no_grad():
         for _ in range(new_tokens):
-            ids = torch.tensor(tokens)
-            hidden = model(ids, torch.arange(len(tokens)), torch.tensor([0, len(tokens)], dtype=torch.int32))
+            dev = model.device
+            ids = torch.tensor(tokens, device=dev)
+            hidden = model(ids, torch.arange(len(tokens), device=dev),
+                           torch.tensor([0, len(tokens)], dtype=torch.int32, device=dev))
             logits = model.logits(hidden[-1:])[0]
             token = int(logits.argmax())
             tokens.append(token)
@@ -59,10 +68,11 @@ def engine(model, **overrides) -> Engine:
     return Engine(model, config=EngineConfig(**{**options, **overrides}))
 
 
-def test_greedy_equals_naive_recompute():
-    model = tiny_model()
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_greedy_equals_naive_recompute(device, cuda_graphs):
+    model = tiny_model(device=device)
     batch = prompts(6)
-    results = engine(model).generate([Request(p, GREEDY) for p in batch])
+    results = engine(model, cuda_graphs=cuda_graphs).generate([Request(p, GREEDY) for p in batch])
     for prompt, (completion,) in zip(batch, results):
         want_ids, want_logprobs = naive_greedy(model, prompt, GREEDY.max_new_tokens)
         assert completion.prompt_ids == prompt
@@ -89,8 +99,8 @@ def ids(results):
     return [[c.completion_ids for c in group] for group in results]
 
 
-def test_continuous_batching_equals_one_request_at_a_time():
-    model = tiny_model()
+def test_continuous_batching_equals_one_request_at_a_time(device):
+    model = tiny_model(device=device)
     batch = requests_mix()
     together = engine(model).generate(batch)
     alone = [engine(model).generate([r])[0] for r in batch]
@@ -100,8 +110,8 @@ def test_continuous_batching_equals_one_request_at_a_time():
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-5)
 
 
-def test_chunked_prefill_changes_nothing():
-    model = tiny_model()
+def test_chunked_prefill_changes_nothing(device):
+    model = tiny_model(device=device)
     batch = requests_mix(seed=4)
     whole = Engine(model, config=EngineConfig(block_size=4, kv_cache_bytes=SMALL_CACHE * 4)).generate(batch)
     tiny_budget = engine(model, max_num_batched_tokens=8, max_num_seqs=4)
@@ -112,8 +122,8 @@ def test_chunked_prefill_changes_nothing():
     assert tiny_budget.stats["steps"] > default.stats["steps"]
 
 
-def test_prefix_sharing_on_and_off_give_the_same_samples():
-    model = tiny_model()
+def test_prefix_sharing_on_and_off_give_the_same_samples(device):
+    model = tiny_model(device=device)
     prompt = prompts(1, seed=5, low=30, high=31)[0]
     batch = [Request(prompt, SamplingParams(**{**SAMPLED.__dict__, "seed": 9}), n=6),
              Request(prompt[:17] + [11, 12], GREEDY, n=2),
@@ -129,10 +139,10 @@ def test_prefix_sharing_on_and_off_give_the_same_samples():
     assert shared.stats["computed_tokens"] < unshared.stats["computed_tokens"] - 5 * 28
 
 
-def test_preemption_recomputes_and_matches_naive():
+def test_preemption_recomputes_and_matches_naive(device):
     """A cache of 12 blocks of 4 tokens for 4 sequences of up to 30 tokens each: the scheduler
     must preempt and recompute, and greedy output must not notice."""
-    model = tiny_model()
+    model = tiny_model(device=device)
     batch = prompts(4, seed=6, low=14, high=19)
     params = SamplingParams(temperature=0.0, max_new_tokens=11, ignore_eos=True)
     small = engine(model, kv_cache_bytes=SMALL_CACHE // 32 * 12)
@@ -142,8 +152,8 @@ def test_preemption_recomputes_and_matches_naive():
         assert completion.completion_ids == naive_greedy(model, prompt, 11)[0]
 
 
-def test_stop_token_eos_length_and_context_limit():
-    model = tiny_model()
+def test_stop_token_eos_length_and_context_limit(device):
+    model = tiny_model(device=device)
     prompt = prompts(1, seed=7)[0]
     free_run, _ = naive_greedy(model, prompt, 12)
     stop_at = free_run[4]
@@ -186,8 +196,8 @@ def test_stop_string_ends_the_completion_at_the_token_that_completes_it():
         engine(model).generate([Request(prompt, params)])
 
 
-def test_seeds_make_samples_reproducible_and_distinct():
-    model = tiny_model()
+def test_seeds_make_samples_reproducible_and_distinct(device):
+    model = tiny_model(device=device)
     prompt = prompts(1, seed=9)[0]
     seeded = SamplingParams(temperature=1.0, max_new_tokens=8, ignore_eos=True, seed=42)
     a = engine(model).generate([Request(prompt, seeded, n=3)])[0]
@@ -202,8 +212,8 @@ def test_seeds_make_samples_reproducible_and_distinct():
     assert c[0][0].completion_ids != c[1][0].completion_ids
 
 
-def test_release_resume_and_weight_updates():
-    model = tiny_model()
+def test_release_resume_and_weight_updates(device):
+    model = tiny_model(device=device)
     batch = prompts(3, seed=10)
     eng = engine(model)
     before = eng.generate([Request(p, GREEDY) for p in batch])
@@ -260,7 +270,8 @@ def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p, supp
 
 
 def test_sampler_greedy_rows_and_noise_depend_only_on_seed_and_step():
-    from fastazr.rollout.sampler import sample, uniform_noise
+    from fastazr.rollout.sampler import sample
+    from fastazr.kernels.sampling_reference import uniform_noise
     logits = torch.randn(5, 301)
     tokens, _ = sample(logits, sampling_rows(5, temperature=0.0))
     assert torch.equal(tokens, logits.argmax(-1))

@@ -31,7 +31,7 @@ class Engine(RolloutBackend):
                  seed: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or EngineConfig()
-        self.runner = Runner(model)
+        self.runner = Runner(model, self.config)
         self.eos_ids = set(model.config.eos_token_ids)
         if tokenizer is not None:
             self.eos_ids.update(tokenizer.stop_token_ids)
@@ -46,6 +46,7 @@ class Engine(RolloutBackend):
     # memory phases
 
     def release_memory(self) -> None:
+        self.runner.reset()
         self.cache = self.blocks = None
         gc.collect()
         if self.model.device.type == "cuda":
@@ -101,7 +102,7 @@ class Engine(RolloutBackend):
         work = scheduler.schedule()
         if not work:
             raise RuntimeError("the scheduler found nothing to run: a bug, please report it")
-        logits = self.runner.forward(work, self.cache, self.config.block_size)
+        logits = self.runner.forward(work, self.cache)
         for w in work:
             w.seq.num_computed += w.count
             self.blocks.register(w.seq)

@@ -1,5 +1,8 @@
 """The paged KV cache: one key and one value tensor [layers, blocks, block_size, kv_heads,
-head_dim] in the model's dtype, sized from the memory there is when it is created."""
+head_dim] in the model's dtype, sized from the memory there is when it is created.
+
+One block more than `num_blocks` exists: the scratch block, never handed out, where the padding
+rows of a CUDA-graph batch write their keys and values."""
 
 from __future__ import annotations
 
@@ -23,11 +26,13 @@ class KVCache:
             budget = int(free * config.kv_memory_fraction)
         else:
             budget = CPU_DEFAULT_BYTES
-        self.num_blocks = budget // per_block
+        self.num_blocks = budget // per_block - 1  # the scratch block comes out of the budget
         if self.num_blocks < 2:
             raise MemoryError(f"the KV cache gets {budget / 2**20:.0f} MiB, under two blocks of {per_block} bytes: "
                               "free GPU memory or raise EngineConfig.kv_memory_fraction / kv_cache_bytes")
-        shape = (c.num_layers, self.num_blocks, config.block_size, c.num_kv_heads, c.head_dim)
+        self.block_size = config.block_size
+        self.scratch_slot = self.num_blocks * config.block_size
+        shape = (c.num_layers, self.num_blocks + 1, config.block_size, c.num_kv_heads, c.head_dim)
         self.k = torch.empty(shape, device=model.device, dtype=model.dtype)
         self.v = torch.empty(shape, device=model.device, dtype=model.dtype)
 

@@ -2,56 +2,251 @@
 
 The runner reads the model's own parameter tensors (the ones the optimizer updates), layer by
 layer: no copy of the weights exists. Each step writes the new tokens' keys and values into
-their cache slots, attends, and projects only the last token of each slice that samples."""
+their cache slots, attends, and projects only the last token of each slice that samples.
+
+Step metadata (token ids, positions, cache slots, context lengths, ragged block tables) is packed
+on the host into one int32 array and reaches the device in one copy. On CUDA the attention is
+fastazr.kernels.paged_attention: the leading one-token slices (decodes) go to the split-K decode
+kernel, the rest (prefill chunks) to the varlen prefill kernel; a step of decodes only replays a
+CUDA graph captured for its batch-size bucket. On CPU it is the plain-torch reference."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache, swiglu_fused
+from fastazr.kernels.paged_attention import decode_splits, paged_decode_attention, paged_prefill_attention
 from fastazr.kernels.paged_attention_reference import paged_attention_reference
 from fastazr.model import Decoder
 from fastazr.model.layers import rms_norm
 
+from .config import EngineConfig
 from .kv_cache import KVCache
 from .scheduler import Work
 
 
+def graph_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_rows (and max_rows): a batch pads at most
+    15 rows."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_rows] + list(range(16, max_rows, 16))
+    return sizes + [max_rows]
+
+
+def _fp32_lm_head_supported(device: torch.device) -> bool:
+    """torch.mm(..., out_dtype=float32) keeps bf16 logits' fp32 accumulator (what the trainer's
+    logprob kernel sees) instead of rounding it to bf16 (±0.04 at a logit of 20)."""
+    try:
+        a = torch.zeros(2, 2, device=device, dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
 class Runner:
-    def __init__(self, model: Decoder):
-        self.model = model
-        self.scale = model.config.head_dim ** -0.5
+    def __init__(self, model: Decoder, config: EngineConfig):
+        self.model, self.config = model, config
+        c = model.config
+        self.scale = c.head_dim ** -0.5
+        self.kernels = model.device.type == "cuda"
+        self.fp32_lm_head = self.kernels and model.dtype != torch.float32 and _fp32_lm_head_supported(model.device)
+        self.num_sms = torch.cuda.get_device_properties(model.device).multi_processor_count if self.kernels else 1
+        self.buckets = graph_buckets(config.max_num_seqs)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_meta: torch.Tensor | None = None
+        self._pool = None
+        self._side_stream: torch.cuda.Stream | None = None
+        self._host = torch.empty(0, dtype=torch.int32)
 
-    @torch.no_grad()
-    def forward(self, work: list[Work], cache: KVCache, block_size: int) -> torch.Tensor:
-        """fp32 logits [S, V] of the slices that sample, in work order."""
-        model, c, device = self.model, self.model.config, self.model.device
-        ids, positions, slots, last = [], [], [], []
+    def reset(self) -> None:
+        """Drop the CUDA graphs: they hold the KV cache's addresses (call before freeing it)."""
+        self.graphs.clear()
+        self._graph_meta = self._pool = None
+
+    # host side
+
+    def _upload(self, packed: np.ndarray, device_buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One host-to-device copy through a pinned buffer. Reusing the buffer is safe: the engine
+        reads each step's tokens back before packing the next step."""
+        if self._host.numel() < packed.size:
+            self._host = torch.empty(max(packed.size, 2 * self._host.numel()), dtype=torch.int32,
+                                     pin_memory=self.kernels)
+        self._host.numpy()[:packed.size] = packed
+        if device_buffer is None:
+            device_buffer = torch.empty(packed.size, dtype=torch.int32, device=self.model.device)
+        device_buffer[:packed.size].copy_(self._host[:packed.size], non_blocking=True)
+        return device_buffer
+
+    def _index(self, work: list[Work]) -> dict[str, np.ndarray]:
+        bs = self.config.block_size
+        ids, flat, table_starts = [], [], []
         for w in work:
-            table = w.seq.blocks
-            span = range(w.start, w.start + w.count)
             ids.extend(w.seq.tokens[w.start:w.start + w.count])
-            positions.extend(span)
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
-            if w.samples:
-                last.append(len(ids) - 1)
-        q_lens = [w.count for w in work]
-        context_lens = [w.start + w.count for w in work]
-        tables = [w.seq.blocks for w in work]
-        ids_t = torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
-        positions_t = torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True)
-        slots_t = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
-        last_t = torch.tensor(last, dtype=torch.long).to(device, non_blocking=True)
+            table_starts.append(len(flat))
+            flat.extend(w.seq.blocks)
+        starts = np.fromiter((w.start for w in work), np.int64, len(work))
+        counts = np.fromiter((w.count for w in work), np.int64, len(work))
+        cu = np.zeros(len(work) + 1, np.int64)
+        np.cumsum(counts, out=cu[1:])
+        positions = np.arange(cu[-1]) - np.repeat(cu[:-1] - starts, counts)
+        flat = np.asarray(flat, np.int64)
+        table_starts = np.asarray(table_starts, np.int64)
+        slots = flat[np.repeat(table_starts, counts) + positions // bs] * bs + positions % bs
+        return dict(ids=np.asarray(ids, np.int64), positions=positions, slots=slots, context=starts + counts,
+                    table_starts=table_starts, cu=cu, flat=flat)
 
-        hidden = F.embedding(ids_t, model.embed_tokens)
-        cos, sin = model.rotary(positions_t)
+    # device side
+
+    def _layers(self, ids, positions, slots, cache: KVCache, attend) -> torch.Tensor:
+        """Final-normed hidden states [T, H]."""
+        model, c = self.model, self.model.config
+        hidden = F.embedding(ids, model.embed_tokens)
+        cos, sin = model.rotary(positions)
+        if self.kernels:
+            return self._fused_layers(hidden, cos, sin, slots, cache, attend)
         for index, layer in enumerate(model.layers):
             q, k, v = layer.attn.qkv(rms_norm(hidden, layer.input_norm, c.rms_norm_eps), cos, sin)
             k_cache, v_cache = cache.k[index], cache.v[index]
-            k_cache.view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slots_t, k)
-            v_cache.view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slots_t, v)
-            attended = paged_attention_reference(q, k_cache, v_cache, q_lens, context_lens, tables, self.scale)
-            hidden = hidden + layer.attn.output(attended)
+            k_cache.view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slots, k)
+            v_cache.view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slots, v)
+            hidden = hidden + layer.attn.output(attend(q, k_cache, v_cache))
             hidden = hidden + layer.mlp(rms_norm(hidden, layer.post_attention_norm, c.rms_norm_eps))
-        hidden = rms_norm(hidden[last_t], model.norm, c.rms_norm_eps)
-        return F.linear(hidden, model.lm_head_weight).float()
+        return rms_norm(hidden, model.norm, c.rms_norm_eps)
+
+    def _fused_layers(self, hidden, cos, sin, slots, cache: KVCache, attend) -> torch.Tensor:
+        # The same layer as above with its elementwise ops fused (kernels/layer_fusions.py):
+        # each residual add rides in the next RMSNorm, which updates `hidden` in place.
+        model, c = self.model, self.model.config
+        eps = c.rms_norm_eps
+        normed = add_rms_norm(hidden, model.layers[0].input_norm, eps)
+        for index, layer in enumerate(model.layers):
+            attn, mlp = layer.attn, layer.mlp
+            qkv = F.linear(normed, attn.qkv_weight, attn.qkv_bias)
+            k_cache, v_cache = cache.k[index], cache.v[index]
+            q = rope_to_cache(qkv, cos, sin, slots, k_cache, v_cache, c.num_heads, c.num_kv_heads)
+            normed = add_rms_norm(hidden, layer.post_attention_norm, eps, residual=attn.output(attend(q, k_cache, v_cache)))
+            delta = F.linear(swiglu_fused(F.linear(normed, mlp.gate_up_weight)), mlp.down_weight)
+            following = model.layers[index + 1].input_norm if index + 1 < len(model.layers) else model.norm
+            normed = add_rms_norm(hidden, following, eps, residual=delta)
+        return normed
+
+    def _logits(self, normed: torch.Tensor) -> torch.Tensor:
+        weight = self.model.lm_head_weight
+        if self.fp32_lm_head:
+            return torch.mm(normed, weight.t(), out_dtype=torch.float32)
+        return F.linear(normed, weight).float()
+
+    @torch.no_grad()
+    def forward(self, work: list[Work], cache: KVCache) -> torch.Tensor:
+        """fp32 logits [S, V] of the slices that sample, in work order."""
+        decodes_only = all(w.count == 1 and w.samples for w in work)
+        if self.kernels and self.config.cuda_graphs and decodes_only and len(work) <= self.buckets[-1]:
+            return self._replay(work, cache)
+        index = self._index(work)
+        last = (index["cu"][1:] - 1)[[w.samples for w in work]]
+        if not self.kernels:
+            def attend(q, k_cache, v_cache):
+                return paged_attention_reference(q, k_cache, v_cache, [w.count for w in work],
+                                                 index["context"].tolist(), [w.seq.blocks for w in work], self.scale)
+            device = self.model.device
+            hidden = self._layers(torch.from_numpy(index["ids"]).to(device), torch.from_numpy(index["positions"]).to(device),
+                                  torch.from_numpy(index["slots"]).to(device), cache, attend)
+            return self._logits(hidden[torch.from_numpy(last).to(device)])
+        return self._eager_kernels(work, index, last, cache)
+
+    def _eager_kernels(self, work: list[Work], index: dict[str, np.ndarray], last: np.ndarray,
+                       cache: KVCache) -> torch.Tensor:
+        # Leading one-token slices take the decode kernel; the rest (with their own cu_seqlens,
+        # re-based at the first prefill row) take the prefill kernel.
+        decodes = next((i for i, w in enumerate(work) if w.count != 1), len(work))
+        cu = index["cu"]
+        parts = dict(ids=index["ids"], positions=index["positions"], slots=index["slots"], context=index["context"],
+                     table_starts=index["table_starts"], cu_prefill=cu[decodes:] - decodes, last=last,
+                     flat=index["flat"])
+        sizes = [len(v) for v in parts.values()]
+        meta = self._upload(np.concatenate(list(parts.values())).astype(np.int32))
+        views = dict(zip(parts, meta.split(sizes)))
+        last_t = views["last"].long()
+        max_q = int((cu[decodes + 1:] - cu[decodes:-1]).max()) if decodes < len(work) else 0
+        splits = decode_splits(decodes, cache.k.shape[3], self.num_sms)
+
+        def attend(q, k_cache, v_cache):
+            out = torch.empty_like(q)
+            if decodes:
+                paged_decode_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
+                                       views["context"][:decodes], self.scale, splits, out=out[:decodes])
+            if decodes < len(work):
+                paged_prefill_attention(q[decodes:], k_cache, v_cache, views["flat"], views["table_starts"][decodes:],
+                                        views["cu_prefill"], views["context"][decodes:], max_q, self.scale,
+                                        out=out[decodes:])
+            return out
+
+        hidden = self._layers(views["ids"], views["positions"], views["slots"], cache, attend)
+        return self._logits(hidden[last_t])
+
+    # CUDA graphs
+
+    def _graph_layout(self) -> tuple[int, int]:
+        """(rows, table capacity) of the static metadata buffer: ids, positions, slots, context
+        lengths and table starts of `rows` rows, then every row's blocks at the longest length."""
+        rows = self.buckets[-1]
+        max_len = self.config.max_model_len or self.model.config.max_position_embeddings
+        return rows, rows * -(-max_len // self.config.block_size)
+
+    def _replay(self, work: list[Work], cache: KVCache) -> torch.Tensor:
+        rows, capacity = self._graph_layout()
+        n = len(work)
+        bucket = next(b for b in self.buckets if b >= n)
+        if self._graph_meta is None:
+            self._graph_meta = torch.zeros(5 * rows + capacity, dtype=torch.int32, device=self.model.device)
+        bs = self.config.block_size
+        packed = np.zeros(5 * rows, np.int64)
+        packed[2 * rows:3 * rows] = cache.scratch_slot  # padding rows write to the scratch block
+        flat: list[int] = []
+        for i, w in enumerate(work):
+            seq, p = w.seq, w.start
+            packed[i] = seq.tokens[p]
+            packed[rows + i] = p
+            packed[2 * rows + i] = seq.blocks[p // bs] * bs + p % bs
+            packed[3 * rows + i] = p + 1
+            packed[4 * rows + i] = len(flat)
+            flat.extend(seq.blocks)
+        if len(flat) > capacity:
+            raise RuntimeError(f"{len(flat)} block-table entries overflow the graph buffer's {capacity}: a bug")
+        self._upload(np.concatenate([packed, np.asarray(flat, np.int64)]).astype(np.int32), self._graph_meta)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket, cache)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits[:n]
+
+    def _decode_body(self, bucket: int, cache: KVCache) -> torch.Tensor:
+        rows, _ = self._graph_layout()
+        meta = self._graph_meta
+        ids, positions, slots, context, starts = (meta[i * rows:i * rows + bucket] for i in range(5))
+        splits = decode_splits(bucket, cache.k.shape[3], self.num_sms)
+
+        def attend(q, k_cache, v_cache):
+            return paged_decode_attention(q, k_cache, v_cache, meta[5 * rows:], starts, context, self.scale, splits)
+
+        return self._logits(self._layers(ids, positions, slots, cache, attend))
+
+    def _capture(self, bucket: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # A warm-up run on a side stream compiles the Triton kernels and settles the allocator
+        # (capture must not compile); it computes the current step's real rows, harmlessly.
+        # One side stream for the runner's life: cuBLAS keeps a 32 MiB workspace per stream it
+        # has seen, so a fresh stream per capture would leak one every release/resume cycle.
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.model.device)
+        stream = self._side_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._decode_body(bucket, cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._decode_body(bucket, cache)
+        return graph, logits

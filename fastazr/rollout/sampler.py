@@ -1,11 +1,9 @@
 """Next tokens from last-position logits, on the logits' device, with no host synchronization.
 
-Randomness is a counter-based hash of (request seed, sample index, completion step, vocabulary
-index) turned
-into Gumbel noise, and the token is argmax(logits / T + noise) over the tokens that top-k/top-p
-keep: exact sampling from the filtered softmax. A sample therefore depends only on its own seed
-and step, not on which other sequences share the batch or on launch order, so continuous
-batching, preemption and recomputation reproduce it exactly.
+Sampling is Gumbel-max with counter-based noise (fastazr.kernels.sampling_reference): a sample
+depends only on its own seed, sample index and step, so continuous batching, preemption and
+recomputation reproduce it exactly. Without top-k / top-p the fused Triton kernel does it in one
+pass on CUDA; with them, the logits are sorted and filtered here first.
 
 Reported logprobs are log softmax(logits / T) at the chosen token (T = 1 for greedy), before
 filtering: the quantity the trainer recomputes."""
@@ -16,27 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finalizer on int64 tensors holding values in [0, 2^32): products wrap in
-    int64 but the low 32 bits, all that is kept, are exact."""
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _MASK32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _MASK32
-    return x ^ (x >> 16)
-
-
-def uniform_noise(seeds: torch.Tensor, samples: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """fp32 [B, vocab] in (0, 1), a pure function of (seed, sample, step, column); all 64 bits of
-    the seed count."""
-    row = _mix32(_mix32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
-    row = _mix32(_mix32(row ^ (samples & _MASK32)) ^ (steps & _MASK32))
-    cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    bits = _mix32(((cols * 0x9E3779B1) & _MASK32) ^ row[:, None])
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+from fastazr.kernels.sampling import gumbel_sample
+from fastazr.kernels.sampling_reference import gumbel_sample_reference
 
 
 @dataclass
@@ -73,14 +52,14 @@ def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits [B, V] -> (tokens int64 [B], their logprobs fp32 [B])."""
-    greedy = batch.temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, batch.temperature)[:, None]
-    logprobs = scaled.log_softmax(dim=-1)
+    """logits [B, V] -> (tokens int64 [B], their fp32 logprobs [B])."""
     if batch.all_greedy:
+        logprobs = logits.float().log_softmax(dim=-1)
         tokens = logits.argmax(dim=-1)
-    else:
-        filtered = _filter(scaled, batch) if batch.any_top_k or batch.any_top_p else scaled
-        gumbel = -torch.log(-torch.log(uniform_noise(batch.seeds, batch.samples, batch.steps, logits.shape[-1])))
-        tokens = torch.where(greedy, logits.argmax(dim=-1), (filtered + gumbel).argmax(dim=-1))
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    args = (batch.temperature, batch.seeds, batch.samples, batch.steps)
+    if not (batch.any_top_k or batch.any_top_p):
+        # the Triton kernel only on CUDA: under the CPU interpreter it would be far slower than torch
+        return (gumbel_sample if logits.is_cuda else gumbel_sample_reference)(logits, *args)
+    scaled = logits.float() / torch.where(batch.temperature == 0, 1.0, batch.temperature)[:, None]
+    return gumbel_sample_reference(logits, *args, filtered=_filter(scaled, batch))

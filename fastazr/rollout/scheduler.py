@@ -61,8 +61,9 @@ class Scheduler:
         work: list[Work] = []
         # Running sequences, oldest first; each needs the tokens past num_computed (1 when decoding).
         # A victim is always the newest, so it has no work in this step yet.
+        preempted: set[int] = set()
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below by an older sequence
+            if id(seq) in preempted:  # by an older sequence, below
                 continue
             count = min(len(seq.tokens) - seq.num_computed, budget)
             if count == 0:
@@ -70,6 +71,7 @@ class Scheduler:
             while not self.blocks.grow(seq, seq.num_computed + count):
                 victim = self.running[-1]
                 self._preempt(victim)
+                preempted.add(id(victim))
                 if victim is seq:
                     break
             else:

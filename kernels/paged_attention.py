@@ -1,0 +1,245 @@
+"""Causal attention over the rollout engine's paged KV cache: a split-K decode kernel and a varlen
+prefill kernel. Inference only (no backward); the plain-torch reference is
+paged_attention_reference.py, which computes the same thing one sequence at a time.
+
+Both kernels take the block tables ragged: `tables` is every sequence's block ids back to back
+(int32) and `table_starts[b]` is where sequence b's begin, so the engine copies only the blocks
+in use each step (256 sequences of 512 tokens: 32 KB) instead of a [B, max_len / block_size]
+matrix (2 MB at a 32K context). `pack_block_tables` builds them from lists.
+
+GQA: one program serves all G = Hq / Hkv query heads of a KV head, so each key and value tile is
+read from memory once per group, not once per query head (Qwen2.5-1.5B: G = 6). The rows of a
+program's score tile are (query token, head in group) pairs: a decode program has G rows (padded
+to the 16 that tl.dot needs), a prefill program BLOCK_M tokens x G.
+
+Decode is memory-bound (every step reads each sequence's whole context), so its parallelism has
+to cover the GPU even at small batch: the context of each sequence is cut into `num_splits`
+equal chunks (split-K), each program writes a partial output and its log-sum-exp, and a second
+kernel merges them. The grid depends only on (B, Hkv, num_splits), never on the context lengths
+in device memory, so a CUDA graph captures it once per batch size."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["pack_block_tables", "paged_decode_attention", "paged_prefill_attention", "decode_splits"]
+
+_LOG2E = 1.4426950408889634
+# A decode program walks its chunk 64 tokens (4 blocks of 16) at a time: 16 KB of K and V in
+# flight at head_dim 128, bf16.
+_DECODE_BLOCK_N = 64
+# Prefill programs hold ~128 score rows (BLOCK_M tokens x G heads) against 64 keys.
+_PREFILL_ROWS, _PREFILL_BLOCK_N = 128, 64
+_MAX_SPLITS = 32
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 caches (the CPU-default dtype, tests) get full-precision dots; tf32 would cost ~1e-3.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, ctx_ptr, out_ptr, part_ptr, lse_ptr,
+                   qk_scale, sq_b, sq_h, sk_b, sk_t, sk_h, so_b, so_h,
+                   GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    table = tables_ptr + tl.load(starts_ptr + b)
+    # Equal chunks rounded up to whole tiles; trailing splits of a short context are empty.
+    chunk = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUPS + g
+    row_ok = g < GROUPS
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < end
+        page = tl.load(table + pos // PAGE, mask=valid, other=0)
+        offs = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_t + kvh * sk_h
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    # An empty chunk (or a padding row with ctx = 0) has l = 0: output 0, log-sum-exp -inf.
+    seen = l > 0.0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        # partials are fp32 [B, Hq, NUM_SPLITS, BLOCK_D] and [B, Hq, NUM_SPLITS], log2 domain
+        row = (b * (GROUPS * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], out, mask=row_ok[:, None])
+        tl.store(lse_ptr + row, tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, lse_ptr, out_ptr, so_b, so_h, num_heads,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    row = (b * num_heads + h) * NUM_SPLITS
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + row + s)
+    top = tl.max(lse, axis=0)
+    # a padding row has every split at -inf: subtract 0 instead, so the weights are exp2(-inf) = 0
+    weight = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))
+    part = tl.load(part_ptr + (row + s)[:, None] * BLOCK_D + d[None, :])
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(part * weight[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + b * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_ptr, out_ptr,
+                    qk_scale, sq_t, sq_h, sk_b, sk_t, sk_h, so_t, so_h,
+                    GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    tile, b, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q0 = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q0
+    if tile * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(ctx_ptr + b)
+    table = tables_ptr + tl.load(starts_ptr + b)
+
+    r = tl.arange(0, BLOCK_M * BLOCK_G)
+    tok = tile * BLOCK_M + r // BLOCK_G
+    g = r % BLOCK_G
+    heads = kvh * GROUPS + g
+    row_ok = (tok < q_len) & (g < GROUPS)
+    q_pos = ctx - q_len + tok
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + (q0 + tok)[:, None] * sq_t + heads[:, None] * sq_h + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.full([BLOCK_M * BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M * BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_M * BLOCK_G, BLOCK_D], tl.float32)
+    # Keys up to this tile's last query; key 0 is visible to every row, so no row stays at -inf.
+    kv_end = tl.minimum(ctx, ctx - q_len + (tile + 1) * BLOCK_M)
+    for n0 in range(0, kv_end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        valid = pos < kv_end
+        page = tl.load(table + pos // PAGE, mask=valid, other=0)
+        offs = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_t + kvh * sk_h
+        kv_mask = valid[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    out = acc / l[:, None]
+    tl.store(out_ptr + (q0 + tok)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def pack_block_tables(block_tables: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of block ids -> (tables int32 [sum of lengths], table_starts int32 [B])."""
+    starts, flat = [], []
+    for table in block_tables:
+        starts.append(len(flat))
+        flat.extend(table)
+    return (torch.tensor(flat or [0], dtype=torch.int32, device=device),
+            torch.tensor(starts, dtype=torch.int32, device=device))
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must match in shape and layout")
+    if k_cache.dim() != 4 or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("the caches must be [num_blocks, block_size, kv_heads, head_dim] and q [.., heads, head_dim], "
+                         "contiguous in head_dim")
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    if heads % kv_heads or q.shape[2] != k_cache.shape[3] or q.dtype != k_cache.dtype:
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit the cache {tuple(k_cache.shape)} {k_cache.dtype}: "
+                         "heads must be a multiple of kv_heads, with the same head_dim and dtype")
+    return heads // kv_heads, kv_heads
+
+
+def decode_splits(batch: int, kv_heads: int, num_sms: int) -> int:
+    """Split-K factor that gives about two programs per SM: 1 at batch 256 with 2 KV heads, 32 at
+    batch 1 on an H100 (132 SMs)."""
+    want = triton.cdiv(2 * num_sms, max(1, batch * kv_heads))
+    return min(_MAX_SPLITS, triton.next_power_of_2(want))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                           table_starts: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           num_splits: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence: q [B, Hq, D] at position context_lens[b] - 1, attending to keys
+    0 .. context_lens[b] - 1 of caches [num_blocks, block_size, Hkv, D] -> [B, Hq, D] in q's dtype.
+    A row with context_lens[b] = 0 (CUDA-graph padding) gives zeros. num_splits is a power of two.
+    `out`, when given, receives the result (a [B, Hq, D] view with unit stride in D)."""
+    groups, kv_heads = _check_cache(q, k_cache, v_cache)
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    batch, heads, head_dim = q.shape
+    out = torch.empty_like(q) if out is None else out
+    block_d = triton.next_power_of_2(head_dim)
+    part = lse = out
+    if num_splits > 1:
+        part = torch.empty(batch, heads, num_splits, block_d, device=q.device, dtype=torch.float32)
+        lse = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
+    _decode_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, tables, table_starts, context_lens, out, part, lse,
+        scale * _LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1),
+        GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE=k_cache.shape[1], BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
+        num_warps=4)
+    if num_splits > 1:
+        _merge_kernel[(batch, heads)](part, lse, out, out.stride(0), out.stride(1), heads,
+                                      HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                            table_starts: torch.Tensor, cu_q_lens: torch.Tensor, context_lens: torch.Tensor,
+                            max_q_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed queries q [T, Hq, D]: sequence b owns rows cu_q_lens[b] .. cu_q_lens[b + 1] - 1, the
+    last q_len tokens of its context_lens[b]; each attends causally to its cached keys, its own
+    new ones included -> [T, Hq, D] in q's dtype. max_q_len bounds the grid (the host knows it).
+    `out`, when given, receives the result."""
+    groups, kv_heads = _check_cache(q, k_cache, v_cache)
+    head_dim = q.shape[2]
+    batch = context_lens.shape[0]
+    out = torch.empty_like(q) if out is None else out
+    block_g = triton.next_power_of_2(groups)
+    block_m = max(1, _PREFILL_ROWS // block_g)
+    # tl.dot needs 16 rows: a lone token of a small group still gets a 16-row tile
+    block_m = max(block_m, triton.cdiv(16, block_g))
+    grid = (triton.cdiv(max_q_len, block_m), batch, kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens, out,
+        scale * _LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1),
+        GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=_PREFILL_BLOCK_N, PRECISION=_precision(q.dtype),
+        num_warps=8 if block_m * block_g >= 128 else 4)
+    return out

@@ -1,0 +1,123 @@
+"""The paged attention kernels (Triton; the interpreter on CPU, the GPU with marker gpu) against
+paged_attention_reference: scattered, shuffled blocks, contexts that end mid-block and mid-tile,
+GQA groups that are not powers of two, a head_dim that is not one, split-K with empty splits,
+CUDA-graph padding rows, and prefill chunks that continue a cached prefix."""
+import pytest
+import torch
+
+from fastazr.kernels.paged_attention import (decode_splits, pack_block_tables, paged_decode_attention,
+                                             paged_prefill_attention)
+from fastazr.kernels.paged_attention_reference import paged_attention_reference
+
+# fp32 dots run at full precision ("ieee"); only the summation order differs from the reference.
+# fp16/bf16 round the probabilities to the input dtype before the P.V product (as flash attention
+# does): ~3 significant digits on outputs of magnitude <= 3.
+TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+# (heads, kv_heads, head_dim): G = 3 with a non-power-of-two head_dim; G = 6 (Qwen2.5-1.5B); MHA
+SHAPES = [(9, 3, 48), (12, 2, 64), (4, 4, 32)]
+
+
+def make_cache(contexts, heads, kv_heads, head_dim, block_size, dtype, device, seed=0):
+    """Caches with every sequence's blocks drawn at random (not in order) from a shared pool, and
+    garbage (huge values) in every slot no sequence owns: a read past a context shows at once."""
+    g = torch.Generator().manual_seed(seed)
+    needed = [-(-c // block_size) for c in contexts]
+    num_blocks = sum(needed) + 5
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, at = [], 0
+    for n in needed:
+        tables.append(order[at:at + n])
+        at += n
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k = torch.full(shape, 1e4)
+    v = torch.full(shape, -1e4)
+    for table, ctx in zip(tables, contexts):
+        for p in range(ctx):
+            k[table[p // block_size], p % block_size] = torch.randn(kv_heads, head_dim, generator=g)
+            v[table[p // block_size], p % block_size] = torch.randn(kv_heads, head_dim, generator=g)
+    return k.to(device, dtype), v.to(device, dtype), tables
+
+
+def check_decode(contexts, heads, kv_heads, head_dim, block_size, dtype, splits, device):
+    k, v, tables = make_cache(contexts, heads, kv_heads, head_dim, block_size, dtype, device)
+    q = torch.randn(len(contexts), heads, head_dim).to(device, dtype)
+    flat, starts = pack_block_tables(tables, device)
+    ctx = torch.tensor(contexts, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+    out = paged_decode_attention(q, k, v, flat, starts, ctx, scale, num_splits=splits)
+    live = [i for i, c in enumerate(contexts) if c > 0]
+    ref = paged_attention_reference(q[live], k, v, [1] * len(live), [contexts[i] for i in live],
+                                    [tables[i] for i in live], scale)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out[live].float(), ref.float(), rtol=rtol, atol=atol)
+    dead = [i for i, c in enumerate(contexts) if c == 0]
+    assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+
+
+def check_prefill(q_lens, contexts, heads, kv_heads, head_dim, block_size, dtype, device):
+    k, v, tables = make_cache(contexts, heads, kv_heads, head_dim, block_size, dtype, device, seed=1)
+    q = torch.randn(sum(q_lens), heads, head_dim).to(device, dtype)
+    flat, starts = pack_block_tables(tables, device)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    ctx = torch.tensor(contexts, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+    out = paged_prefill_attention(q, k, v, flat, starts, cu, ctx, max(q_lens), scale)
+    ref = paged_attention_reference(q, k, v, q_lens, contexts, tables, scale)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_matches_reference(heads, kv_heads, head_dim, dtype):
+    # 1 token; one block exactly; mid-block; mid-tile past one 64-token tile; three tiles + 1
+    check_decode([1, 16, 23, 100, 193], heads, kv_heads, head_dim, 16, dtype, 1, "cpu")
+
+
+@pytest.mark.parametrize("splits", [2, 8])
+def test_decode_split_k(splits):
+    # splits of 193 tokens: ragged last split; 5 tokens over 8 splits: seven empty splits; a
+    # padding row with no context at all
+    check_decode([193, 5, 0, 70], 9, 3, 48, 16, torch.float32, splits, "cpu")
+
+
+def test_decode_small_blocks_cross_pages_within_a_tile():
+    check_decode([37, 64, 3], 12, 2, 64, 4, torch.float32, 2, "cpu")
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_matches_reference(heads, kv_heads, head_dim, dtype):
+    # a fresh prompt; a chunk after a 30-token cached prefix; a single token (decode-like); a
+    # chunk longer than one query tile
+    check_prefill([21, 9, 1, 150], [21, 39, 77, 150], heads, kv_heads, head_dim, 16, dtype, "cpu")
+
+
+def test_prefill_small_blocks():
+    check_prefill([5, 33], [18, 33], 9, 3, 48, 4, torch.float32, "cpu")
+
+
+def test_shape_errors_name_the_problem():
+    k = torch.zeros(4, 16, 2, 64)
+    q = torch.zeros(1, 5, 64)
+    flat, starts = pack_block_tables([[0]], "cpu")
+    ctx = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        paged_decode_attention(q, k, k, flat, starts, ctx, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention(torch.zeros(1, 4, 64), k, k, flat, starts, ctx, 1.0, num_splits=3)
+
+
+def test_decode_splits_cover_the_gpu():
+    assert decode_splits(256, 2, 132) == 1
+    assert decode_splits(1, 2, 132) == 32
+    assert decode_splits(16, 2, 132) == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_decode_and_prefill(dtype):
+    for splits in (1, 4, 32):
+        check_decode([1, 16, 23, 100, 193, 0, 1000], 12, 2, 128, 16, dtype, splits, "cuda")
+    check_prefill([21, 9, 1, 150, 700], [21, 39, 77, 150, 1000], 12, 2, 128, 16, dtype, "cuda")
+    check_prefill([3, 64], [40, 64], 14, 2, 64, 16, dtype, "cuda")
