@@ -41,6 +41,26 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _attend_tile(q, k_ptr, v_ptr, table, pos, valid, visible, kvh, sk_b, sk_t, sk_h, d, d_ok, m, l, acc, qk_scale,
+                 PAGE: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step (log2 domain) of the score rows q against the keys at context
+    positions `pos`, looked up block by block in the table; `visible` [rows, N] masks scores."""
+    page = tl.load(table + pos // PAGE, mask=valid, other=0)
+    offs = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_t + kvh * sk_h
+    kv_mask = valid[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, ctx_ptr, out_ptr, part_ptr, lse_ptr,
                    qk_scale, sq_b, sq_h, sk_b, sk_t, sk_h, so_b, so_h,
                    GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -67,19 +87,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, ctx_ptr, out_ptr
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        page = tl.load(table + pos // PAGE, mask=valid, other=0)
-        offs = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_t + kvh * sk_h
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = _attend_tile(q, k_ptr, v_ptr, table, pos, valid, valid[None, :], kvh, sk_b, sk_t, sk_h, d, d_ok,
+                                 m, l, acc, qk_scale, PAGE, PRECISION)
     # An empty chunk (or a padding row with ctx = 0) has l = 0: output 0, log-sum-exp -inf.
     seen = l > 0.0
     out = acc / tl.where(seen, l, 1.0)[:, None]
@@ -141,19 +150,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_p
     for n0 in range(0, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < kv_end
-        page = tl.load(table + pos // PAGE, mask=valid, other=0)
-        offs = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_t + kvh * sk_h
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(valid[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        m, l, acc = _attend_tile(q, k_ptr, v_ptr, table, pos, valid, visible, kvh, sk_b, sk_t, sk_h, d, d_ok,
+                                 m, l, acc, qk_scale, PAGE, PRECISION)
     out = acc / l[:, None]
     tl.store(out_ptr + (q0 + tok)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
