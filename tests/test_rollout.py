@@ -152,6 +152,41 @@ def test_preemption_recomputes_and_matches_naive(device):
         assert completion.completion_ids == naive_greedy(model, prompt, 11)[0]
 
 
+def test_stops_read_back_a_step_late_with_preemption_change_nothing(device, monkeypatch):
+    """The host reads a step's tokens back while the next step runs: a sequence that stops has
+    computed one extra token, and one preempted in that window stops from the waiting queue.
+    Each of 6 sequences stops on a token of its own free run, in a cache that forces preemption
+    (seed and sizes chosen so that one stop arrives while preempted); completions, logprobs and
+    every block must come out as if each ran alone."""
+    from fastazr.rollout.scheduler import Scheduler
+
+    model = tiny_model(device=device)
+    batch = prompts(6, seed=26, low=10, high=19)
+    requests, wants = [], []
+    for i, prompt in enumerate(batch):
+        free_run, logprobs = naive_greedy(model, prompt, 14)
+        stop = free_run[3 + i % 5]
+        end = free_run.index(stop) + 1
+        requests.append(Request(prompt, SamplingParams(temperature=0.0, max_new_tokens=14, stop_token_ids=(stop,),
+                                                        ignore_eos=True)))
+        wants.append((free_run[:end], logprobs[:end]))
+    finished_waiting = []
+    finish = Scheduler.finish
+
+    def counting(self, seq):
+        finished_waiting.append(seq not in self.running)
+        finish(self, seq)
+
+    monkeypatch.setattr(Scheduler, "finish", counting)
+    small = engine(model, kv_cache_bytes=SMALL_CACHE // 32 * 12)
+    results = small.generate(requests)
+    assert small.stats["preemptions"] > 0 and any(finished_waiting)
+    for (completion,), (tokens, logprobs) in zip(results, wants):
+        assert completion.completion_ids == tokens and completion.finish_reason == "stop_token"
+        assert completion.logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert small.blocks.num_free == small.blocks.num_blocks
+
+
 def test_stop_token_eos_length_and_context_limit(device):
     model = tiny_model(device=device)
     prompt = prompts(1, seed=7)[0]

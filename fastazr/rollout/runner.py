@@ -5,12 +5,16 @@ layer: no copy of the weights exists. Each step writes the new tokens' keys and 
 their cache slots, attends, and projects only the last token of each slice that samples.
 
 Step metadata (token ids, positions, cache slots, context lengths, ragged block tables) is packed
-on the host into one int32 array and reaches the device in one copy. On CUDA the attention is
+on the host into one int32 array and reaches the device in one copy. A negative token id -1 - j
+stands for the j-th token sampled by the previous step, which the host has not read back yet
+(see engine.py); it is taken from that step's output on the device. On CUDA the attention is
 fastazr.kernels.paged_attention: the leading one-token slices (decodes) go to the split-K decode
 kernel, the rest (prefill chunks) to the varlen prefill kernel; a step of decodes only replays a
 CUDA graph captured for its batch-size bucket. On CPU it is the plain-torch reference."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -25,6 +29,7 @@ from fastazr.model.layers import rms_norm
 from .config import EngineConfig
 from .kv_cache import KVCache
 from .scheduler import Work
+from .staging import Staging
 
 
 def graph_buckets(max_rows: int) -> list[int]:
@@ -44,9 +49,15 @@ def _fp32_lm_head_supported(device: torch.device) -> bool:
         return False
 
 
+def _resolve_ids(ids: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    if previous is None or previous.numel() == 0:  # a step of prefill chunks only sampled nothing
+        return ids
+    return torch.where(ids < 0, previous[(-1 - ids).clamp(min=0)], ids)
+
+
 class Runner:
-    def __init__(self, model: Decoder, config: EngineConfig):
-        self.model, self.config = model, config
+    def __init__(self, model: Decoder, config: EngineConfig, staging: Staging):
+        self.model, self.config, self.staging = model, config, staging
         c = model.config
         self.scale = c.head_dim ** -0.5
         self.kernels = model.device.type == "cuda"
@@ -55,28 +66,19 @@ class Runner:
         self.buckets = graph_buckets(config.max_num_seqs)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_meta: torch.Tensor | None = None
+        self._graph_previous: torch.Tensor | None = None
         self._pool = None
         self._side_stream: torch.cuda.Stream | None = None
-        self._host = torch.empty(0, dtype=torch.int32)
 
     def reset(self) -> None:
         """Drop the CUDA graphs: they hold the KV cache's addresses (call before freeing it)."""
         self.graphs.clear()
-        self._graph_meta = self._pool = None
+        self._graph_meta = self._graph_previous = self._pool = None
 
     # host side
 
-    def _upload(self, packed: np.ndarray, device_buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """One host-to-device copy through a pinned buffer. Reusing the buffer is safe: the engine
-        reads each step's tokens back before packing the next step."""
-        if self._host.numel() < packed.size:
-            self._host = torch.empty(max(packed.size, 2 * self._host.numel()), dtype=torch.int32,
-                                     pin_memory=self.kernels)
-        self._host.numpy()[:packed.size] = packed
-        if device_buffer is None:
-            device_buffer = torch.empty(packed.size, dtype=torch.int32, device=self.model.device)
-        device_buffer[:packed.size].copy_(self._host[:packed.size], non_blocking=True)
-        return device_buffer
+    def _upload(self, packed: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.staging.upload(packed.astype(np.int32), out)
 
     def _index(self, work: list[Work]) -> dict[str, np.ndarray]:
         bs = self.config.block_size
@@ -98,10 +100,10 @@ class Runner:
 
     # device side
 
-    def _layers(self, ids, positions, slots, cache: KVCache, attend) -> torch.Tensor:
+    def _layers(self, ids, positions, slots, cache: KVCache, attend, previous) -> torch.Tensor:
         """Final-normed hidden states [T, H]."""
         model, c = self.model, self.model.config
-        hidden = F.embedding(ids, model.embed_tokens)
+        hidden = F.embedding(_resolve_ids(ids, previous), model.embed_tokens)
         cos, sin = model.rotary(positions)
         if self.kernels:
             return self._fused_layers(hidden, cos, sin, slots, cache, attend)
@@ -138,11 +140,12 @@ class Runner:
         return F.linear(normed, weight).float()
 
     @torch.no_grad()
-    def forward(self, work: list[Work], cache: KVCache) -> torch.Tensor:
-        """fp32 logits [S, V] of the slices that sample, in work order."""
+    def forward(self, work: list[Work], cache: KVCache, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [S, V] of the slices that sample, in work order. `previous`: the tokens the
+        last step sampled, which placeholder ids refer to."""
         decodes_only = all(w.count == 1 and w.samples for w in work)
         if self.kernels and self.config.cuda_graphs and decodes_only and len(work) <= self.buckets[-1]:
-            return self._replay(work, cache)
+            return self._replay(work, cache, previous)
         index = self._index(work)
         last = (index["cu"][1:] - 1)[[w.samples for w in work]]
         if not self.kernels:
@@ -151,12 +154,12 @@ class Runner:
                                                  index["context"].tolist(), [w.seq.blocks for w in work], self.scale)
             device = self.model.device
             hidden = self._layers(torch.from_numpy(index["ids"]).to(device), torch.from_numpy(index["positions"]).to(device),
-                                  torch.from_numpy(index["slots"]).to(device), cache, attend)
+                                  torch.from_numpy(index["slots"]).to(device), cache, attend, previous)
             return self._logits(hidden[torch.from_numpy(last).to(device)])
-        return self._eager_kernels(work, index, last, cache)
+        return self._eager_kernels(work, index, last, cache, previous)
 
     def _eager_kernels(self, work: list[Work], index: dict[str, np.ndarray], last: np.ndarray,
-                       cache: KVCache) -> torch.Tensor:
+                       cache: KVCache, previous: torch.Tensor | None) -> torch.Tensor:
         # Leading one-token slices take the decode kernel; the rest (with their own cu_seqlens,
         # re-based at the first prefill row) take the prefill kernel.
         decodes = next((i for i, w in enumerate(work) if w.count != 1), len(work))
@@ -165,7 +168,7 @@ class Runner:
                      table_starts=index["table_starts"], cu_prefill=cu[decodes:] - decodes, last=last,
                      flat=index["flat"])
         sizes = [len(v) for v in parts.values()]
-        meta = self._upload(np.concatenate(list(parts.values())).astype(np.int32))
+        meta = self._upload(np.concatenate(list(parts.values())))
         views = dict(zip(parts, meta.split(sizes)))
         last_t = views["last"].long()
         max_q = int((cu[decodes + 1:] - cu[decodes:-1]).max()) if decodes < len(work) else 0
@@ -182,7 +185,7 @@ class Runner:
                                         out=out[decodes:])
             return out
 
-        hidden = self._layers(views["ids"], views["positions"], views["slots"], cache, attend)
+        hidden = self._layers(views["ids"], views["positions"], views["slots"], cache, attend, previous)
         return self._logits(hidden[last_t])
 
     # CUDA graphs
@@ -194,27 +197,30 @@ class Runner:
         max_len = self.config.max_model_len or self.model.config.max_position_embeddings
         return rows, rows * -(-max_len // self.config.block_size)
 
-    def _replay(self, work: list[Work], cache: KVCache) -> torch.Tensor:
+    def _replay(self, work: list[Work], cache: KVCache, previous: torch.Tensor | None) -> torch.Tensor:
         rows, capacity = self._graph_layout()
         n = len(work)
         bucket = next(b for b in self.buckets if b >= n)
         if self._graph_meta is None:
             self._graph_meta = torch.zeros(5 * rows + capacity, dtype=torch.int32, device=self.model.device)
+            self._graph_previous = torch.zeros(rows, dtype=torch.int64, device=self.model.device)
+        if previous is not None:
+            self._graph_previous[:len(previous)].copy_(previous)
         bs = self.config.block_size
-        packed = np.zeros(5 * rows, np.int64)
-        packed[2 * rows:3 * rows] = cache.scratch_slot  # padding rows write to the scratch block
-        flat: list[int] = []
-        for i, w in enumerate(work):
-            seq, p = w.seq, w.start
-            packed[i] = seq.tokens[p]
-            packed[rows + i] = p
-            packed[2 * rows + i] = seq.blocks[p // bs] * bs + p % bs
-            packed[3 * rows + i] = p + 1
-            packed[4 * rows + i] = len(flat)
-            flat.extend(seq.blocks)
-        if len(flat) > capacity:
-            raise RuntimeError(f"{len(flat)} block-table entries overflow the graph buffer's {capacity}: a bug")
-        self._upload(np.concatenate([packed, np.asarray(flat, np.int64)]).astype(np.int32), self._graph_meta)
+        seqs = [w.seq for w in work]
+        positions = [w.start for w in work]
+        table_lengths = [len(seq.blocks) for seq in seqs]
+        if sum(table_lengths) > capacity:
+            raise RuntimeError(f"{sum(table_lengths)} block-table entries overflow the graph buffer's {capacity}: a bug")
+        packed = np.zeros((5, rows), np.int64)
+        packed[2] = cache.scratch_slot  # padding rows write to the scratch block
+        packed[0, :n] = [seq.tokens[p] for seq, p in zip(seqs, positions)]
+        packed[1, :n] = positions
+        packed[2, :n] = [seq.blocks[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        packed[3, :n] = packed[1, :n] + 1
+        np.cumsum(table_lengths[:-1], out=packed[4, 1:n])
+        flat = np.fromiter(itertools.chain.from_iterable(seq.blocks for seq in seqs), np.int64, sum(table_lengths))
+        self._upload(np.concatenate([packed.reshape(-1), flat]), self._graph_meta)
         if bucket not in self.graphs:
             self.graphs[bucket] = self._capture(bucket, cache)
         graph, logits = self.graphs[bucket]
@@ -230,7 +236,7 @@ class Runner:
         def attend(q, k_cache, v_cache):
             return paged_decode_attention(q, k_cache, v_cache, meta[5 * rows:], starts, context, self.scale, splits)
 
-        return self._logits(self._layers(ids, positions, slots, cache, attend))
+        return self._logits(self._layers(ids, positions, slots, cache, attend, self._graph_previous))
 
     def _capture(self, bucket: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # A warm-up run on a side stream compiles the Triton kernels and settles the allocator

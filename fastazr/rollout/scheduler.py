@@ -63,7 +63,7 @@ class Scheduler:
         # A victim is always the newest, so it has no work in this step yet.
         preempted: set[int] = set()
         for seq in list(self.running):
-            if id(seq) in preempted:  # by an older sequence, below
+            if id(seq) in preempted or seq.exhausted:  # preempted by an older sequence, below
                 continue
             count = min(len(seq.tokens) - seq.num_computed, budget)
             if count == 0:
@@ -77,13 +77,15 @@ class Scheduler:
             else:
                 work.append(Work(seq, seq.num_computed, count))
                 budget -= count
-        # Waiting sequences, in order; a follower waits until its leader's prompt is cached.
+        # Waiting sequences, in order.
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting.popleft()
             leader = seq.leader
-            if (self.config.prefix_sharing and leader is not None and leader.finish_reason is None
-                    and not leader.prompt_done):
+            # A preempted sequence comes back once its last token is read back (the next step); a
+            # follower once its leader's prompt is cached.
+            if not seq.resolved or (self.config.prefix_sharing and leader is not None and leader.finish_reason is None
+                                    and not leader.prompt_done):
                 skipped.append(seq)
                 continue
             self.blocks.share_prefix(seq)
@@ -108,5 +110,9 @@ class Scheduler:
         self.waiting.clear()
 
     def finish(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        """seq stopped: running, or preempted while its last token was on the way back."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
         self.blocks.release(seq)

@@ -25,10 +25,19 @@ class Sequence:
     """Leading blocks already offered to the prefix cache."""
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    exhausted: bool = False
+    """The last token (maybe not read back yet) reaches max_new_tokens or the longest sequence:
+    nothing more is computed, and the sequence finishes when that token is read back."""
 
     @property
     def num_completion(self) -> int:
         return len(self.tokens) - self.num_prompt
+
+    @property
+    def resolved(self) -> bool:
+        """Every token's value is on the host (none is a placeholder -1 - j for a sampled token
+        still on the device)."""
+        return self.tokens[-1] >= 0
 
     @property
     def prompt_done(self) -> bool:
