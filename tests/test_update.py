@@ -159,9 +159,12 @@ def test_fused_update_equals_plain_torch_reference(device, old_logprobs):
 def test_one_micro_batch_equals_many(device):
     rollouts = make_rollouts(9, seed=1)
     results = []
-    for budget in (10**6, 45):  # one bin per mini-batch vs one or two sequences per bin
+    # one bin per mini-batch vs one or two sequences per bin, with activation checkpointing
+    # (recomputing each layer in backward must not change a gradient either)
+    for budget, checkpointing in ((10**6, False), (45, True)):
         model = tiny_model(device)
-        update = PolicyUpdate(model, UpdateConfig(micro_batch_tokens=budget, mini_batches=2, **CONFIG))
+        update = PolicyUpdate(model, UpdateConfig(micro_batch_tokens=budget, mini_batches=2,
+                                                  activation_checkpointing=checkpointing, **CONFIG))
         grads = capture_grads(update)
         results.append((update(rollouts), grads, model))
     (one, one_grads, one_model), (many, many_grads, many_model) = results
@@ -207,6 +210,7 @@ def test_colocated_cycles_generate_train_generate(device):
     telemetry = Telemetry(device)
     memory = ColocatedMemory(engine, update.optimizer, update.config, telemetry)
     assert memory.offload and update.optimizer.offloaded
+    pointers = [p.data_ptr() for p in model.parameters()]
     prompts = [r.prompt_ids for r in make_rollouts(4, seed=3)]
     params = SamplingParams(temperature=1.0, max_new_tokens=9, seed=5)
     first = None
@@ -226,6 +230,8 @@ def test_colocated_cycles_generate_train_generate(device):
         assert metrics["mean_ratio"] == pytest.approx(1.0, abs=1e-3)
         memory.to_generation()
         assert engine.cache is not None and update.optimizer.offloaded
+    # the optimizer wrote the weights in place: the engine never held another copy
+    assert [p.data_ptr() for p in model.parameters()] == pointers
     timeline = telemetry.timeline()
     for phase in ("generate", "release_kv", "swap_in_issue", "train", "swap_out", "create_kv"):
         assert timeline[f"{phase}/seconds"] > 0
@@ -233,6 +239,16 @@ def test_colocated_cycles_generate_train_generate(device):
     again = [c for group in engine.generate([Request(p, params, n=2) for p in prompts]) for c in group]
     assert [c.completion_ids for c in again] != [c.completion_ids for c in first]
     telemetry.close()
+
+
+def test_offload_policy_auto_and_forced():
+    from fastazr.update.memory import offloads
+
+    optimizer = PolicyUpdate(tiny_model("cpu"), UpdateConfig()).optimizer
+    assert optimizer.state_bytes == 16 * sum(p.numel() for p in optimizer.params)
+    assert offloads(optimizer, UpdateConfig(optimizer_offload="cpu"))
+    assert not offloads(optimizer, UpdateConfig(optimizer_offload="gpu"))
+    assert not offloads(optimizer, UpdateConfig(optimizer_offload="auto"))  # no GPU to make room on
 
 
 def test_micro_batch_plan_packs_within_the_budget():
