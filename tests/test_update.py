@@ -275,3 +275,23 @@ def test_bad_input_names_what_to_change():
         update([Rollout([1, 2], [3], 1.0)])
     with pytest.raises(ValueError, match="no rollouts"):
         update([])
+    update.optimizer.offload()
+    with pytest.raises(RuntimeError, match="to_training"):
+        update([Rollout([1, 2], [3], 1.0, [-1.0])])
+    update.optimizer.onload()
+
+
+def test_a_non_finite_gradient_skips_the_step():
+    """A NaN advantage on a counted token makes every gradient NaN: the step is skipped, the
+    weights and Adam's state stay finite, and the next update trains normally."""
+    model = tiny_model("cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    update = PolicyUpdate(model, UpdateConfig(**CONFIG))
+    rollouts = make_rollouts(3, seed=4)
+    poisoned = [Rollout(r.prompt_ids, r.completion_ids, float("nan"), r.old_logprobs) for r in rollouts]
+    metrics = update(poisoned)
+    assert metrics["skipped_steps"] == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert update(rollouts)["skipped_steps"] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

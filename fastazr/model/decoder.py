@@ -16,8 +16,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastazr.kernels.training_fusions import fused_rms_norm, fused_swiglu
-
 from .attention import choose_backend, varlen_causal_attention
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
@@ -26,11 +24,18 @@ from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # On CUDA the fused kernels (one launch each way instead of ~8): the same rounding as the
     # torch code, which stays the path on CPU (and the reference the kernels are tested against).
-    return fused_rms_norm(x, weight, eps) if x.is_cuda and x.dim() == 2 else rms_norm(x, weight, eps)
+    # Imported here: the model must load where Triton is not installed.
+    if x.is_cuda and x.dim() == 2:
+        from fastazr.kernels.training_fusions import fused_rms_norm
+        return fused_rms_norm(x, weight, eps)
+    return rms_norm(x, weight, eps)
 
 
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    return fused_swiglu(gate_up) if gate_up.is_cuda and gate_up.dim() == 2 else swiglu(gate_up)
+    if gate_up.is_cuda and gate_up.dim() == 2:
+        from fastazr.kernels.training_fusions import fused_swiglu
+        return fused_swiglu(gate_up)
+    return swiglu(gate_up)
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

@@ -78,8 +78,9 @@ class Engine(RolloutBackend):
         self.cache: KVCache | None = None
         self.blocks: BlockManager | None = None
         self.stats: dict[str, int] = {}
-        """Counters of the last generate(): steps, computed_tokens, cached_tokens (tokens reused
-        from the prefix cache, re-admissions after preemption included), preemptions."""
+        """Counters of the last generate(): steps, computed_tokens (the one extra token a sequence
+        computes in the step after it stopped included), cached_tokens (tokens reused from the
+        prefix cache, re-admissions after preemption included), preemptions."""
         self.resume_memory()
 
     # memory phases

@@ -38,7 +38,7 @@ class Staging:
         if not self.pinned:
             return None
         event = self._events[self._slot] = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def host(self, numel: int, dtype: torch.dtype) -> torch.Tensor:

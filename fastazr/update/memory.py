@@ -34,7 +34,7 @@ def offloads(optimizer: MasterOptimizer, config: UpdateConfig) -> bool:
     if optimizer.device.type != "cuda":
         return False
     total = torch.cuda.get_device_properties(optimizer.device).total_memory
-    return optimizer.state_bytes > config.resident_state_fraction * total
+    return optimizer.resident_bytes > config.resident_state_fraction * total
 
 
 class ColocatedMemory:
@@ -59,8 +59,9 @@ class ColocatedMemory:
         with self.telemetry.phase("release_kv"):
             self.engine.release_memory()
             self._empty_cache()
-        # the copies run on a side stream; the first optimizer step waits for them
-        with self.telemetry.phase("swap_in_issue"):
+        # the copies run on a side stream and the first optimizer step waits for them: the phase
+        # times only their queueing, so that they overlap the first micro-batches
+        with self.telemetry.phase("swap_in_issue", sync=False):
             self.optimizer.onload()
         self.phase = "training"
 

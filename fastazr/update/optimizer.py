@@ -56,6 +56,8 @@ class MasterOptimizer:
         self.offloaded = False
         """The gradients (and, if offloaded with state, the master and moments) are not on the device."""
         self.steps = 0
+        self.skipped = 0
+        """Steps skipped for a non-finite gradient norm."""
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[a:b].view_as(p) for p, a, b in zip(self.params, self.offsets, self.offsets[1:])]
@@ -65,11 +67,23 @@ class MasterOptimizer:
         """Master, gradients and both Adam moments: 16 bytes a parameter."""
         return 4 * self.master.numel() * 4
 
+    @property
+    def resident_bytes(self) -> int:
+        """What offloading would move (the master and both moments, 12 bytes a parameter); the
+        gradients are freed in generation either way."""
+        return 3 * self.master.numel() * 4
+
+    def check_onloaded(self) -> None:
+        if self.offloaded:
+            raise RuntimeError("the optimizer state is offloaded (the generation phase): call "
+                               "ColocatedMemory.to_training() (or MasterOptimizer.onload()) before training")
+
     # training
 
     @torch.no_grad()
     def accumulate(self) -> None:
         """Add the model's gradients (of one micro-batch) into the fp32 buffer and drop them."""
+        self.check_onloaded()
         for p, view in zip(self.params, self._views(self.grad)):
             if p.grad is not None:
                 view.add_(p.grad)
@@ -78,9 +92,16 @@ class MasterOptimizer:
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Clip, AdamW, zero the gradients, refresh the model's parameters; returns the gradient
-        norm before clipping (a 0-dim device tensor: reading it waits for the step)."""
+        norm before clipping. A non-finite norm (a NaN or inf anywhere in the gradients) skips
+        the step: the weights and Adam's state stay as they were, and `skipped` counts it."""
+        self.check_onloaded()
         self.wait_onloaded()
         norm = self.grad.norm()
+        # one host read per optimizer step (~1 s of work each): cheaper than a corrupted model
+        if not bool(torch.isfinite(norm)):
+            self.grad.zero_()
+            self.skipped += 1
+            return norm
         if self.config.max_grad_norm is not None:
             self.grad.mul_(torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0))
         self.optimizer.step()

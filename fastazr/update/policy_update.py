@@ -58,9 +58,10 @@ class PolicyUpdate:
     def __call__(self, rollouts: list[Rollout]) -> dict[str, float]:
         """Train on the rollouts: mini_batches optimizer steps. Returns the means over the update
         of the loss and its metrics (token-weighted), the gradient norm before clipping, token
-        counts and steps."""
+        counts, steps, and skipped_steps (a non-finite gradient norm leaves the weights alone)."""
         if not rollouts:
             raise ValueError("PolicyUpdate got no rollouts: nothing to train on")
+        self.optimizer.check_onloaded()
         config = self.config
         if config.old_logprobs == "engine" and any(r.old_logprobs is None for r in rollouts):
             raise ValueError("a Rollout has old_logprobs=None: pass the engine's Completion.logprobs, or set "
@@ -72,7 +73,7 @@ class PolicyUpdate:
         device = self.model.device
         sums = torch.zeros(len(METRICS), dtype=torch.float32, device=device)
         norms = []
-        loss_tokens = 0
+        loss_tokens, skipped = 0, self.optimizer.skipped
         for plan in plans:
             normalizer = sum(b.num_loss_tokens for b in plan)
             for batch in plan:
@@ -88,7 +89,8 @@ class PolicyUpdate:
         self.model.eval()
         values = (sums / max(loss_tokens, 1)).tolist()
         metrics = dict(zip(METRICS, values))
-        metrics.update(grad_norm=float(torch.stack(norms).mean()), steps=len(plans), loss_tokens=loss_tokens,
+        metrics.update(grad_norm=float(torch.stack(norms).mean()), steps=len(plans),
+                       skipped_steps=self.optimizer.skipped - skipped, loss_tokens=loss_tokens,
                        tokens=sum(b.num_tokens for plan in plans for b in plan),
                        micro_batches=sum(len(plan) for plan in plans))
         return metrics

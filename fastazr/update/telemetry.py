@@ -30,11 +30,18 @@ class _Sampler(threading.Thread):
             self.sample()
 
     def sample(self) -> None:
-        memory = pynvml.nvmlDeviceGetMemoryInfo(self.handle).used
-        util = pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
-        power = pynvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+        # A board or MIG slice may not report utilization or power (NVML_ERROR_NOT_SUPPORTED):
+        # those read as NaN, and telemetry never takes the training down.
+        values = []
+        for read in (lambda h: pynvml.nvmlDeviceGetMemoryInfo(h).used,
+                     lambda h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu,
+                     lambda h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0):
+            try:
+                values.append(float(read(self.handle)))
+            except pynvml.NVMLError:
+                values.append(float("nan"))
         with self.lock:
-            self.samples.append((memory, util, power))
+            self.samples.append(tuple(values))
 
     def take(self) -> list[tuple[float, float, float]]:
         self.sample()  # at least one per phase, however short
@@ -52,17 +59,21 @@ class Telemetry:
         if self.cuda and pynvml is not None:
             try:
                 pynvml.nvmlInit()
-                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                # NVML numbers every GPU of the machine; CUDA only the visible ones
+                index = torch.cuda._get_nvml_device_index(self.device)
                 self._sampler = _Sampler(pynvml.nvmlDeviceGetHandleByIndex(index), interval_s)
                 self._sampler.start()
             except pynvml.NVMLError:
                 self._sampler = None
 
     @contextmanager
-    def phase(self, name: str):
-        """Time a phase (device work included) and record its memory and NVML samples."""
-        if self.cuda:
+    def phase(self, name: str, sync: bool = True):
+        """Time a phase and record its memory and NVML samples. With `sync` (the default) the
+        device work of the phase is timed too; without, only the host's part (a phase that only
+        queues asynchronous copies must not wait for them)."""
+        if self.cuda and sync:
             torch.cuda.synchronize(self.device)
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self._sampler is not None:
             self._sampler.take()
@@ -70,7 +81,7 @@ class Telemetry:
         try:
             yield
         finally:
-            if self.cuda:
+            if self.cuda and sync:
                 torch.cuda.synchronize(self.device)
             record: dict[str, float | str] = dict(phase=name, seconds=time.perf_counter() - start)
             if self.cuda:
