@@ -63,7 +63,7 @@ class Telemetry:
                 index = torch.cuda._get_nvml_device_index(self.device)
                 self._sampler = _Sampler(pynvml.nvmlDeviceGetHandleByIndex(index), interval_s)
                 self._sampler.start()
-            except pynvml.NVMLError:
+            except (pynvml.NVMLError, RuntimeError):  # no NVML, or a CUDA_VISIBLE_DEVICES it cannot map
                 self._sampler = None
 
     @contextmanager
