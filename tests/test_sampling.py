@@ -25,14 +25,19 @@ def make_rows(rows, vocab, dtype, device, seed=0):
     return [t.to(device) for t in (logits, temperature, seeds, samples, steps)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_sampler_matches_reference(dtype):
-    args = make_rows(7, 9001, dtype, "cpu")
+def assert_matches_reference(args, atol: float) -> torch.Tensor:
+    """The kernel's tokens equal the reference's and its logprobs are within atol; the tokens."""
     tokens, logprobs = gumbel_sample(*args)
     want_tokens, want_logprobs = gumbel_sample_reference(*args)
     assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=atol)
+    return tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_sampler_matches_reference(dtype):
+    tokens = assert_matches_reference(make_rows(7, 9001, dtype, "cpu"), LOGPROB_ATOL[dtype])
     assert tokens[2] == 4100
-    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=LOGPROB_ATOL[dtype])
 
 
 def test_fused_sampler_draws_follow_the_softmax():
@@ -52,8 +57,4 @@ def test_fused_sampler_draws_follow_the_softmax():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_fused_sampler_matches_reference(dtype):
-    args = make_rows(7, 151936, dtype, "cuda")
-    tokens, logprobs = gumbel_sample(*args)
-    want_tokens, want_logprobs = gumbel_sample_reference(*args)
-    assert torch.equal(tokens, want_tokens)
-    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=2e-5)
+    assert_matches_reference(make_rows(7, 151936, dtype, "cuda"), 2e-5)

@@ -63,11 +63,6 @@ class MasterOptimizer:
         return [flat[a:b].view_as(p) for p, a, b in zip(self.params, self.offsets, self.offsets[1:])]
 
     @property
-    def state_bytes(self) -> int:
-        """Master, gradients and both Adam moments: 16 bytes a parameter."""
-        return 4 * self.master.numel() * 4
-
-    @property
     def resident_bytes(self) -> int:
         """What offloading would move (the master and both moments, 12 bytes a parameter); the
         gradients are freed in generation either way."""
