@@ -185,7 +185,7 @@ def with_new_tokens(requests: list[Request], new_tokens: int) -> list[Request]:
     return [Request(r.prompt_ids, replace(r.params, max_new_tokens=new_tokens), r.n) for r in requests]
 
 
-def run_engine(w: Workload, config: EngineConfig, args, device: str) -> dict:
+def run_engine(w: Workload, config: EngineConfig, args, device: str, label: str = "fastazr engine") -> dict:
     engine = Engine(w.model, w.tokenizer, config, seed=args.seed)
 
     def go(requests):
@@ -206,7 +206,7 @@ def run_engine(w: Workload, config: EngineConfig, args, device: str) -> dict:
                 s, out = go(w.requests)
             seconds.append(s)
     lengths = [(len(c.prompt_ids), len(c.completion_ids)) for group in out for c in group]
-    result = dict(contender="fastazr engine", lengths=lengths, tokens=sum(n for _, n in lengths),
+    result = dict(contender=label, lengths=lengths, tokens=sum(n for _, n in lengths),
                   seconds=median(seconds), ttft_s=ttft, peak_gib=peak_gib(device), stats=dict(engine.stats),
                   kv_cache_gib=engine.cache.bytes / 2**30)
     engine.release_memory()
@@ -267,6 +267,10 @@ def measure(w: Workload, config: EngineConfig, bandwidth: float | None, workdir:
     if not args.skip_hf:
         save_hf(w.model, workdir / w.name)
     runs = [run_engine(w, config, args, device)]
+    if device == "cuda" and config.exact_logprobs:
+        # what exact logprobs cost: the split-K decode kernel, whose rounding is not the trainer's
+        runs.append(run_engine(w, replace(config, exact_logprobs=False), args, device,
+                               label="fastazr engine, split-K decode (inexact logprobs)"))
     w.model = None  # transformers' peak memory must not include fastazr's copy of the weights
     free(device)
     if not args.skip_hf:

@@ -16,13 +16,20 @@ Decode is memory-bound (every step reads each sequence's whole context), so its 
 to cover the GPU even at small batch: the context of each sequence is cut into `num_splits`
 equal chunks (split-K), each program writes a partial output and its log-sum-exp, and a second
 kernel merges them. The grid depends only on (B, Hkv, num_splits), never on the context lengths
-in device memory, so a CUDA graph captures it once per batch size."""
+in device memory, so a CUDA graph captures it once per batch size.
+
+Every tile goes through attention_math.softmax_step, which the training forward
+(varlen_attention.py) takes too. The prefill kernel's tiles are the trainer's, so its outputs
+are the trainer's bit for bit, also for one-token decode slices (EngineConfig.exact_logprobs);
+the decode kernel's 16-row tiles differ from them in ~0.3% of outputs' last bit."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from fastazr.kernels.attention_math import finish, softmax_step
 
 __all__ = ["pack_block_tables", "paged_decode_attention", "paged_prefill_attention", "decode_splits"]
 
@@ -42,22 +49,15 @@ def _precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _attend_tile(q, k_ptr, v_ptr, table, pos, valid, visible, kvh, sk_b, sk_t, sk_h, d, d_ok, m, l, acc, qk_scale,
-                 PAGE: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step (log2 domain) of the score rows q against the keys at context
-    positions `pos`, looked up block by block in the table; `visible` [rows, N] masks scores."""
+                 PAGE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+    """The keys at context positions `pos`, looked up block by block in the table, folded into
+    the score rows' state by the shared softmax step; `visible` [rows, N] masks scores."""
     page = tl.load(table + pos // PAGE, mask=valid, other=0)
     offs = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_t + kvh * sk_h
     kv_mask = valid[:, None] & d_ok[None, :]
     k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m - m_new)
-    l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l, acc
+    return softmax_step(q, k, v, visible, m, l, acc, qk_scale, PRECISION, SPLIT_P)
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, ctx_ptr, out_ptr
                    qk_scale, sq_b, sq_h, sk_b, sk_t, sk_h, so_b, so_h,
                    GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
     table = tables_ptr + tl.load(starts_ptr + b)
@@ -88,10 +88,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, ctx_ptr, out_ptr
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
         m, l, acc = _attend_tile(q, k_ptr, v_ptr, table, pos, valid, valid[None, :], kvh, sk_b, sk_t, sk_h, d, d_ok,
-                                 m, l, acc, qk_scale, PAGE, PRECISION)
+                                 m, l, acc, qk_scale, PAGE, PRECISION, SPLIT_P)
     # An empty chunk (or a padding row with ctx = 0) has l = 0: output 0, log-sum-exp -inf.
-    seen = l > 0.0
-    out = acc / tl.where(seen, l, 1.0)[:, None]
+    out, lse = finish(m, l, acc)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
@@ -99,7 +98,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, ctx_ptr, out_ptr
         # partials are fp32 [B, Hq, NUM_SPLITS, BLOCK_D] and [B, Hq, NUM_SPLITS], log2 domain
         row = (b * (GROUPS * tl.num_programs(1)) + heads) * NUM_SPLITS + split
         tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], out, mask=row_ok[:, None])
-        tl.store(lse_ptr + row, tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf")), mask=row_ok)
+        tl.store(lse_ptr + row, lse, mask=row_ok)
 
 
 @triton.jit
@@ -123,7 +122,8 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, so_b, so_h, num_heads,
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_ptr, out_ptr,
                     qk_scale, sq_t, sq_h, sk_b, sk_t, sk_h, so_t, so_h,
                     GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                    SPLIT_P: tl.constexpr):
     tile, b, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q0 = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q0
@@ -152,8 +152,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_p
         valid = pos < kv_end
         visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
         m, l, acc = _attend_tile(q, k_ptr, v_ptr, table, pos, valid, visible, kvh, sk_b, sk_t, sk_h, d, d_ok,
-                                 m, l, acc, qk_scale, PAGE, PRECISION)
-    out = acc / l[:, None]
+                                 m, l, acc, qk_scale, PAGE, PRECISION, SPLIT_P)
+    out, _ = finish(m, l, acc)
     tl.store(out_ptr + (q0 + tok)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -211,26 +211,30 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
-        num_warps=4)
+        SPLIT_P=q.dtype != torch.float32, num_warps=4, enable_fp_fusion=False)
     if num_splits > 1:
         _merge_kernel[(batch, heads)](part, lse, out, out.stride(0), out.stride(1), heads,
-                                      HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4)
+                                      HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4,
+                                      enable_fp_fusion=False)
     return out
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                             table_starts: torch.Tensor, cu_q_lens: torch.Tensor, context_lens: torch.Tensor,
-                            max_q_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                            max_q_len: int, scale: float, out: torch.Tensor | None = None,
+                            rows: int | None = None) -> torch.Tensor:
     """Packed queries q [T, Hq, D]: sequence b owns rows cu_q_lens[b] .. cu_q_lens[b + 1] - 1, the
     last q_len tokens of its context_lens[b]; each attends causally to its cached keys, its own
     new ones included -> [T, Hq, D] in q's dtype. max_q_len bounds the grid (the host knows it).
-    `out`, when given, receives the result."""
+    `out`, when given, receives the result. `rows`: score rows a program holds (64, or 128 by default; both
+    take Hopper's 64-row warpgroup MMA, so a row's result does not depend on it); decodes, one
+    real token in a tile, waste half as much with 64."""
     groups, kv_heads = _check_cache(q, k_cache, v_cache)
     head_dim = q.shape[2]
     batch = context_lens.shape[0]
     out = torch.empty_like(q) if out is None else out
     block_g = triton.next_power_of_2(groups)
-    block_m = max(1, _PREFILL_ROWS // block_g)
+    block_m = max(1, (rows or _PREFILL_ROWS) // block_g)
     # tl.dot needs 16 rows: a lone token of a small group still gets a 16-row tile
     block_m = max(block_m, triton.cdiv(16, block_g))
     grid = (triton.cdiv(max_q_len, block_m), batch, kv_heads)
@@ -240,5 +244,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1),
         GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=_PREFILL_BLOCK_N, PRECISION=_precision(q.dtype),
-        num_warps=8 if block_m * block_g >= 128 else 4)
+        SPLIT_P=q.dtype != torch.float32, num_warps=8 if block_m * block_g >= 128 else 4,
+        enable_fp_fusion=False)
     return out

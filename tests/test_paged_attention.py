@@ -10,9 +10,21 @@ from fastazr.kernels.paged_attention import (decode_splits, pack_block_tables, p
 from fastazr.kernels.paged_attention_reference import paged_attention_reference
 
 # fp32 dots run at full precision ("ieee"); only the summation order differs from the reference.
-# fp16/bf16 round the probabilities to the input dtype before the P.V product (as flash attention
-# does): ~3 significant digits on outputs of magnitude <= 3.
-TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+# fp16/bf16: the P.V product is fp32-accurate (attention_math.py), so the error is the output's
+# own rounding, half a unit in the last place at magnitudes <= 3 (fp16 2^-11, bf16 2^-8 relative).
+TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (8e-3, 8e-3)}
+# What makes decode, prefill and training agree: the fp16/bf16 outputs are the fp32 reference's
+# own rounding bit for bit but for ~0.2% (interpreter, fp16: 99.8%; with P rounded to fp16 before
+# P.V, as flash attention does, 70%).
+EXACT = 0.99
+
+
+def assert_close_and_rounded_alike(out, ref, dtype):
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
+    if dtype != torch.float32:
+        same = (out == ref).float().mean().item()
+        assert same >= EXACT, f"only {same:.1%} of outputs are the reference's rounding"
 # (heads, kv_heads, head_dim): G = 3 with a non-power-of-two head_dim; G = 6 (Qwen2.5-1.5B); MHA
 SHAPES = [(9, 3, 48), (12, 2, 64), (4, 4, 32)]
 
@@ -48,8 +60,7 @@ def check_decode(contexts, heads, kv_heads, head_dim, block_size, dtype, splits,
     live = [i for i, c in enumerate(contexts) if c > 0]
     ref = paged_attention_reference(q[live], k, v, [1] * len(live), [contexts[i] for i in live],
                                     [tables[i] for i in live], scale)
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(out[live].float(), ref.float(), rtol=rtol, atol=atol)
+    assert_close_and_rounded_alike(out[live], ref, dtype)
     dead = [i for i, c in enumerate(contexts) if c == 0]
     assert torch.equal(out[dead], torch.zeros_like(out[dead]))
 
@@ -63,8 +74,7 @@ def check_prefill(q_lens, contexts, heads, kv_heads, head_dim, block_size, dtype
     scale = head_dim ** -0.5
     out = paged_prefill_attention(q, k, v, flat, starts, cu, ctx, max(q_lens), scale)
     ref = paged_attention_reference(q, k, v, q_lens, contexts, tables, scale)
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
+    assert_close_and_rounded_alike(out, ref, dtype)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)

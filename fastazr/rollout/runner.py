@@ -8,9 +8,11 @@ Step metadata (token ids, positions, cache slots, context lengths, ragged block 
 on the host into one int32 array and reaches the device in one copy. A negative token id -1 - j
 stands for the j-th token sampled by the previous step, which the host has not read back yet
 (see engine.py); it is taken from that step's output on the device. On CUDA the attention is
-fastazr.kernels.paged_attention: the leading one-token slices (decodes) go to the split-K decode
-kernel, the rest (prefill chunks) to the varlen prefill kernel; a step of decodes only replays a
-CUDA graph captured for its batch-size bucket. On CPU it is the plain-torch reference."""
+fastazr.kernels.paged_attention. With EngineConfig.exact_logprobs (the default) every slice goes
+to the varlen prefill kernel, whose tiles are the trainer's attention's, so a decoded token's
+hidden states are the trainer's bit for bit; without it the leading one-token slices (decodes)
+take the faster split-K decode kernel. A step of decodes only replays a CUDA graph captured for
+its batch-size bucket. On CPU it is the plain-torch reference."""
 
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ from .config import EngineConfig
 from .kv_cache import KVCache
 from .scheduler import Work
 from .staging import Staging
+
+
+# Score rows of a prefill-kernel program when every slice is one decode token (exact_logprobs):
+# a decode fills only G of them, so 64 rows waste half the MMA work of the default 128.
+_DECODE_ROWS = 64
 
 
 def graph_buckets(max_rows: int) -> list[int]:
@@ -67,13 +74,14 @@ class Runner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_meta: torch.Tensor | None = None
         self._graph_previous: torch.Tensor | None = None
+        self._graph_arange: torch.Tensor | None = None
         self._pool = None
         self._side_stream: torch.cuda.Stream | None = None
 
     def reset(self) -> None:
         """Drop the CUDA graphs: they hold the KV cache's addresses (call before freeing it)."""
         self.graphs.clear()
-        self._graph_meta = self._graph_previous = self._pool = None
+        self._graph_meta = self._graph_previous = self._graph_arange = self._pool = None
 
     # host side
 
@@ -165,7 +173,7 @@ class Runner:
         decodes = next((i for i, w in enumerate(work) if w.count != 1), len(work))
         cu = index["cu"]
         parts = dict(ids=index["ids"], positions=index["positions"], slots=index["slots"], context=index["context"],
-                     table_starts=index["table_starts"], cu_prefill=cu[decodes:] - decodes, last=last,
+                     table_starts=index["table_starts"], cu_prefill=cu[decodes:] - decodes, cu_all=cu, last=last,
                      flat=index["flat"])
         sizes = [len(v) for v in parts.values()]
         meta = self._upload(np.concatenate(list(parts.values())))
@@ -175,6 +183,10 @@ class Runner:
         splits = decode_splits(decodes, cache.k.shape[3], self.num_sms)
 
         def attend(q, k_cache, v_cache):
+            if self.config.exact_logprobs:  # every slice, decodes too, in the trainer's tiles
+                return paged_prefill_attention(q, k_cache, v_cache, views["flat"], views["table_starts"],
+                                               views["cu_all"], views["context"], max(max_q, 1), self.scale,
+                                               rows=_DECODE_ROWS if max_q <= 1 else None)
             out = torch.empty_like(q)
             if decodes:
                 paged_decode_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
@@ -204,6 +216,8 @@ class Runner:
         if self._graph_meta is None:
             self._graph_meta = torch.zeros(5 * rows + capacity, dtype=torch.int32, device=self.model.device)
             self._graph_previous = torch.zeros(rows, dtype=torch.int64, device=self.model.device)
+            # cu_seqlens of one query token a row, for decoding through the prefill kernel
+            self._graph_arange = torch.arange(rows + 1, dtype=torch.int32, device=self.model.device)
         if previous is not None:
             self._graph_previous[:len(previous)].copy_(previous)
         bs = self.config.block_size
@@ -232,8 +246,12 @@ class Runner:
         meta = self._graph_meta
         ids, positions, slots, context, starts = (meta[i * rows:i * rows + bucket] for i in range(5))
         splits = decode_splits(bucket, cache.k.shape[3], self.num_sms)
+        one_each = self._graph_arange[:bucket + 1]
 
         def attend(q, k_cache, v_cache):
+            if self.config.exact_logprobs:
+                return paged_prefill_attention(q, k_cache, v_cache, meta[5 * rows:], starts, one_each, context, 1,
+                                               self.scale, rows=_DECODE_ROWS)
             return paged_decode_attention(q, k_cache, v_cache, meta[5 * rows:], starts, context, self.scale, splits)
 
         return self._logits(self._layers(ids, positions, slots, cache, attend, self._graph_previous))

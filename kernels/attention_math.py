@@ -1,0 +1,45 @@
+"""The online-softmax step every attention kernel of fastazr takes: the engine's paged decode and
+prefill kernels (paged_attention.py) and the training forward (varlen_attention.py).
+
+Why one step, with an fp32-accurate P.V: the trainer's recomputation of a token's logprob must
+be the engine's, and in bf16 a single differing bit anywhere grows over 30 layers into mean
+|delta logprob| ~2e-2 (SmolLM2). Flash attention rounds the probabilities P to bf16 before the
+P.V product, so its output depends on the running max a tiling happened to see: 61% of its
+outputs are the fp32 result's rounding (bench_attention.py). Here P is split into a bf16 high
+part and the bf16 remainder, two dots that carry 16 significant bits: 99.7% are. Kernels whose
+tiles take the same instructions in the same order (64-key tiles from key 0, 64- or 128-row
+warpgroup tiles) then agree on every bit; the split-K decode kernel's 16-row tiles differ in
+~0.3%. Cost: a second P.V dot, free in memory-bound decode, ~1.3x the training attention's
+time. fp32 inputs take a single full-precision ("ieee") dot instead."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softmax_step(q, k, v, visible, m, l, acc, qk_scale, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+    """Fold keys k and values v [N, D] into the running state (m, l [R], acc [R, D], log2
+    domain) of score rows q [R, D]; `visible` [R, N] masks scores; qk_scale includes log2(e)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    # a row that has seen only masked keys keeps m = -inf: subtract 0 so exp2 gives 0, not NaN
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    p_high = p.to(v.dtype)
+    acc = tl.dot(p_high, v, acc, input_precision=PRECISION)
+    if SPLIT_P:
+        acc = tl.dot((p - p_high.to(tl.float32)).to(v.dtype), v, acc, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def finish(m, l, acc):
+    """(output [R, D] fp32, log2-sum-exp [R]) of a state; a row that saw no key gives zeros and
+    -inf."""
+    seen = l > 0.0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    return out, tl.where(seen, m + tl.log2(tl.where(seen, l, 1.0)), float("-inf"))

@@ -1,0 +1,124 @@
+"""The training attention kernel (kernels/varlen_attention.py) against its fp32 reference, output
+and the gradients of q, k and v, at odd shapes: sequences of 1, 37 and 130 tokens (one past a
+128-query tile), GQA groups of 3 with head_dim 48, and its agreement bit for bit with the
+engine's paged decode and prefill kernels, which is what makes the trainer's logprobs the
+engine's. The interpreter runs fp32 and fp16 on CPU, the GPU bf16 (marker gpu)."""
+import pytest
+import torch
+
+from fastazr.kernels.paged_attention import pack_block_tables, paged_decode_attention, paged_prefill_attention
+from fastazr.kernels.varlen_attention import varlen_attention
+from fastazr.kernels.varlen_attention_reference import varlen_attention_reference
+
+# Outputs: the fp32 result rounded once (half a unit in the last place at magnitudes <= 3).
+# Gradients: P and dS meet the tensor cores in the input dtype, a few units in the last place.
+TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (8e-3, 8e-3)}
+GRAD_TOLERANCE = {torch.float32: (5e-5, 5e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (6e-2, 6e-2)}
+# Share of outputs equal bit for bit between two kernels (measured in the interpreter, fp16:
+# ~99.8%); rounding P before P.V, as flash attention does, gives ~70%.
+EXACT = 0.99
+
+
+def make(lengths, heads, kv_heads, head_dim, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    # k and v as column views of one fused projection, as the decoder passes them
+    qkv = torch.randn(total, (heads + 2 * kv_heads) * head_dim, generator=g).to(device, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    q = q.reshape(total, heads, head_dim).contiguous()
+    k, v = k.view(total, kv_heads, head_dim), v.view(total, kv_heads, head_dim)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    dout = torch.randn(total, heads, head_dim, generator=g).to(device, dtype)
+    return q, k, v, cu, dout
+
+
+def check(lengths, heads, kv_heads, head_dim, dtype, device):
+    q, k, v, cu, dout = make(lengths, heads, kv_heads, head_dim, dtype, device)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = varlen_attention(*leaves, cu, max(lengths))
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    want = varlen_attention_reference(*ref_leaves, cu)
+    want_grads = torch.autograd.grad(want, ref_leaves, dout.float())
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), want, rtol=rtol, atol=atol)
+    if dtype != torch.float32:
+        same = (out == want.to(dtype)).float().mean().item()
+        assert same >= EXACT, f"only {same:.1%} of outputs are the fp32 result's rounding"
+    rtol, atol = GRAD_TOLERANCE[dtype]
+    for name, got, expected in zip("qkv", grads, want_grads):
+        torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
+
+
+def check_engine_agreement(lengths, heads, kv_heads, head_dim, dtype, device, block_size=16):
+    """The training forward, the engine's prefill over a paged cache of the same keys, and its
+    decode of each sequence's last token: the same bits."""
+    q, k, v, cu, _ = make(lengths, heads, kv_heads, head_dim, dtype, device, seed=1)
+    out = varlen_attention(q, k, v, cu, max(lengths))
+    # the cache's blocks in reverse order, so table lookups are exercised
+    blocks = [-(-n // block_size) for n in lengths]
+    total_blocks = sum(blocks)
+    k_cache = torch.zeros(total_blocks, block_size, kv_heads, head_dim, device=device, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    tables, at = [], total_blocks
+    for n, start, count in zip(lengths, cu.tolist(), blocks):
+        table = list(range(at - count, at))[::-1]
+        at -= count
+        tables.append(table)
+        for p in range(n):
+            k_cache[table[p // block_size], p % block_size] = k[start + p]
+            v_cache[table[p // block_size], p % block_size] = v[start + p]
+    flat, starts = pack_block_tables(tables, device)
+    ctx = torch.tensor(lengths, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+    prefill = paged_prefill_attention(q, k_cache, v_cache, flat, starts, cu, ctx, max(lengths), scale)
+    last = (cu[1:] - 1).long()
+    decode = paged_decode_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, ctx, scale, num_splits=4)
+    # decoding through the prefill kernel (EngineConfig.exact_logprobs): one query row a sequence
+    one_each = torch.arange(len(lengths) + 1, dtype=torch.int32, device=device)
+    exact_decode = paged_prefill_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, one_each, ctx, 1,
+                                           scale, rows=64)
+    if device == "cuda":  # same tiles, same instructions: the same bits, all of them
+        assert torch.equal(prefill, out), "the engine's prefill differs from the training forward"
+        assert torch.equal(exact_decode, out[last]), "decoding through the prefill tiles differs from training"
+        decode_128 = paged_prefill_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, one_each, ctx, 1,
+                                             scale, rows=128)
+        assert torch.equal(decode_128, exact_decode), "64- and 128-row tiles differ"
+    for name, engine, ours in (("prefill", prefill, out), ("decode", decode, out[last]),
+                               ("decode through the prefill kernel", exact_decode, out[last])):
+        if dtype == torch.float32:  # nothing rounds to fewer bits: only fp32 summation order differs
+            torch.testing.assert_close(engine, ours, rtol=2e-5, atol=2e-5)
+            continue
+        same = (engine == ours).float().mean().item()
+        assert same >= EXACT, f"the engine's {name} and the training forward agree in only {same:.1%} of outputs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 48), (4, 4, 32)])
+def test_matches_reference(dtype, heads, kv_heads, head_dim):
+    check([1, 37, 130], heads, kv_heads, head_dim, dtype, "cpu")
+
+
+def test_agrees_with_the_engine_kernels():
+    check_engine_agreement([1, 37, 130], 9, 3, 48, torch.float16, "cpu")
+
+
+def test_bad_inputs_name_the_problem():
+    q = torch.zeros(4, 5, 32)
+    kv = torch.zeros(4, 2, 32)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        varlen_attention(q, kv, kv, cu, 4)
+    with pytest.raises(ValueError, match="int32"):
+        varlen_attention(torch.zeros(4, 4, 32), kv, kv, cu.long(), 4)
+    with pytest.raises(ValueError, match="share a dtype"):
+        varlen_attention(torch.zeros(4, 4, 32), kv, kv.half(), cu, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_matches_reference_and_engine(dtype):
+    check([1, 37, 130], 9, 3, 48, dtype, "cuda")
+    # a Qwen2.5-1.5B layer's heads over AZR-like lengths
+    check([700, 1, 1500, 333], 12, 2, 128, dtype, "cuda")
+    check_engine_agreement([700, 1, 1500, 333], 12, 2, 128, dtype, "cuda")
