@@ -219,7 +219,8 @@ class _VarlenAttention(torch.autograd.Function):
             _dq_kernel[(triton.cdiv(ctx.max_seqlen, _BWD_M), batch, heads)](
                 *args, dq, ctx.scale * _LOG2E, ctx.scale, *strides, **meta)
         else:
-            dq.zero_(), dk.zero_(), dv.zero_()
+            for grad in (dq, dk, dv):
+                grad.zero_()
         return dq, dk, dv, None, None, None
 
 
