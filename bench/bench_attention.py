@@ -19,7 +19,7 @@ import random
 
 import torch
 
-from common import json_line, machine, median, print_table, profiled
+from common import cuda_ms, json_line, machine, print_table, profiled
 from fastazr.kernels.varlen_attention_reference import varlen_attention_reference
 from fastazr.model import available_backends, preset_config
 from fastazr.model.attention import varlen_causal_attention
@@ -38,20 +38,6 @@ def make_batch(tokens: int, heads: int, kv_heads: int, head_dim: int, seed: int 
 
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     return lengths, rand(heads), rand(kv_heads), rand(kv_heads), cu
-
-
-def ms(fn, warmup: int, rounds: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return median(times)
 
 
 def main() -> None:
@@ -82,7 +68,7 @@ def main() -> None:
                     torch.autograd.grad(forward(), (q, k, v), dout)
 
                 with region(f"{name}/{backend}"):
-                    fwd, fwd_bwd = ms(forward, args.warmup, args.rounds), ms(both, args.warmup, args.rounds)
+                    fwd, fwd_bwd = cuda_ms(forward, args.warmup, args.rounds), cuda_ms(both, args.warmup, args.rounds)
                 out = forward().detach()
                 bits = (out == want).float().mean().item()
                 err = (out.float() - want.float()).abs().max().item()

@@ -18,6 +18,23 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def cuda_ms(fn, warmup: int, rounds: int) -> float:
+    """Median milliseconds of fn() between two CUDA events, after `warmup` untimed calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return median(times)
+
+
 def machine() -> str:
     model = "unknown CPU"
     with contextlib.suppress(OSError):

@@ -9,22 +9,8 @@ from __future__ import annotations
 import argparse
 import torch
 
-from common import json_line, print_table, profiled
+from common import cuda_ms, json_line, print_table, profiled
 from fastazr.kernels.logprobs import Tiles, backward_grads, forward_stats
-
-
-def cuda_ms(fn, warmup: int, rounds: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def cublas_ms(hidden, weight, rounds: int) -> float:

@@ -38,6 +38,20 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _span(first, start, length, BLOCK: tl.constexpr):
+    """Positions first .. first + BLOCK - 1 of a sequence, which of them it has, and their rows
+    in the packed tensors (int64: T x heads x D overflows int32 at 16K tokens)."""
+    pos = first + tl.arange(0, BLOCK)
+    return pos, pos < length, (start + pos).to(tl.int64)
+
+
+@triton.jit
+def _load(ptr, rows, head, stride_t, stride_h, d, mask):
+    """One head's [rows, D] tile of a [T, heads, D] tensor, 0 where `mask` is off."""
+    return tl.load(ptr + rows[:, None] * stride_t + head * stride_h + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, out_ptr, lse_ptr, qk_scale,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, heads,
                     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -48,27 +62,23 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, out_ptr, lse_ptr, qk_scale,
     if tile * BLOCK_M >= length:
         return
     kvh = h // GROUPS
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    tok = (start + rows).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * sq_t + h * sq_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    rows, row_ok, tok = _span(tile * BLOCK_M, start, length, BLOCK_M)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = _load(q_ptr, tok, h, sq_t, sq_h, d, q_mask)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, tl.minimum(length, (tile + 1) * BLOCK_M), BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < length
-        key = (start + cols).to(tl.int64)
+        cols, col_ok, key = _span(n0, start, length, BLOCK_N)
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + key[:, None] * sk_t + kvh * sk_h + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + key[:, None] * sv_t + kvh * sv_h + d[None, :], mask=kv_mask, other=0.0)
+        k = _load(k_ptr, key, kvh, sk_t, sk_h, d, kv_mask)
+        v = _load(v_ptr, key, kvh, sv_t, sv_h, d, kv_mask)
         visible = col_ok[None, :] & (cols[None, :] <= rows[:, None])
         m, l, acc = softmax_step(q, k, v, visible, m, l, acc, qk_scale, PRECISION, SPLIT_P)
     out, lse = finish(m, l, acc)
-    tl.store(out_ptr + tok[:, None] * so_t + h * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out_ptr + tok[:, None] * so_t + h * so_h + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr + tok * heads + h, lse, mask=row_ok)
 
 
@@ -91,14 +101,12 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dk_ptr
     length = tl.load(cu_ptr + b + 1) - start
     if tile * BLOCK_N >= length:
         return
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < length
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    key = (start + cols).to(tl.int64)
+    cols, col_ok, key = _span(tile * BLOCK_N, start, length, BLOCK_N)
     kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + key[:, None] * sk_t + kvh * sk_h + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + key[:, None] * sv_t + kvh * sv_h + d[None, :], mask=kv_mask, other=0.0)
+    k = _load(k_ptr, key, kvh, sk_t, sk_h, d, kv_mask)
+    v = _load(v_ptr, key, kvh, sv_t, sv_h, d, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # queries before this key tile cannot see it: start at the query tile holding its first key
@@ -106,12 +114,10 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dk_ptr
     for g in range(GROUPS):
         h = kvh * GROUPS + g
         for m0 in range(first, length, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < length
-            tok = (start + rows).to(tl.int64)
+            rows, row_ok, tok = _span(m0, start, length, BLOCK_M)
             q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_ptr + tok[:, None] * sq_t + h * sq_h + d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_ptr + tok[:, None] * sdo_t + h * sdo_h + d[None, :], mask=q_mask, other=0.0)
+            q = _load(q_ptr, tok, h, sq_t, sq_h, d, q_mask)
+            do = _load(do_ptr, tok, h, sdo_t, sdo_h, d, q_mask)
             lse = tl.load(lse_ptr + tok * heads + h, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + tok * heads + h, mask=row_ok, other=0.0)
             p = _probabilities(q, k, lse, rows, cols, row_ok, qk_scale, PRECISION)
@@ -119,10 +125,9 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dk_ptr
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
-    out_mask = col_ok[:, None] & d_ok[None, :]
     out = key[:, None] * (heads // GROUPS) * HEAD_DIM + kvh * HEAD_DIM + d[None, :]
-    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -136,23 +141,20 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dq_ptr, 
     if tile * BLOCK_M >= length:
         return
     kvh = h // GROUPS
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    tok = (start + rows).to(tl.int64)
+    rows, row_ok, tok = _span(tile * BLOCK_M, start, length, BLOCK_M)
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + tok[:, None] * sq_t + h * sq_h + d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_ptr + tok[:, None] * sdo_t + h * sdo_h + d[None, :], mask=q_mask, other=0.0)
+    q = _load(q_ptr, tok, h, sq_t, sq_h, d, q_mask)
+    do = _load(do_ptr, tok, h, sdo_t, sdo_h, d, q_mask)
     lse = tl.load(lse_ptr + tok * heads + h, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + tok * heads + h, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, tl.minimum(length, (tile + 1) * BLOCK_M), BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        key = (start + cols).to(tl.int64)
-        kv_mask = (cols < length)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + key[:, None] * sk_t + kvh * sk_h + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + key[:, None] * sv_t + kvh * sv_h + d[None, :], mask=kv_mask, other=0.0)
+        cols, col_ok, key = _span(n0, start, length, BLOCK_N)
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = _load(k_ptr, key, kvh, sk_t, sk_h, d, kv_mask)
+        v = _load(v_ptr, key, kvh, sv_t, sv_h, d, kv_mask)
         p = _probabilities(q, k, lse, rows, cols, row_ok, qk_scale, PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
