@@ -20,6 +20,10 @@ Workloads (--workloads, default all three), prompts of random token ids unless s
 - smollm2: the embedded SmolLM2-135M-Instruct (real GGUF weights and tokenizer), --smollm2-batch
   64 chat prompts (a few Python tasks repeated), --new-tokens 256, EOS ignored.
 
+On CUDA the engine runs three ways side by side: as configured (decode rounds of --decode-steps
+passes, exact logprobs), with one pass per host round trip (decode_steps=1), and with the
+split-K decode kernel (exact_logprobs=False).
+
 tokens/s = completion tokens / wall seconds of generate(). TTFT = wall seconds of the same
 requests with max_new_tokens=1 (the whole batch's prefill). peak GiB = max allocated during
 generate(); the engine's includes its KV pool, preallocated as --kv-fraction of free memory.
@@ -172,7 +176,7 @@ def build(name: str, args, device: str) -> Workload:
 
 def engine_config(args) -> EngineConfig:
     options = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   kv_memory_fraction=args.kv_fraction)
+                   kv_memory_fraction=args.kv_fraction, decode_steps=args.decode_steps)
     if args.no_graphs:
         if "cuda_graphs" in EngineConfig.__dataclass_fields__:
             options["cuda_graphs"] = False
@@ -267,6 +271,10 @@ def measure(w: Workload, config: EngineConfig, bandwidth: float | None, workdir:
     if not args.skip_hf:
         save_hf(w.model, workdir / w.name)
     runs = [run_engine(w, config, args, device)]
+    if device == "cuda" and config.decode_steps > 1:
+        # what decode rounds buy: the host's bookkeeping once per token instead of per round
+        runs.append(run_engine(w, replace(config, decode_steps=1), args, device,
+                               label="fastazr engine, decode_steps=1"))
     if device == "cuda" and config.exact_logprobs:
         # what exact logprobs cost: the split-K decode kernel, whose rounding is not the trainer's
         runs.append(run_engine(w, replace(config, exact_logprobs=False), args, device,
@@ -316,6 +324,8 @@ def main() -> None:
     parser.add_argument("--hf-azr-seqs", type=int, default=64, help="azr: transformers runs the first N sequences")
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
+    parser.add_argument("--decode-steps", type=int, default=EngineConfig.decode_steps,
+                        help="forward passes per host round trip in decode-only steps")
     parser.add_argument("--kv-fraction", type=float, default=EngineConfig.kv_memory_fraction,
                         help="share of free GPU memory the engine's KV cache takes")
     parser.add_argument("--no-graphs", action="store_true", help="EngineConfig(cuda_graphs=False), if it exists")

@@ -209,6 +209,54 @@ def test_stop_token_eos_length_and_context_limit(device):
     assert too_long.completion_ids == [] and too_long.finish_reason == "prompt_too_long"
 
 
+def test_decode_rounds_equal_one_pass_per_round_trip(device):
+    """decode_steps passes per host round trip against one: rows whose limit falls inside a round
+    (ragged max_new_tokens) must stop advancing and write their extra passes to scratch, a stop
+    token read back mid-round must cut the completion there, followers share prompt blocks, and a
+    cache too small for everyone preempts; none of it may change a token or leak a block."""
+    model = tiny_model(device=device)
+    batch = requests_mix(seed=12)
+    for i, prompt in enumerate(prompts(6, seed=13)):
+        free_run, _ = naive_greedy(model, prompt, 13)
+        stops = (free_run[2 + i],) if i % 2 else ()
+        batch.append(Request(prompt, SamplingParams(temperature=0.0, max_new_tokens=1 + 2 * i, stop_token_ids=stops,
+                                                    ignore_eos=True)))
+    want = engine(model, decode_steps=1).generate(batch)
+    assert any(c.finish_reason == "stop_token" for group in want for c in group)
+    for overrides in (dict(), dict(decode_steps=5), dict(decode_steps=5, kv_cache_bytes=SMALL_CACHE // 32 * 12)):
+        eng = engine(model, **overrides)
+        got = eng.generate(batch)
+        assert ids(got) == ids(want), overrides
+        for a, b in zip(got, want):
+            for x, y in zip(a, b):
+                assert x.finish_reason == y.finish_reason
+                torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-5)
+        assert eng.stats["passes"] > eng.stats["steps"], "decode rounds should run several passes"
+        assert eng.blocks.num_free == eng.blocks.num_blocks
+    assert eng.stats["preemptions"] > 0
+
+
+def test_a_decode_round_takes_only_the_blocks_there_are():
+    from fastazr.rollout.blocks import BlockManager
+    from fastazr.rollout.scheduler import Scheduler
+    from fastazr.rollout.sequence import Sequence
+
+    blocks = BlockManager(num_blocks=3, block_size=4, prefix_sharing=False)
+    scheduler = Scheduler(EngineConfig(block_size=4, decode_steps=8, max_num_seqs=2, max_num_batched_tokens=8),
+                          blocks, max_len=100)
+    seq = Sequence(tokens=list(range(6)), num_prompt=6, params=SamplingParams(max_new_tokens=20), seed=0, sample=0)
+    scheduler.add(seq)
+    (prefill,) = scheduler.schedule()
+    assert (prefill.count, prefill.steps, len(seq.blocks)) == (6, 1, 2)
+    seq.num_computed, seq.tokens = 6, seq.tokens + [9]
+    (decode,) = scheduler.schedule()
+    # 8 passes need blocks for 14 tokens (4 > 3 in all): the round runs what 2 blocks hold
+    assert (decode.start, decode.count, decode.steps, len(seq.blocks)) == (6, 1, 2, 2)
+    seq.params = SamplingParams(max_new_tokens=3)
+    (decode,) = scheduler.schedule()
+    assert decode.steps == 2, "a round never passes max_new_tokens (1 of 3 taken)"
+
+
 class CharTokenizer:
     """Token i decodes to one letter: enough for the engine's stop-string check."""
     stop_token_ids: list[int] = []
@@ -348,15 +396,15 @@ def test_a_failing_step_gives_every_block_back(monkeypatch):
     model = tiny_model()
     eng = engine(model)
     calls = []
-    forward = eng.runner.forward
+    decode = eng.runner.decode
 
     def failing(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise RuntimeError("boom")
-        return forward(*args)
+        return decode(*args)
 
-    monkeypatch.setattr(eng.runner, "forward", failing)
+    monkeypatch.setattr(eng.runner, "decode", failing)
     with pytest.raises(RuntimeError, match="boom"):
         eng.generate([Request(p, GREEDY) for p in prompts(5, seed=11)])
     assert eng.blocks.num_free == eng.blocks.num_blocks

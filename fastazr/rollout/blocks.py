@@ -80,10 +80,10 @@ class BlockManager:
         return True
 
     def register(self, seq: Sequence) -> None:
-        """Offer seq's full, computed blocks to the prefix cache."""
+        """Offer seq's full, computed blocks of known tokens to the prefix cache."""
         if not self.prefix_sharing:
             return
-        full = seq.num_computed // self.block_size
+        full = min(seq.num_computed, seq.num_known) // self.block_size
         for i in range(seq.num_registered, full):
             block = seq.blocks[i]
             if self.keys[block] is None:

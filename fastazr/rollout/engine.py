@@ -4,14 +4,17 @@ parameter tensors (see runner.py), behind the RolloutBackend interface.
 One generate() call takes every request of a phase. Each step the scheduler picks slices (decode
 tokens, prefill chunks), the runner computes them and the logits of the slices that end a
 sequence, the sampler picks next tokens on the device, and one device-to-host copy per step
-brings them back for the stop checks.
+brings them back for the stop checks. A step of decodes only runs up to
+EngineConfig.decode_steps forward passes on the device, each sampling the next pass's input, and
+brings back all their tokens at once.
 
 The host runs one step ahead of the device: step t+1 is scheduled and launched before step t's
-tokens are read back, so scheduling, packing and stop checks (~3 ms at 256 sequences, as long as
-the GPU's decode step of a 1.5B model) overlap the GPU's work instead of adding to it. A token not
-yet read back sits in its sequence as the placeholder -1 - j (row j of the step that sampled it);
-the runner takes its value from that step's output on the device. A sequence that stopped at step
-t has computed one extra token in step t+1, which is dropped."""
+tokens are read back, so scheduling, packing and stop checks (~3 ms at 256 sequences) overlap the
+GPU's work instead of adding to it. A token not yet read back sits in its sequence as the
+placeholder -1 - (i * n + j): the token row j of the n sampling rows of the step that sampled it
+got in its pass i. The runner takes a placeholder input's value from that step's output on the
+device. A sequence that stopped at step t has computed the rest of step t's passes and all of
+step t+1's, which are dropped."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from .kv_cache import KVCache
 from .request import Completion, Request
 from .runner import Runner
 from .sampler import SamplingBatch, sample
-from .scheduler import Scheduler, Work
+from .scheduler import Scheduler, Work, decodes_only
 from .sequence import Sequence
 from .staging import Staging
 
@@ -43,11 +46,14 @@ class _Launched:
     seqs: list[Sequence]
     """The sequences that sampled, in row order."""
     positions: list[int]
-    """Where each one's new token goes in its tokens."""
+    """Where each one's first new token goes in its tokens."""
+    steps: list[int]
+    """How many tokens each one sampled."""
     tokens: torch.Tensor
-    """The sampled tokens on the device: the next step's placeholders read them."""
+    """The sampled tokens on the device, flattened [passes * rows]: the next step's
+    placeholders read them."""
     host: tuple[torch.Tensor, torch.Tensor]
-    """Tokens and logprobs, copied to host memory once `ready` has passed."""
+    """Tokens and logprobs [passes, rows], copied to host memory once `ready` has passed."""
     ready: torch.cuda.Event | None
 
 
@@ -114,21 +120,23 @@ class Engine(RolloutBackend):
             raise RuntimeError("Engine.generate() after release_memory(): call resume_memory() first")
         if any(r.params.stop_strings for r in requests) and self.tokenizer is None:
             raise ValueError("SamplingParams.stop_strings needs a tokenizer: pass one to Engine(...)")
-        scheduler = Scheduler(self.config, self.blocks)
+        scheduler = Scheduler(self.config, self.blocks, self.max_len)
         groups: list[list[Sequence]] = []
         for request in requests:
-            base = request.params.seed if request.params.seed is not None else self._seeds.getrandbits(62)
+            p = request.params
+            base = p.seed if p.seed is not None else self._seeds.getrandbits(62)
+            stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.eos_ids))
             group: list[Sequence] = []
             for i in range(request.n):
-                seq = Sequence(tokens=list(request.prompt_ids), num_prompt=len(request.prompt_ids),
-                               params=request.params, seed=base, sample=i, leader=group[0] if group else None)
+                seq = Sequence(tokens=list(request.prompt_ids), num_prompt=len(request.prompt_ids), params=p,
+                               seed=base, sample=i, leader=group[0] if group else None, stop_ids=stop_ids)
                 group.append(seq)
                 if seq.num_prompt >= self.max_len:
                     seq.finish_reason = "prompt_too_long"
                 else:
                     scheduler.add(seq)
             groups.append(group)
-        self.stats = dict(steps=0, computed_tokens=0)
+        self.stats = dict(steps=0, passes=0, computed_tokens=0)
         table = _ParamTable([seq for group in groups for seq in group])
         inflight: _Launched | None = None
         try:
@@ -140,7 +148,7 @@ class Engine(RolloutBackend):
                 if inflight is not None:
                     self._resolve(inflight, scheduler)
                 if launched is not None:
-                    # the prefix cache hashes token values, so only now that they are all known
+                    # the prefix cache hashes token values: blocks of tokens read back so far
                     for w in launched.work:
                         if w.seq.finish_reason is None:
                             self.blocks.register(w.seq)
@@ -152,37 +160,52 @@ class Engine(RolloutBackend):
                  for s in group] for group in groups]
 
     def _launch(self, work: list[Work], previous: _Launched | None, table: _ParamTable) -> _Launched:
-        """Queue the forward step and the sampling on the device; returns without waiting."""
-        sampling = [w.seq for w in work if w.samples]
+        """Queue the step's forward passes and sampling on the device; returns without waiting."""
+        sampling = [w for w in work if w.samples]
         self.staging.begin_step()
-        logits = self.runner.forward(work, self.cache, previous.tokens if previous is not None else None)
-        for w in work:
-            w.seq.num_computed += w.count
+        batch = self._sampling_batch([w.seq for w in sampling], table)
+        inputs = previous.tokens if previous is not None else None
+        if decodes_only(work):
+            tokens, logprobs = self.runner.decode(work, self.cache, inputs,
+                                                  lambda logits, i: sample(logits, batch.later(i)))
+        else:
+            tokens, logprobs = (t[None] for t in sample(self.runner.forward(work, self.cache, inputs), batch))
         self.stats["steps"] += 1
-        self.stats["computed_tokens"] += sum(w.count for w in work)
-        tokens, logprobs = sample(logits, self._sampling_batch(sampling, table))
-        positions, max_len = [], self.max_len
-        for j, seq in enumerate(sampling):
+        self.stats["passes"] += tokens.shape[0]
+        for w in work:
+            computed = w.count + w.steps - 1
+            w.seq.num_computed += computed
+            self.stats["computed_tokens"] += computed
+        positions, steps, n, max_len = [], [], len(sampling), self.max_len
+        for j, w in enumerate(sampling):
+            seq = w.seq
             positions.append(len(seq.tokens))
-            seq.tokens.append(-1 - j)
+            steps.append(w.steps)
+            seq.tokens.extend(range(-1 - j, -1 - j - w.steps * n, -n))
             seq.exhausted = seq.num_completion >= seq.params.max_new_tokens or len(seq.tokens) >= max_len
         host = (self.staging.download(tokens), self.staging.download(logprobs))
-        return _Launched(work, sampling, positions, tokens, host, self.staging.end_step())
+        return _Launched(work, [w.seq for w in sampling], positions, steps, tokens.reshape(-1), host,
+                         self.staging.end_step())
 
     def _resolve(self, step: _Launched, scheduler: Scheduler) -> None:
         """Wait for a step's tokens, put them in place of their placeholders and check stops."""
         if step.ready is not None:
             step.ready.synchronize()
-        tokens, logprobs = step.host
+        columns, logprob_columns = (t.t().tolist() for t in step.host)
         max_len = self.max_len
-        for seq, pos, token, logprob in zip(step.seqs, step.positions, tokens.tolist(), logprobs.tolist()):
-            if seq.finish_reason is not None:  # stopped a step earlier: this row was the extra one
+        for seq, pos, steps, tokens, logprobs in zip(step.seqs, step.positions, step.steps, columns, logprob_columns):
+            if seq.finish_reason is not None:  # stopped a step earlier: these rows were extra
                 continue
-            seq.tokens[pos] = token
-            seq.logprobs.append(logprob)
-            seq.finish_reason = self._finish_reason(seq, pos, max_len)
-            if seq.finish_reason is not None:
-                del seq.tokens[pos + 1:]
+            tokens, logprobs = tokens[:steps], logprobs[:steps]
+            seq.tokens[pos:pos + steps] = tokens
+            seq.logprobs.extend(logprobs)
+            seq.num_known = pos + steps
+            stop = self._stop(seq, pos, tokens, max_len)
+            if stop is not None:
+                end, seq.finish_reason = stop
+                del seq.tokens[end:]
+                del seq.logprobs[end - seq.num_prompt:]
+                seq.num_known = end
                 scheduler.finish(seq)
 
     def _sampling_batch(self, seqs: list[Sequence], table: _ParamTable) -> SamplingBatch:
@@ -195,17 +218,18 @@ class Engine(RolloutBackend):
                              steps=steps_t, any_top_k=bool((ints[0] > 0).any()), any_top_p=bool((floats[1] < 1).any()),
                              all_greedy=bool((floats[0] == 0).all()))
 
-    def _finish_reason(self, seq: Sequence, pos: int, max_len: int) -> str | None:
-        """Why seq stops with its token at pos (tokens after pos may still be placeholders)."""
-        p, token = seq.params, seq.tokens[pos]
-        if token in self.eos_ids and not p.ignore_eos:
-            return "eos"
-        if token in p.stop_token_ids:
-            return "stop_token"
-        if p.stop_strings and self._hit_stop_string(seq, pos + 1):
-            return "stop_string"
-        if pos + 1 - seq.num_prompt >= p.max_new_tokens or pos + 1 >= max_len:
-            return "length"
+    def _stop(self, seq: Sequence, pos: int, tokens: list[int], max_len: int) -> tuple[int, str] | None:
+        """(tokens seq keeps, finish reason) if one of `tokens`, just placed at pos, stops it."""
+        p = seq.params
+        if p.stop_strings or not seq.stop_ids.isdisjoint(tokens):
+            for i, token in enumerate(tokens):
+                if token in seq.stop_ids:
+                    return pos + i + 1, "eos" if token in self.eos_ids and not p.ignore_eos else "stop_token"
+                if p.stop_strings and self._hit_stop_string(seq, pos + i + 1):
+                    return pos + i + 1, "stop_string"
+        end = pos + len(tokens)
+        if end - seq.num_prompt >= p.max_new_tokens or end >= max_len:
+            return end, "length"
         return None
 
     def _hit_stop_string(self, seq: Sequence, end: int) -> bool:

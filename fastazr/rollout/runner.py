@@ -11,12 +11,14 @@ stands for the j-th token sampled by the previous step, which the host has not r
 fastazr.kernels.paged_attention. With EngineConfig.exact_logprobs (the default) every slice goes
 to the varlen prefill kernel, whose tiles are the trainer's attention's, so a decoded token's
 hidden states are the trainer's bit for bit; without it the leading one-token slices (decodes)
-take the faster split-K decode kernel. A step of decodes only replays a CUDA graph captured for
-its batch-size bucket. On CPU it is the plain-torch reference."""
+take the faster split-K decode kernel. A step of decodes only (decode()) runs its passes from a
+static metadata buffer that the device advances between them, each pass replaying the CUDA graph
+captured for its batch-size bucket. On CPU it is the plain-torch reference."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,6 +39,9 @@ from .staging import Staging
 # Score rows of a prefill-kernel program when every slice is one decode token (exact_logprobs):
 # a decode fills only G of them, so 64 rows waste half the MMA work of the default 128.
 _DECODE_ROWS = 64
+
+# rows of the decode metadata buffer: ids, positions, slots, context lengths, table starts, last positions
+_META_ROWS = 6
 
 
 def graph_buckets(max_rows: int) -> list[int]:
@@ -72,16 +77,16 @@ class Runner:
         self.num_sms = torch.cuda.get_device_properties(model.device).multi_processor_count if self.kernels else 1
         self.buckets = graph_buckets(config.max_num_seqs)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._graph_meta: torch.Tensor | None = None
-        self._graph_previous: torch.Tensor | None = None
-        self._graph_arange: torch.Tensor | None = None
+        self._meta: torch.Tensor | None = None
+        self._previous: torch.Tensor | None = None
+        self._arange: torch.Tensor | None = None
         self._pool = None
         self._side_stream: torch.cuda.Stream | None = None
 
     def reset(self) -> None:
         """Drop the CUDA graphs: they hold the KV cache's addresses (call before freeing it)."""
         self.graphs.clear()
-        self._graph_meta = self._graph_previous = self._graph_arange = self._pool = None
+        self._meta = self._previous = self._arange = self._pool = None
 
     # host side
 
@@ -115,6 +120,7 @@ class Runner:
         cos, sin = model.rotary(positions)
         if self.kernels:
             return self._fused_layers(hidden, cos, sin, slots, cache, attend)
+        slots = slots.long()  # index_copy_ takes int64 only; the decode buffer is int32
         for index, layer in enumerate(model.layers):
             q, k, v = layer.attn.qkv(rms_norm(hidden, layer.input_norm, c.rms_norm_eps), cos, sin)
             k_cache, v_cache = cache.k[index], cache.v[index]
@@ -149,11 +155,9 @@ class Runner:
 
     @torch.no_grad()
     def forward(self, work: list[Work], cache: KVCache, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [S, V] of the slices that sample, in work order. `previous`: the tokens the
-        last step sampled, which placeholder ids refer to."""
-        decodes_only = all(w.count == 1 and w.samples for w in work)
-        if self.kernels and self.config.cuda_graphs and decodes_only and len(work) <= self.buckets[-1]:
-            return self._replay(work, cache, previous)
+        """fp32 logits [S, V] of the slices that sample, in work order, for a step with prefill
+        chunks (decode-only steps: decode()). `previous`: the tokens the last step sampled, which
+        placeholder ids refer to."""
         index = self._index(work)
         last = (index["cu"][1:] - 1)[[w.samples for w in work]]
         if not self.kernels:
@@ -172,93 +176,142 @@ class Runner:
         # re-based at the first prefill row) take the prefill kernel.
         decodes = next((i for i, w in enumerate(work) if w.count != 1), len(work))
         cu = index["cu"]
+        exact = self.config.exact_logprobs
         parts = dict(ids=index["ids"], positions=index["positions"], slots=index["slots"], context=index["context"],
-                     table_starts=index["table_starts"], cu_prefill=cu[decodes:] - decodes, cu_all=cu, last=last,
+                     table_starts=index["table_starts"], cu=cu if exact else cu[decodes:] - decodes, last=last,
                      flat=index["flat"])
         sizes = [len(v) for v in parts.values()]
         meta = self._upload(np.concatenate(list(parts.values())))
         views = dict(zip(parts, meta.split(sizes)))
         last_t = views["last"].long()
-        max_q = int((cu[decodes + 1:] - cu[decodes:-1]).max()) if decodes < len(work) else 0
-        splits = decode_splits(decodes, cache.k.shape[3], self.num_sms)
+        max_q = int(np.diff(cu[decodes:]).max(initial=1))
 
         def attend(q, k_cache, v_cache):
-            if self.config.exact_logprobs:  # every slice, decodes too, in the trainer's tiles
+            if exact:  # every slice, decodes too, in the trainer's tiles
                 return paged_prefill_attention(q, k_cache, v_cache, views["flat"], views["table_starts"],
-                                               views["cu_all"], views["context"], max(max_q, 1), self.scale,
-                                               rows=_DECODE_ROWS if max_q <= 1 else None)
+                                               views["cu"], views["context"], max_q, self.scale,
+                                               rows=_DECODE_ROWS if max_q == 1 else None)
             out = torch.empty_like(q)
             if decodes:
                 paged_decode_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
-                                       views["context"][:decodes], self.scale, splits, out=out[:decodes])
+                                       views["context"][:decodes], self.scale,
+                                       decode_splits(decodes, cache.k.shape[3], self.num_sms), out=out[:decodes])
             if decodes < len(work):
                 paged_prefill_attention(q[decodes:], k_cache, v_cache, views["flat"], views["table_starts"][decodes:],
-                                        views["cu_prefill"], views["context"][decodes:], max_q, self.scale,
-                                        out=out[decodes:])
+                                        views["cu"], views["context"][decodes:], max_q, self.scale, out=out[decodes:])
             return out
 
         hidden = self._layers(views["ids"], views["positions"], views["slots"], cache, attend, previous)
         return self._logits(hidden[last_t])
 
-    # CUDA graphs
+    # decode-only steps
 
-    def _graph_layout(self) -> tuple[int, int]:
+    def _decode_layout(self) -> tuple[int, int]:
         """(rows, table capacity) of the static metadata buffer: ids, positions, slots, context
-        lengths and table starts of `rows` rows, then every row's blocks at the longest length."""
+        lengths, table starts and last positions of `rows` rows, then every row's blocks at the
+        longest length."""
         rows = self.buckets[-1]
         max_len = self.config.max_model_len or self.model.config.max_position_embeddings
         return rows, rows * -(-max_len // self.config.block_size)
 
-    def _replay(self, work: list[Work], cache: KVCache, previous: torch.Tensor | None) -> torch.Tensor:
-        rows, capacity = self._graph_layout()
+    def _rows(self, bucket: int) -> list[torch.Tensor]:
+        rows, _ = self._decode_layout()
+        return [self._meta[i * rows:i * rows + bucket] for i in range(_META_ROWS)]
+
+    @torch.no_grad()
+    def decode(self, work: list[Work], cache: KVCache, previous: torch.Tensor | None,
+               sample: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step of one-token slices that all sample: max(w.steps) forward passes, each taking
+        `sample(logits, pass)`'s tokens as its next input, with no host round trip between them.
+        A row stops advancing after its own `steps` passes (later passes recompute its last
+        position, writing to the scratch slot, and their tokens are not its). On CUDA a pass
+        replays the graph captured for its batch-size bucket. Returns tokens and logprobs
+        [passes, len(work)]."""
         n = len(work)
-        bucket = next(b for b in self.buckets if b >= n)
-        if self._graph_meta is None:
-            self._graph_meta = torch.zeros(5 * rows + capacity, dtype=torch.int32, device=self.model.device)
-            self._graph_previous = torch.zeros(rows, dtype=torch.int64, device=self.model.device)
+        graphs = self.kernels and self.config.cuda_graphs
+        bucket = next(b for b in self.buckets if b >= n) if graphs else n
+        self._pack(work, cache, previous)
+        tables = None if self.kernels else [w.seq.blocks for w in work]
+        tokens, logprobs = [], []
+        for i in range(max(w.steps for w in work)):
+            if i:
+                self._advance(bucket, cache, tokens[-1])
+            if graphs:
+                if bucket not in self.graphs:
+                    self.graphs[bucket] = self._capture(bucket, cache)
+                graph, logits = self.graphs[bucket]
+                graph.replay()
+            else:
+                logits = self._decode_body(bucket, cache, tables)
+            token, logprob = sample(logits[:n], i)
+            tokens.append(token)
+            logprobs.append(logprob)
+        return torch.stack(tokens), torch.stack(logprobs)
+
+    def _pack(self, work: list[Work], cache: KVCache, previous: torch.Tensor | None) -> None:
+        rows, capacity = self._decode_layout()
+        n = len(work)
+        if self._meta is None:
+            device = self.model.device
+            self._meta = torch.zeros(_META_ROWS * rows + capacity, dtype=torch.int32, device=device)
+            self._previous = torch.zeros(self.config.decode_steps * rows, dtype=torch.int64, device=device)
             # cu_seqlens of one query token a row, for decoding through the prefill kernel
-            self._graph_arange = torch.arange(rows + 1, dtype=torch.int32, device=self.model.device)
+            self._arange = torch.arange(rows + 1, dtype=torch.int32, device=device)
         if previous is not None:
-            self._graph_previous[:len(previous)].copy_(previous)
+            self._previous[:len(previous)].copy_(previous)
         bs = self.config.block_size
         seqs = [w.seq for w in work]
         positions = [w.start for w in work]
         table_lengths = [len(seq.blocks) for seq in seqs]
         if sum(table_lengths) > capacity:
-            raise RuntimeError(f"{sum(table_lengths)} block-table entries overflow the graph buffer's {capacity}: a bug")
-        packed = np.zeros((5, rows), np.int64)
-        packed[2] = cache.scratch_slot  # padding rows write to the scratch block
+            raise RuntimeError(f"{sum(table_lengths)} block-table entries overflow the decode buffer's {capacity}: a bug")
+        # padding rows (to the graph's bucket) write to the scratch block and never advance
+        packed = np.zeros((_META_ROWS, rows), np.int64)
+        packed[2] = cache.scratch_slot
         packed[0, :n] = [seq.tokens[p] for seq, p in zip(seqs, positions)]
         packed[1, :n] = positions
         packed[2, :n] = [seq.blocks[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
         packed[3, :n] = packed[1, :n] + 1
         np.cumsum(table_lengths[:-1], out=packed[4, 1:n])
+        packed[5, :n] = packed[1, :n] + np.fromiter((w.steps - 1 for w in work), np.int64, n)
         flat = np.fromiter(itertools.chain.from_iterable(seq.blocks for seq in seqs), np.int64, sum(table_lengths))
-        self._upload(np.concatenate([packed.reshape(-1), flat]), self._graph_meta)
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket, cache)
-        graph, logits = self.graphs[bucket]
-        graph.replay()
-        return logits[:n]
+        self._upload(np.concatenate([packed.reshape(-1), flat]), self._meta)
 
-    def _decode_body(self, bucket: int, cache: KVCache) -> torch.Tensor:
-        rows, _ = self._graph_layout()
-        meta = self._graph_meta
-        ids, positions, slots, context, starts = (meta[i * rows:i * rows + bucket] for i in range(5))
-        splits = decode_splits(bucket, cache.k.shape[3], self.num_sms)
-        one_each = self._graph_arange[:bucket + 1]
+    def _advance(self, bucket: int, cache: KVCache, sampled: torch.Tensor) -> None:
+        """The next pass's metadata, on the device: a row short of its last position moves one
+        token on, with the token just sampled as its input; the others stay and write to scratch."""
+        ids, positions, slots, context, starts, last = self._rows(bucket)
+        rows, _ = self._decode_layout()
+        bs = self.config.block_size
+        ids[:len(sampled)].copy_(sampled)
+        moving = positions < last
+        positions.add_(moving)
+        block = self._meta[_META_ROWS * rows:][starts + positions // bs]
+        slots.copy_(torch.where(moving, block * bs + positions % bs, cache.scratch_slot))
+        torch.add(positions, 1, out=context)
+
+    def _decode_body(self, bucket: int, cache: KVCache, tables: list[list[int]] | None = None) -> torch.Tensor:
+        rows, _ = self._decode_layout()
+        ids, positions, slots, context, starts, _ = self._rows(bucket)
+        flat = self._meta[_META_ROWS * rows:]
+        one_each = self._arange[:bucket + 1]
 
         def attend(q, k_cache, v_cache):
+            if not self.kernels:
+                return paged_attention_reference(q, k_cache, v_cache, [1] * bucket, context.tolist(), tables,
+                                                 self.scale)
             if self.config.exact_logprobs:
-                return paged_prefill_attention(q, k_cache, v_cache, meta[5 * rows:], starts, one_each, context, 1,
+                return paged_prefill_attention(q, k_cache, v_cache, flat, starts, one_each, context, 1,
                                                self.scale, rows=_DECODE_ROWS)
-            return paged_decode_attention(q, k_cache, v_cache, meta[5 * rows:], starts, context, self.scale, splits)
+            return paged_decode_attention(q, k_cache, v_cache, flat, starts, context, self.scale,
+                                          decode_splits(bucket, cache.k.shape[3], self.num_sms))
 
-        return self._logits(self._layers(ids, positions, slots, cache, attend, self._graph_previous))
+        return self._logits(self._layers(ids, positions, slots, cache, attend, self._previous))
 
     def _capture(self, bucket: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # A warm-up run on a side stream compiles the Triton kernels and settles the allocator
-        # (capture must not compile); it computes the current step's real rows, harmlessly.
+        # (capture must not compile); it computes the current pass's real rows, harmlessly.
         # One side stream for the runner's life: cuBLAS keeps a 32 MiB workspace per stream it
         # has seen, so a fresh stream per capture would leak one every release/resume cycle.
         if self._side_stream is None:

@@ -10,7 +10,7 @@ filtering: the quantity the trainer recomputes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,6 +30,10 @@ class SamplingBatch:
     any_top_k: bool
     any_top_p: bool
     all_greedy: bool
+
+    def later(self, steps: int) -> SamplingBatch:
+        """The same rows `steps` tokens further on (the noise is drawn per step)."""
+        return replace(self, steps=self.steps + steps) if steps else self
 
 
 def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -7,7 +7,11 @@ several steps, alongside the decodes of the others. A prefill chunk takes all th
 so nothing is admitted behind it: at most one running sequence is mid-prefill, the newest, and
 the decodes ahead of it always get their token. When the cache is full, the most recently
 admitted sequence is preempted: its blocks are freed and it goes back to the front of the
-queue, to be recomputed (prompt and completion so far) when blocks are free again."""
+queue, to be recomputed (prompt and completion so far) when blocks are free again.
+
+A step of decodes only runs several tokens per sequence on the device (EngineConfig.decode_steps):
+each decode gets blocks for as many as it may still generate, up to that number; one that cannot
+get them all takes what its blocks hold."""
 
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ class Work:
     start: int
     """First token of this step's slice: tokens[start:start + count] are computed."""
     count: int
+    steps: int = 1
+    """Forward passes: a decode (count 1) may run several, each feeding its sampled token to the
+    next, so it computes count + steps - 1 tokens and samples `steps`."""
 
     @property
     def samples(self) -> bool:
@@ -32,9 +39,13 @@ class Work:
         return self.start + self.count == len(self.seq.tokens)
 
 
+def decodes_only(work: list[Work]) -> bool:
+    return all(w.count == 1 and w.samples for w in work)
+
+
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager):
-        self.config, self.blocks = config, blocks
+    def __init__(self, config: EngineConfig, blocks: BlockManager, max_len: int):
+        self.config, self.blocks, self.max_len = config, blocks, max_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -100,7 +111,18 @@ class Scheduler:
             work.append(Work(seq, seq.num_computed, count))
             budget -= count
         self.waiting.extendleft(reversed(skipped))
+        if self.config.decode_steps > 1 and work and decodes_only(work):
+            self._plan_steps(work)
         return work
+
+    def _plan_steps(self, work: list[Work]) -> None:
+        bs, most = self.blocks.block_size, self.config.decode_steps
+        for w in work:
+            seq = w.seq
+            steps = min(most, seq.params.max_new_tokens - seq.num_completion, self.max_len - len(seq.tokens))
+            if steps > 1 and not self.blocks.grow(seq, w.start + steps):
+                steps = len(seq.blocks) * bs - w.start
+            w.steps = steps
 
     def abort(self) -> None:
         """Give every running sequence's blocks back (generate() failed half way)."""
