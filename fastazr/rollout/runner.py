@@ -289,7 +289,7 @@ class Runner:
         positions.add_(moving)
         block = self._meta[_META_ROWS * rows:][starts + positions // bs]
         slots.copy_(torch.where(moving, block * bs + positions % bs, cache.scratch_slot))
-        torch.add(positions, 1, out=context)
+        context.add_(moving)
 
     def _decode_body(self, bucket: int, cache: KVCache, tables: list[list[int]] | None = None) -> torch.Tensor:
         rows, _ = self._decode_layout()
