@@ -204,7 +204,9 @@ def run_engine(w: Workload, config: EngineConfig, args, device: str, label: str 
     ttft = median([go(with_new_tokens(w.requests, 1))[0] for _ in range(args.rounds)])
     free(device)
     seconds = []
-    with profiled(args.profile, f"bench_rollout_{w.name}_fastazr") as mark:
+    # one trace per contender: the engine runs up to three ways per workload
+    slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")
+    with profiled(args.profile, f"bench_rollout_{w.name}_{slug}") as mark:
         for i in range(args.rounds):
             with mark(f"fastazr round {i}"):
                 s, out = go(w.requests)

@@ -10,10 +10,28 @@ part and the bf16 remainder, two dots that carry 16 significant bits: 99.7% are.
 tiles take the same instructions in the same order (64-key tiles from key 0, 64- or 128-row
 warpgroup tiles) then agree on every bit; the split-K decode kernel's 16-row tiles differ in
 ~0.3%. Cost: a second P.V dot, free in memory-bound decode, ~1.3x the training attention's
-time. fp32 inputs take a single full-precision ("ieee") dot instead."""
+time. fp32 inputs take a single full-precision ("ieee") dot instead.
+
+Keys are folded in chunks of KEY_CHUNK positions from position 0: each chunk's state starts
+empty, and the chunks' states are merged in order (fold). A kernel may compute the chunks of one
+query row in one program or in parallel programs whose states a second kernel folds: the bits
+are the same. That is what lets the engine split a long context over the GPU at small batch and
+still round like the trainer, which walks the chunks in one program. Cost to the trainer: a
+second fp32 accumulator and one merge per chunk."""
 
 import triton
 import triton.language as tl
+
+# Keys per chunk, a multiple of every kernel's 64-key tile. 512: the trainer's forward merges
+# once per 8 key tiles; a decode of 2,000 tokens splits into 4 programs.
+KEY_CHUNK = 512
+
+
+@triton.jit
+def empty_state(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(m, l, acc) of rows that have seen no key."""
+    return (tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32),
+            tl.zeros([ROWS, BLOCK_D], tl.float32))
 
 
 @triton.jit
@@ -34,6 +52,18 @@ def softmax_step(q, k, v, visible, m, l, acc, qk_scale, PRECISION: tl.constexpr,
     if SPLIT_P:
         acc = tl.dot((p - p_high.to(tl.float32)).to(v.dtype), v, acc, input_precision=PRECISION)
     return m_new, l, acc
+
+
+@triton.jit
+def fold(m, l, acc, m_chunk, l_chunk, acc_chunk):
+    """The state (m, l [R], acc [R, D]) followed by a chunk's state. Folding a chunk into the
+    empty state gives the chunk's state bit for bit, and folding a chunk of masked keys changes
+    nothing, so every way of cutting a row's keys into the same chunks folds to the same bits."""
+    m_new = tl.maximum(m, m_chunk)
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2(m - m_safe)
+    beta = tl.exp2(m_chunk - m_safe)
+    return m_new, l * alpha + l_chunk * beta, acc * alpha[:, None] + acc_chunk * beta[:, None]
 
 
 @triton.jit

@@ -19,9 +19,12 @@ kernel merges them. The grid depends only on (B, Hkv, num_splits), never on the 
 in device memory, so a CUDA graph captures it once per batch size.
 
 Every tile goes through attention_math.softmax_step, which the training forward
-(varlen_attention.py) takes too. The prefill kernel's tiles are the trainer's, so its outputs
-are the trainer's bit for bit, also for one-token decode slices (EngineConfig.exact_logprobs);
-the decode kernel's 16-row tiles differ from them in ~0.3% of outputs' last bit."""
+(varlen_attention.py) takes too. The prefill kernel's tiles and key chunks are the trainer's, so
+its outputs are the trainer's bit for bit, also for one-token decode slices
+(EngineConfig.exact_logprobs); the decode kernel's 16-row tiles differ from them in ~0.3% of
+outputs' last bit. For decodes the prefill kernel can split too, along chunk boundaries rather
+than into equal parts (`splits`): each program leaves the states of the chunks it took, and
+_fold_kernel folds them in order, as one program would have."""
 
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastazr.kernels.attention_math import finish, softmax_step
+from fastazr.kernels import attention_math
+from fastazr.kernels.attention_math import empty_state, finish, fold, softmax_step
 
 __all__ = ["pack_block_tables", "paged_decode_attention", "paged_prefill_attention", "decode_splits"]
 
@@ -119,12 +123,13 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, so_b, so_h, num_heads,
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_ptr, out_ptr,
-                    qk_scale, sq_t, sq_h, sk_b, sk_t, sk_h, so_t, so_h,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_ptr, out_ptr, state_ptr, acc_ptr,
+                    qk_scale, max_chunks, sq_t, sq_h, sk_b, sk_t, sk_h, so_t, so_h,
                     GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                    SPLIT_P: tl.constexpr):
-    tile, b, kvh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                    PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                    SPLITS: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+    tile, b, axis2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kvh, split = axis2 // SPLITS, axis2 % SPLITS
     q0 = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q0
     if tile * BLOCK_M >= q_len:
@@ -142,20 +147,51 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_p
     d_ok = d < HEAD_DIM
     q = tl.load(q_ptr + (q0 + tok)[:, None] * sq_t + heads[:, None] * sq_h + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    m = tl.full([BLOCK_M * BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M * BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_M * BLOCK_G, BLOCK_D], tl.float32)
+    m, l, acc = empty_state(BLOCK_M * BLOCK_G, BLOCK_D)
     # Keys up to this tile's last query; key 0 is visible to every row, so no row stays at -inf.
+    # With SPLITS > 1, this program takes every SPLITS-th chunk and leaves each one's state for
+    # _fold_kernel (one query a sequence: rows are sequences).
     kv_end = tl.minimum(ctx, ctx - q_len + (tile + 1) * BLOCK_M)
-    for n0 in range(0, kv_end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        valid = pos < kv_end
-        visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        m, l, acc = _attend_tile(q, k_ptr, v_ptr, table, pos, valid, visible, kvh, sk_b, sk_t, sk_h, d, d_ok,
-                                 m, l, acc, qk_scale, PAGE, PRECISION, SPLIT_P)
+    for c0 in range(split * CHUNK, kv_end, SPLITS * CHUNK):
+        m_c, l_c, acc_c = empty_state(BLOCK_M * BLOCK_G, BLOCK_D)
+        for n0 in range(c0, tl.minimum(c0 + CHUNK, kv_end), BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            valid = pos < kv_end
+            visible = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+            m_c, l_c, acc_c = _attend_tile(q, k_ptr, v_ptr, table, pos, valid, visible, kvh, sk_b, sk_t, sk_h, d,
+                                           d_ok, m_c, l_c, acc_c, qk_scale, PAGE, PRECISION, SPLIT_P)
+        if SPLITS == 1:
+            m, l, acc = fold(m, l, acc, m_c, l_c, acc_c)
+        else:
+            slot = ((q0 + tok) * (GROUPS * tl.num_programs(2) // SPLITS) + heads) * max_chunks + c0 // CHUNK
+            tl.store(state_ptr + 2 * slot, m_c, mask=row_ok)
+            tl.store(state_ptr + 2 * slot + 1, l_c, mask=row_ok)
+            tl.store(acc_ptr + slot[:, None] * BLOCK_D + d[None, :], acc_c, mask=row_ok[:, None])
+    if SPLITS == 1:
+        out, _ = finish(m, l, acc)
+        tl.store(out_ptr + (q0 + tok)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _fold_kernel(state_ptr, acc_ptr, ctx_ptr, out_ptr, max_chunks, so_t, so_h, num_heads,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+    """The chunk states of one decode row (sequence b, head h), folded in order: the bits of one
+    program walking them all."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    first = (b * num_heads + h) * max_chunks
+    one = tl.arange(0, 1)
+    d = tl.arange(0, BLOCK_D)
+    m, l, acc = empty_state(1, BLOCK_D)
+    for c in range(0, tl.cdiv(tl.load(ctx_ptr + b), CHUNK)):
+        slot = first + c
+        m_c = tl.load(state_ptr + 2 * slot + one)
+        l_c = tl.load(state_ptr + 2 * slot + 1 + one)
+        acc_c = tl.load(acc_ptr + slot * BLOCK_D + d[None, :])
+        m, l, acc = fold(m, l, acc, m_c, l_c, acc_c)
     out, _ = finish(m, l, acc)
-    tl.store(out_ptr + (q0 + tok)[:, None] * so_t + heads[:, None] * so_h + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out_ptr + b * so_t + h * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=d[None, :] < HEAD_DIM)
 
 
 def pack_block_tables(block_tables: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,13 +258,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                             table_starts: torch.Tensor, cu_q_lens: torch.Tensor, context_lens: torch.Tensor,
                             max_q_len: int, scale: float, out: torch.Tensor | None = None,
-                            rows: int | None = None) -> torch.Tensor:
+                            rows: int | None = None, splits: int = 1, max_context: int | None = None) -> torch.Tensor:
     """Packed queries q [T, Hq, D]: sequence b owns rows cu_q_lens[b] .. cu_q_lens[b + 1] - 1, the
     last q_len tokens of its context_lens[b]; each attends causally to its cached keys, its own
     new ones included -> [T, Hq, D] in q's dtype. max_q_len bounds the grid (the host knows it).
     `out`, when given, receives the result. `rows`: score rows a program holds (64, or 128 by default; both
     take Hopper's 64-row warpgroup MMA, so a row's result does not depend on it); decodes, one
-    real token in a tile, waste half as much with 64."""
+    real token in a tile, waste half as much with 64.
+
+    `splits` > 1 (decodes only: max_q_len 1) spreads each sequence's KEY_CHUNK-key chunks over
+    that many programs and folds their states in a second kernel, with the same bits as 1: what
+    fills the GPU when few sequences decode long contexts. It keeps an fp32 state per row, head
+    and chunk of up to `max_context` keys (default: the longest context, read from the device,
+    which a CUDA graph cannot do): at 32K keys, 400 KB a sequence for 12 heads of 128."""
     groups, kv_heads = _check_cache(q, k_cache, v_cache)
     head_dim = q.shape[2]
     batch = context_lens.shape[0]
@@ -237,13 +279,28 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m = max(1, (rows or _PREFILL_ROWS) // block_g)
     # tl.dot needs 16 rows: a lone token of a small group still gets a 16-row tile
     block_m = max(block_m, triton.cdiv(16, block_g))
-    grid = (triton.cdiv(max_q_len, block_m), batch, kv_heads)
+    block_d = triton.next_power_of_2(head_dim)
+    chunk = attention_math.KEY_CHUNK
+    state = chunk_acc = out
+    max_chunks = 1
+    if splits > 1:
+        if max_q_len != 1:
+            raise ValueError(f"splits > 1 is for decodes (max_q_len 1), got max_q_len {max_q_len}")
+        if max_context is None:
+            max_context = int(context_lens.max()) if batch else 1
+        max_chunks = max(1, triton.cdiv(max_context, chunk))
+        state = torch.empty(q.shape[0] * q.shape[1] * max_chunks * 2, device=q.device, dtype=torch.float32)
+        chunk_acc = torch.empty(q.shape[0] * q.shape[1] * max_chunks, block_d, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(max_q_len, block_m), batch, kv_heads * splits)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens, out,
-        scale * _LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens, out, state, chunk_acc,
+        scale * _LOG2E, max_chunks, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
-        GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=_PREFILL_BLOCK_N, PRECISION=_precision(q.dtype),
-        SPLIT_P=q.dtype != torch.float32, num_warps=8 if block_m * block_g >= 128 else 4,
-        enable_fp_fusion=False)
+        GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
+        BLOCK_N=_PREFILL_BLOCK_N, CHUNK=chunk, SPLITS=splits, PRECISION=_precision(q.dtype),
+        SPLIT_P=q.dtype != torch.float32, num_warps=8 if block_m * block_g >= 128 else 4, enable_fp_fusion=False)
+    if splits > 1 and batch:
+        _fold_kernel[(batch, q.shape[1])](state, chunk_acc, context_lens, out, max_chunks, out.stride(0), out.stride(1),
+                                          q.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, num_warps=1,
+                                          enable_fp_fusion=False)
     return out

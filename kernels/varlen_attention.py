@@ -2,14 +2,15 @@
 backward: what the rollout engine computes, to the last bit.
 
 The forward folds keys with attention_math.softmax_step in the tiles of the engine's prefill
-kernel (64 keys from key 0, 128-row warpgroup tiles), through which the engine also decodes by
-default: its outputs are the engine's bit for bit (tests/test_varlen_attention.py), and the
-trainer's logprobs the engine's to fp32 rounding. torch's and flash-attn's kernels round P to
-bf16 first and differ from it in ~40% of outputs. The reference is varlen_attention_reference.py.
+kernel (64 keys from key 0, 128-row warpgroup tiles, chunks of KEY_CHUNK keys merged in order),
+through which the engine also decodes by default: its outputs are the engine's bit for bit
+(tests/test_varlen_attention.py), and the trainer's logprobs the engine's to fp32 rounding.
+torch's and flash-attn's kernels round P to bf16 first and differ from it in ~40% of outputs.
+The reference is varlen_attention_reference.py.
 
-The backward is FlashAttention-2's (recompute P from the saved log-sum-exp, never store it):
-one kernel for dK and dV that walks the queries of each key tile (all G query heads of its KV
-head, so GQA needs no atomics) and one for dQ that walks the key tiles. Gradients need not match
+The backward is FlashAttention-2's (recompute P from the saved log-sum-exp, never store it): one
+kernel for dK and dV that walks the queries of each key tile (all G query heads of its KV head,
+so GQA needs no atomics) and one for dQ that walks the key tiles. Gradients need not match
 anything bit for bit, so P and dS meet the tensor cores in the input dtype.
 
 Layout: q [T, Hq, D], k and v [T, Hkv, D] with unit stride in D (the fused qkv projection's
@@ -22,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastazr.kernels.attention_math import finish, softmax_step
+from fastazr.kernels import attention_math
+from fastazr.kernels.attention_math import empty_state, finish, fold, softmax_step
 
 __all__ = ["varlen_attention"]
 
@@ -55,7 +57,8 @@ def _load(ptr, rows, head, stride_t, stride_h, d, mask):
 def _forward_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, out_ptr, lse_ptr, qk_scale,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, heads,
                     GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+                    SPLIT_P: tl.constexpr):
     tile, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(cu_ptr + b)
     length = tl.load(cu_ptr + b + 1) - start
@@ -67,16 +70,18 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, out_ptr, lse_ptr, qk_scale,
     rows, row_ok, tok = _span(tile * BLOCK_M, start, length, BLOCK_M)
     q_mask = row_ok[:, None] & d_ok[None, :]
     q = _load(q_ptr, tok, h, sq_t, sq_h, d, q_mask)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, tl.minimum(length, (tile + 1) * BLOCK_M), BLOCK_N):
-        cols, col_ok, key = _span(n0, start, length, BLOCK_N)
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = _load(k_ptr, key, kvh, sk_t, sk_h, d, kv_mask)
-        v = _load(v_ptr, key, kvh, sv_t, sv_h, d, kv_mask)
-        visible = col_ok[None, :] & (cols[None, :] <= rows[:, None])
-        m, l, acc = softmax_step(q, k, v, visible, m, l, acc, qk_scale, PRECISION, SPLIT_P)
+    m, l, acc = empty_state(BLOCK_M, BLOCK_D)
+    kv_end = tl.minimum(length, (tile + 1) * BLOCK_M)
+    for c0 in range(0, kv_end, CHUNK):
+        m_c, l_c, acc_c = empty_state(BLOCK_M, BLOCK_D)
+        for n0 in range(c0, tl.minimum(c0 + CHUNK, kv_end), BLOCK_N):
+            cols, col_ok, key = _span(n0, start, length, BLOCK_N)
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = _load(k_ptr, key, kvh, sk_t, sk_h, d, kv_mask)
+            v = _load(v_ptr, key, kvh, sv_t, sv_h, d, kv_mask)
+            visible = col_ok[None, :] & (cols[None, :] <= rows[:, None])
+            m_c, l_c, acc_c = softmax_step(q, k, v, visible, m_c, l_c, acc_c, qk_scale, PRECISION, SPLIT_P)
+        m, l, acc = fold(m, l, acc, m_c, l_c, acc_c)
     out, lse = finish(m, l, acc)
     tl.store(out_ptr + tok[:, None] * so_t + h * so_h + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
     tl.store(lse_ptr + tok * heads + h, lse, mask=row_ok)
@@ -194,7 +199,8 @@ class _VarlenAttention(torch.autograd.Function):
             _forward_kernel[(triton.cdiv(max_seqlen, _FWD_M), batch, heads)](
                 q, k, v, cu_seqlens, out, lse, scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), out.stride(0), out.stride(1), heads, GROUPS=groups, BLOCK_M=_FWD_M,
-                BLOCK_N=_FWD_N, SPLIT_P=q.dtype != torch.float32, num_warps=8, enable_fp_fusion=False, **_meta(q))
+                BLOCK_N=_FWD_N, CHUNK=attention_math.KEY_CHUNK, SPLIT_P=q.dtype != torch.float32, num_warps=8,
+                enable_fp_fusion=False, **_meta(q))
         ctx.save_for_backward(q, k, v, cu_seqlens, out, lse)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         return out

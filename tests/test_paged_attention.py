@@ -1,10 +1,12 @@
 """The paged attention kernels (Triton; the interpreter on CPU, the GPU with marker gpu) against
 paged_attention_reference: scattered, shuffled blocks, contexts that end mid-block and mid-tile,
 GQA groups that are not powers of two, a head_dim that is not one, split-K with empty splits,
-CUDA-graph padding rows, and prefill chunks that continue a cached prefix."""
+CUDA-graph padding rows, prefill chunks that continue a cached prefix, and exact decodes whose
+key chunks are spread over programs (KEY_CHUNK made 64 on CPU, so a few tokens span chunks)."""
 import pytest
 import torch
 
+from fastazr.kernels import attention_math
 from fastazr.kernels.paged_attention import (decode_splits, pack_block_tables, paged_decode_attention,
                                              paged_prefill_attention)
 from fastazr.kernels.paged_attention_reference import paged_attention_reference
@@ -107,6 +109,41 @@ def test_prefill_small_blocks():
     check_prefill([5, 33], [18, 33], 9, 3, 48, 4, torch.float32, "cpu")
 
 
+def check_split_decode(contexts, heads, kv_heads, head_dim, dtype, device, splits=(2, 3, 4)):
+    """Decodes through the prefill kernel's tiles, each sequence's chunks in one program or
+    spread over several: the same bits; and the reference's values."""
+    k, v, tables = make_cache(contexts, heads, kv_heads, head_dim, 16, dtype, device, seed=2)
+    q = torch.randn(len(contexts), heads, head_dim).to(device, dtype)
+    flat, starts = pack_block_tables(tables, device)
+    ctx = torch.tensor(contexts, dtype=torch.int32, device=device)
+    one_each = torch.arange(len(contexts) + 1, dtype=torch.int32, device=device)
+    scale = head_dim ** -0.5
+
+    def decode(n, max_context=None):
+        return paged_prefill_attention(q, k, v, flat, starts, one_each, ctx, 1, scale, rows=64, splits=n,
+                                       max_context=max_context)
+
+    whole = decode(1)
+    for n in splits:
+        assert torch.equal(decode(n), whole), f"{n} programs a sequence fold to other bits than one"
+    # a state buffer sized for longer contexts than there are (what a CUDA graph holds)
+    assert torch.equal(decode(splits[0], max_context=4 * max(contexts)), whole)
+    live = [i for i, c in enumerate(contexts) if c > 0]
+    ref = paged_attention_reference(q[live], k, v, [1] * len(live), [contexts[i] for i in live],
+                                    [tables[i] for i in live], scale)
+    assert_close_and_rounded_alike(whole[live], ref, dtype)
+    dead = [i for i, c in enumerate(contexts) if c == 0]
+    assert torch.equal(whole[dead], torch.zeros_like(whole[dead]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_decode_folds_chunks_to_the_same_bits(monkeypatch, dtype):
+    monkeypatch.setattr(attention_math, "KEY_CHUNK", 64)
+    # within one chunk; exactly one; one key into the second; 4 chunks (more than 3 programs take
+    # one each); a padding row; 3 chunks, the last partial
+    check_split_decode([1, 64, 65, 193, 0, 130], 9, 3, 48, dtype, "cpu")
+
+
 def test_shape_errors_name_the_problem():
     k = torch.zeros(4, 16, 2, 64)
     q = torch.zeros(1, 5, 64)
@@ -116,6 +153,9 @@ def test_shape_errors_name_the_problem():
         paged_decode_attention(q, k, k, flat, starts, ctx, 1.0)
     with pytest.raises(ValueError, match="power of two"):
         paged_decode_attention(torch.zeros(1, 4, 64), k, k, flat, starts, ctx, 1.0, num_splits=3)
+    cu = torch.tensor([0, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_q_len"):
+        paged_prefill_attention(torch.zeros(2, 4, 64), k, k, flat, starts, cu, ctx, 2, 1.0, splits=2)
 
 
 def test_decode_splits_cover_the_gpu():
@@ -131,3 +171,5 @@ def test_gpu_decode_and_prefill(dtype):
         check_decode([1, 16, 23, 100, 193, 0, 1000], 12, 2, 128, 16, dtype, splits, "cuda")
     check_prefill([21, 9, 1, 150, 700], [21, 39, 77, 150, 1000], 12, 2, 128, 16, dtype, "cuda")
     check_prefill([3, 64], [40, 64], 14, 2, 64, 16, dtype, "cuda")
+    # KEY_CHUNK as shipped: 1 to 6 chunks a sequence
+    check_split_decode([1, 511, 512, 513, 0, 1500, 3000], 12, 2, 128, dtype, "cuda", splits=(2, 4, 32))

@@ -6,6 +6,7 @@ engine's. The interpreter runs fp32 and fp16 on CPU, the GPU bf16 (marker gpu)."
 import pytest
 import torch
 
+from fastazr.kernels import attention_math
 from fastazr.kernels.paged_attention import pack_block_tables, paged_decode_attention, paged_prefill_attention
 from fastazr.kernels.varlen_attention import varlen_attention
 from fastazr.kernels.varlen_attention_reference import varlen_attention_reference
@@ -78,6 +79,10 @@ def check_engine_agreement(lengths, heads, kv_heads, head_dim, dtype, device, bl
     one_each = torch.arange(len(lengths) + 1, dtype=torch.int32, device=device)
     exact_decode = paged_prefill_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, one_each, ctx, 1,
                                            scale, rows=64)
+    # the same, each sequence's key chunks spread over 3 programs and folded after
+    split_decode = paged_prefill_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, one_each, ctx, 1,
+                                           scale, rows=64, splits=3)
+    assert torch.equal(split_decode, exact_decode), "chunks folded in a second kernel differ from one program's"
     if device == "cuda":  # same tiles, same instructions: the same bits, all of them
         assert torch.equal(prefill, out), "the engine's prefill differs from the training forward"
         assert torch.equal(exact_decode, out[last]), "decoding through the prefill tiles differs from training"
@@ -99,7 +104,9 @@ def test_matches_reference(dtype, heads, kv_heads, head_dim):
     check([1, 37, 130], heads, kv_heads, head_dim, dtype, "cpu")
 
 
-def test_agrees_with_the_engine_kernels():
+def test_agrees_with_the_engine_kernels(monkeypatch):
+    # chunks of 64 keys: the 130-token sequence folds 3 (the shipped 512 would fold one here)
+    monkeypatch.setattr(attention_math, "KEY_CHUNK", 64)
     check_engine_agreement([1, 37, 130], 9, 3, 48, torch.float16, "cpu")
 
 

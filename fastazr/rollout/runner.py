@@ -4,16 +4,19 @@ The runner reads the model's own parameter tensors (the ones the optimizer updat
 layer: no copy of the weights exists. Each step writes the new tokens' keys and values into
 their cache slots, attends, and projects only the last token of each slice that samples.
 
-Step metadata (token ids, positions, cache slots, context lengths, ragged block tables) is packed
-on the host into one int32 array and reaches the device in one copy. A negative token id -1 - j
-stands for the j-th token sampled by the previous step, which the host has not read back yet
-(see engine.py); it is taken from that step's output on the device. On CUDA the attention is
+Step metadata (token ids, positions, cache slots, context lengths, ragged block tables) is
+packed on the host into one int32 array and reaches the device in one copy. A negative token id
+-1 - j stands for the j-th token sampled by the previous step, which the host has not read back
+yet (see engine.py); it is taken from that step's output on the device. On CUDA the attention is
 fastazr.kernels.paged_attention. With EngineConfig.exact_logprobs (the default) every slice goes
-to the varlen prefill kernel, whose tiles are the trainer's attention's, so a decoded token's
-hidden states are the trainer's bit for bit; without it the leading one-token slices (decodes)
-take the faster split-K decode kernel. A step of decodes only (decode()) runs its passes from a
-static metadata buffer that the device advances between them, each pass replaying the CUDA graph
-captured for its batch-size bucket. On CPU it is the plain-torch reference."""
+to the varlen prefill kernel, whose tiles and key chunks are the trainer's attention's (a decode
+round at small batch spreads each sequence's chunks over programs and folds them in order), so a
+decoded token's attention is the trainer's bit for bit, and every projection runs at a row count
+whose cuBLAS kernel gives the trainer's bits (gemm_rows.py); without it the leading one-token
+slices (decodes) take the faster split-K decode kernel. A step of decodes only (decode()) runs
+its passes from a static metadata buffer that the device advances between them, each pass
+replaying the CUDA graph captured for its batch-size bucket. On CPU it is the plain-torch
+reference."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastazr.kernels import attention_math
 from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache, swiglu_fused
 from fastazr.kernels.paged_attention import decode_splits, paged_decode_attention, paged_prefill_attention
 from fastazr.kernels.paged_attention_reference import paged_attention_reference
@@ -31,6 +35,7 @@ from fastazr.model import Decoder
 from fastazr.model.layers import rms_norm
 
 from .config import EngineConfig
+from .gemm_rows import GemmRows
 from .kv_cache import KVCache
 from .scheduler import Work
 from .staging import Staging
@@ -76,12 +81,20 @@ class Runner:
         self.fp32_lm_head = self.kernels and model.dtype != torch.float32 and _fp32_lm_head_supported(model.device)
         self.num_sms = torch.cuda.get_device_properties(model.device).multi_processor_count if self.kernels else 1
         self.buckets = graph_buckets(config.max_num_seqs)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._meta: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
         self._arange: torch.Tensor | None = None
         self._pool = None
         self._side_stream: torch.cuda.Stream | None = None
+        # exact mode: every projection at a row count that gives the trainer's bits (gemm_rows.py)
+        self.linear = F.linear
+        if self.kernels and config.exact_logprobs:
+            self.linear = GemmRows(self.buckets + [384, 512, 768, 1024, 1536])
+            first = model.layers[0]
+            for weight, bias in ((first.attn.qkv_weight, first.attn.qkv_bias), (first.attn.o_weight, first.attn.o_bias),
+                                 (first.mlp.gate_up_weight, None), (first.mlp.down_weight, None)):
+                self.linear.learn(weight, bias)
 
     def reset(self) -> None:
         """Drop the CUDA graphs: they hold the KV cache's addresses (call before freeing it)."""
@@ -138,11 +151,13 @@ class Runner:
         normed = add_rms_norm(hidden, model.layers[0].input_norm, eps)
         for index, layer in enumerate(model.layers):
             attn, mlp = layer.attn, layer.mlp
-            qkv = F.linear(normed, attn.qkv_weight, attn.qkv_bias)
+            qkv = self.linear(normed, attn.qkv_weight, attn.qkv_bias)
             k_cache, v_cache = cache.k[index], cache.v[index]
             q = rope_to_cache(qkv, cos, sin, slots, k_cache, v_cache, c.num_heads, c.num_kv_heads)
-            normed = add_rms_norm(hidden, layer.post_attention_norm, eps, residual=attn.output(attend(q, k_cache, v_cache)))
-            delta = F.linear(swiglu_fused(F.linear(normed, mlp.gate_up_weight)), mlp.down_weight)
+            attended = attend(q, k_cache, v_cache).flatten(1)
+            normed = add_rms_norm(hidden, layer.post_attention_norm, eps,
+                                  residual=self.linear(attended, attn.o_weight, attn.o_bias))
+            delta = self.linear(swiglu_fused(self.linear(normed, mlp.gate_up_weight)), mlp.down_weight)
             following = model.layers[index + 1].input_norm if index + 1 < len(model.layers) else model.norm
             normed = add_rms_norm(hidden, following, eps, residual=delta)
         return normed
@@ -206,13 +221,28 @@ class Runner:
 
     # decode-only steps
 
+    @property
+    def _max_len(self) -> int:
+        return self.config.max_model_len or self.model.config.max_position_embeddings
+
     def _decode_layout(self) -> tuple[int, int]:
         """(rows, table capacity) of the static metadata buffer: ids, positions, slots, context
         lengths, table starts and last positions of `rows` rows, then every row's blocks at the
         longest length."""
         rows = self.buckets[-1]
-        max_len = self.config.max_model_len or self.model.config.max_position_embeddings
-        return rows, rows * -(-max_len // self.config.block_size)
+        return rows, rows * -(-self._max_len // self.config.block_size)
+
+    def _splits(self, bucket: int, longest: int) -> int:
+        """Programs each sequence's key chunks spread over in exact mode. Only while a program a
+        sequence and KV head leaves SMs idle (H100, qwen2.5-1.5b: a 64 x 1,200-2,000-token
+        decode takes 56 us instead of 78, 8 x 2,000 20 us instead of 79; at 128 x 600-1,200 the
+        fold kernel costs more than it gains, 64 vs 61 us), never more than the longest context
+        has chunks, a power of two: a graph is captured per value."""
+        kv_heads = self.model.config.num_kv_heads
+        chunks = -(-longest // attention_math.KEY_CHUNK)
+        if not (self.kernels and self.config.exact_logprobs) or chunks <= 1 or bucket * kv_heads >= self.num_sms:
+            return 1
+        return min(decode_splits(bucket, kv_heads, self.num_sms), 1 << (chunks - 1).bit_length())
 
     def _rows(self, bucket: int) -> list[torch.Tensor]:
         rows, _ = self._decode_layout()
@@ -233,17 +263,18 @@ class Runner:
         bucket = next(b for b in self.buckets if b >= n) if graphs else n
         self._pack(work, cache, previous)
         tables = None if self.kernels else [w.seq.blocks for w in work]
+        splits = self._splits(bucket, max(w.start + w.steps for w in work))
         tokens, logprobs = [], []
         for i in range(max(w.steps for w in work)):
             if i:
                 self._advance(bucket, cache, tokens[-1])
             if graphs:
-                if bucket not in self.graphs:
-                    self.graphs[bucket] = self._capture(bucket, cache)
-                graph, logits = self.graphs[bucket]
+                if (bucket, splits) not in self.graphs:
+                    self.graphs[bucket, splits] = self._capture(bucket, splits, cache)
+                graph, logits = self.graphs[bucket, splits]
                 graph.replay()
             else:
-                logits = self._decode_body(bucket, cache, tables)
+                logits = self._decode_body(bucket, splits, cache, tables)
             token, logprob = sample(logits[:n], i)
             tokens.append(token)
             logprobs.append(logprob)
@@ -291,7 +322,8 @@ class Runner:
         slots.copy_(torch.where(moving, block * bs + positions % bs, cache.scratch_slot))
         context.add_(moving)
 
-    def _decode_body(self, bucket: int, cache: KVCache, tables: list[list[int]] | None = None) -> torch.Tensor:
+    def _decode_body(self, bucket: int, splits: int, cache: KVCache,
+                     tables: list[list[int]] | None = None) -> torch.Tensor:
         rows, _ = self._decode_layout()
         ids, positions, slots, context, starts, _ = self._rows(bucket)
         flat = self._meta[_META_ROWS * rows:]
@@ -303,13 +335,14 @@ class Runner:
                                                  self.scale)
             if self.config.exact_logprobs:
                 return paged_prefill_attention(q, k_cache, v_cache, flat, starts, one_each, context, 1,
-                                               self.scale, rows=_DECODE_ROWS)
+                                               self.scale, rows=_DECODE_ROWS, splits=splits,
+                                               max_context=self._max_len)
             return paged_decode_attention(q, k_cache, v_cache, flat, starts, context, self.scale,
                                           decode_splits(bucket, cache.k.shape[3], self.num_sms))
 
         return self._logits(self._layers(ids, positions, slots, cache, attend, self._previous))
 
-    def _capture(self, bucket: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, splits: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # A warm-up run on a side stream compiles the Triton kernels and settles the allocator
         # (capture must not compile); it computes the current pass's real rows, harmlessly.
         # One side stream for the runner's life: cuBLAS keeps a 32 MiB workspace per stream it
@@ -319,11 +352,11 @@ class Runner:
         stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._decode_body(bucket, cache)
+            self._decode_body(bucket, splits, cache)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_body(bucket, cache)
+            logits = self._decode_body(bucket, splits, cache)
         return graph, logits
