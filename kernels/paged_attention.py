@@ -284,8 +284,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     state = chunk_acc = out
     max_chunks = 1
     if splits > 1:
-        if max_q_len != 1:
-            raise ValueError(f"splits > 1 is for decodes (max_q_len 1), got max_q_len {max_q_len}")
+        if max_q_len != 1 or q.shape[0] != batch:
+            raise ValueError(f"splits > 1 is for decodes, one query a sequence (max_q_len 1): got {q.shape[0]} "
+                             f"queries for {batch} sequences, max_q_len {max_q_len}")
         if max_context is None:
             max_context = int(context_lens.max()) if batch else 1
         max_chunks = max(1, triton.cdiv(max_context, chunk))
