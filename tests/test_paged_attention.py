@@ -52,6 +52,16 @@ def make_cache(contexts, heads, kv_heads, head_dim, block_size, dtype, device, s
     return k.to(device, dtype), v.to(device, dtype), tables
 
 
+def assert_decodes(out, q, k, v, tables, contexts, scale, dtype):
+    """Rows with context match the reference; padding rows (context 0) are zeros."""
+    live = [i for i, c in enumerate(contexts) if c > 0]
+    ref = paged_attention_reference(q[live], k, v, [1] * len(live), [contexts[i] for i in live],
+                                    [tables[i] for i in live], scale)
+    assert_close_and_rounded_alike(out[live], ref, dtype)
+    dead = [i for i, c in enumerate(contexts) if c == 0]
+    assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+
+
 def check_decode(contexts, heads, kv_heads, head_dim, block_size, dtype, splits, device):
     k, v, tables = make_cache(contexts, heads, kv_heads, head_dim, block_size, dtype, device)
     q = torch.randn(len(contexts), heads, head_dim).to(device, dtype)
@@ -59,12 +69,7 @@ def check_decode(contexts, heads, kv_heads, head_dim, block_size, dtype, splits,
     ctx = torch.tensor(contexts, dtype=torch.int32, device=device)
     scale = head_dim ** -0.5
     out = paged_decode_attention(q, k, v, flat, starts, ctx, scale, num_splits=splits)
-    live = [i for i, c in enumerate(contexts) if c > 0]
-    ref = paged_attention_reference(q[live], k, v, [1] * len(live), [contexts[i] for i in live],
-                                    [tables[i] for i in live], scale)
-    assert_close_and_rounded_alike(out[live], ref, dtype)
-    dead = [i for i, c in enumerate(contexts) if c == 0]
-    assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+    assert_decodes(out, q, k, v, tables, contexts, scale, dtype)
 
 
 def check_prefill(q_lens, contexts, heads, kv_heads, head_dim, block_size, dtype, device):
@@ -128,12 +133,7 @@ def check_split_decode(contexts, heads, kv_heads, head_dim, dtype, device, split
         assert torch.equal(decode(n), whole), f"{n} programs a sequence fold to other bits than one"
     # a state buffer sized for longer contexts than there are (what a CUDA graph holds)
     assert torch.equal(decode(splits[0], max_context=4 * max(contexts)), whole)
-    live = [i for i, c in enumerate(contexts) if c > 0]
-    ref = paged_attention_reference(q[live], k, v, [1] * len(live), [contexts[i] for i in live],
-                                    [tables[i] for i in live], scale)
-    assert_close_and_rounded_alike(whole[live], ref, dtype)
-    dead = [i for i, c in enumerate(contexts) if c == 0]
-    assert torch.equal(whole[dead], torch.zeros_like(whole[dead]))
+    assert_decodes(whole, q, k, v, tables, contexts, scale, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

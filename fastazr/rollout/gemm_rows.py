@@ -11,7 +11,8 @@ logprobs that are not the trainer's recomputation.
 GemmRows tries each projection shape once (the choice depends on shapes, not values) at every
 candidate row count against `reference_rows` rows of random data, and linear() pads a batch
 whose row count gives other bits up to the smallest larger candidate that gives the same ones.
-Cost: the padded rows' work (1.5b down at 16 rows: 9.7 us unpadded, ~18 us padded to 224)."""
+Cost: the padded rows' work (1.5b down: 16 rows run at 160, the next size that agrees; the
+GEMM takes 9.7 us at 16 rows, 12.9 at 128, 17.9 at 256)."""
 
 from __future__ import annotations
 
