@@ -37,7 +37,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
+def logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                  TMA: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """fp32 [BLOCK_N, BLOCK_V] tile of hidden @ weight.T * scale, rows row0.., columns col0..
@@ -90,7 +90,7 @@ def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
     last = tl.minimum(first + tiles_per_split, v_tiles)
     for tile in tl.range(first, last, flatten=FLATTEN):
         col0 = tile * BLOCK_V
-        y_raw = _logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
+        y_raw = logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
                              BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
         # Columns past V hold finite logits (zero or wrapped): -inf keeps them out of the
         # softmax, and e = 0 there zeroes their share of sum(e * y_raw).
@@ -168,7 +168,7 @@ def _grad_logits_kernel(h, w, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz,
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         offs_v = c0 + offs_c
-        y = _logits_tile(h, w, pid_n * BLOCK_N, c0 + pid_v * BLOCK_V, N, V, H, stride_h, stride_w, scale,
+        y = logits_tile(h, w, pid_n * BLOCK_N, c0 + pid_v * BLOCK_V, N, V, H, stride_h, stride_w, scale,
                          BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
         row_ok = offs_n < N
         lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
@@ -237,7 +237,7 @@ def _tma_ok(hidden: torch.Tensor) -> bool:
             and (hidden.shape[1] * hidden.element_size()) % 16 == 0)
 
 
-def _operands(hidden, weight, tiles: Tiles):
+def tile_operands(hidden, weight, tiles: Tiles):
     if not tiles.tma:
         return hidden, weight
     return (TensorDescriptor.from_tensor(hidden, [tiles.block_n, tiles.block_k]),
@@ -258,12 +258,12 @@ def _grad_grid(hidden: torch.Tensor, tiles: Tiles, n_tiles: int) -> int:
     return min(n_tiles, tiles.programs_per_sm * sms)
 
 
-def _precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs mean "check me exactly": TF32 would cost them 3 significant digits.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _splits(hidden: torch.Tensor, n_blocks: int, v_tiles: int) -> int:
+def vocab_splits(hidden: torch.Tensor, n_blocks: int, v_tiles: int) -> int:
     """Vocabulary splits so that the forward grid fills the GPU about twice."""
     programs = 2 * _multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 4
     return max(1, min(v_tiles, math.ceil(programs / n_blocks)))
@@ -276,16 +276,16 @@ def forward_stats(hidden, weight, targets, inv_temp, with_entropy, tiles=None):
     tiles = tiles or default_tiles(hidden, backward=False)
     n_blocks = triton.cdiv(n, tiles.block_n)
     v_tiles = triton.cdiv(vocab, tiles.block_v)
-    per_split = triton.cdiv(v_tiles, _splits(hidden, n_blocks, v_tiles))
+    per_split = triton.cdiv(v_tiles, vocab_splits(hidden, n_blocks, v_tiles))
     splits = triton.cdiv(v_tiles, per_split)
     partials = torch.empty((splits, 3, n), dtype=torch.float32, device=hidden.device)
-    h_op, w_op = _operands(hidden, weight, tiles)
+    h_op, w_op = tile_operands(hidden, weight, tiles)
     _forward_kernel[(splits * n_blocks,)](
         h_op, w_op, partials, n, vocab, h, hidden.stride(0), weight.stride(0), inv_temp * LOG2E.value,
         n_blocks, v_tiles, per_split,
         WITH_ENTROPY=with_entropy, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
         BLOCK_K=tiles.block_k, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0,
-        PRECISION=_precision(hidden.dtype), FLATTEN=tiles.flatten, num_warps=tiles.num_warps,
+        PRECISION=dot_precision(hidden.dtype), FLATTEN=tiles.flatten, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
     logprobs, lse, entropy = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
     block = 64
@@ -320,7 +320,7 @@ def backward_grads(hidden, weight, targets, lse, entropy, grad_logprobs, grad_en
     grad_hidden = torch.zeros((n, h), dtype=torch.float32, device=hidden.device) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
     n_blocks = triton.cdiv(n, tiles.block_n)
-    h_op, w_op = _operands(hidden, weight, tiles)
+    h_op, w_op = tile_operands(hidden, weight, tiles)
     for c0 in range(0, vocab, chunk):
         cols = min(chunk, vocab - c0)
         v_blocks = triton.cdiv(cols, tiles.block_v)
@@ -333,7 +333,7 @@ def backward_grads(hidden, weight, targets, lse, entropy, grad_logprobs, grad_en
             inv_temp, c0, cols, n_blocks, v_blocks,
             HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
             BLOCK_K=tiles.block_k, GROUP_N=tiles.group_n, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0,
-            PRECISION=_precision(hidden.dtype), FLATTEN=tiles.flatten, num_warps=tiles.num_warps,
+            PRECISION=dot_precision(hidden.dtype), FLATTEN=tiles.flatten, num_warps=tiles.num_warps,
             num_stages=tiles.num_stages)
         if need_weight:
             torch.mm(dz.t(), hidden, out=grad_weight[c0:c0 + cols])

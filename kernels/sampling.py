@@ -1,11 +1,16 @@
-"""Fused Gumbel-max sampling: one pass over each row of logits computes the log-sum-exp of
-logits / T, the counter-based noise and the argmax together, and returns the token and its
-logprob. Inference only (nothing to differentiate); the reference is sampling_reference.py.
+"""Fused Gumbel-max sampling, in two forms. gumbel_sample: one pass over each row of logits
+computes the log-sum-exp of logits / T, the counter-based noise and the argmax together, and
+returns the token and its logprob. linear_gumbel_sample: the same straight from the final hidden
+states and the lm_head weight, the logits never written: the lm_head GEMM's epilogue folds each
+logit tile into the row's running log-sum-exp and best noisy score. Inference only (nothing to
+differentiate); the reference is sampling_reference.py.
 
 The torch composition materializes the noise and its hash intermediates as [B, V] int64 and
-fp32 tensors: ~10 passes over 311 MB at B = 256, V = 151,936. This kernel reads the logits
-once (B x V x 4 bytes) and writes 12 bytes a row. Rows with top-k / top-p are not handled here
-(their filter needs a sort); the rollout sampler sends those through the reference."""
+fp32 tensors: ~10 passes over 311 MB at B = 256, V = 151,936. gumbel_sample reads the logits
+once (B x V x 4 bytes) and writes 12 bytes a row; linear_gumbel_sample also skips writing and
+reading those logits (H100, B = 256, Qwen2.5-1.5B: the fp32 lm_head GEMM 235 us + gumbel_sample
+186 us, against the fused kernel's time in README.md). Rows with top-k / top-p are not handled
+here (their filter needs a sort); the rollout sampler sends those through the reference."""
 
 from __future__ import annotations
 
@@ -13,10 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastazr.kernels.sampling_reference import COLUMN_MULTIPLIER, gumbel_sample_reference
-from fastazr.kernels.runtime import use_triton
+from fastazr.kernels.logprobs import Tiles, default_tiles, dot_precision, logits_tile, tile_operands, vocab_splits
+from fastazr.kernels.runtime import interpreting, use_triton
+from fastazr.kernels.sampling_reference import (COLUMN_MULTIPLIER, gumbel_sample_reference,
+                                                linear_gumbel_sample_reference)
 
-__all__ = ["gumbel_sample"]
+__all__ = ["gumbel_sample", "linear_gumbel_sample"]
 
 # 4096 columns a trip: 37 trips over Qwen's vocabulary, 16 KB of fp32 loads in flight per program.
 _BLOCK_V = 4096
@@ -39,17 +46,30 @@ def _low32(x):
 
 
 @triton.jit
+def _row_key(seed, sample, step):
+    """row_keys() of the reference (seed, sample, step int64, scalars or vectors), here rather
+    than as ~20 tiny torch launches (~0.2 ms of host time a decode step)."""
+    key = _mix32(_mix32(_low32(seed)) ^ _low32(seed >> 32))
+    return _mix32(_mix32(key ^ _low32(sample)) ^ _low32(step))
+
+
+@triton.jit
+def _gumbel(cols, key, MULTIPLIER: tl.constexpr):
+    """The reference's Gumbel noise (uniform_noise, gumbel_noise) of vocabulary columns under row
+    keys (broadcastable int shapes)."""
+    bits = _mix32((cols.to(tl.uint32) * MULTIPLIER) ^ key)
+    u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    return -tl.log(tl.maximum(-tl.log(u), 5.9604644775390625e-08))
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, temp_ptr, seeds_ptr, samples_ptr, steps_ptr, tokens_ptr, logprobs_ptr, vocab,
                    stride_row, MULTIPLIER: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     temp = tl.load(temp_ptr + row)
     greedy = temp == 0.0
     inv_t = 1.0 / tl.where(greedy, 1.0, temp)
-    # row_keys() of the reference, here rather than as ~20 tiny torch launches (~0.2 ms of host
-    # time a decode step)
-    seed = tl.load(seeds_ptr + row)
-    key = _mix32(_mix32(_low32(seed)) ^ _low32(seed >> 32))
-    key = _mix32(_mix32(key ^ _low32(tl.load(samples_ptr + row))) ^ _low32(tl.load(steps_ptr + row)))
+    key = _row_key(tl.load(seeds_ptr + row), tl.load(samples_ptr + row), tl.load(steps_ptr + row))
     base = logits_ptr + row.to(tl.int64) * stride_row
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
@@ -66,10 +86,7 @@ def _sample_kernel(logits_ptr, temp_ptr, seeds_ptr, samples_ptr, steps_ptr, toke
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         s = s * tl.exp(m - m_safe) + tl.exp(scaled - m_safe)
         m = m_new
-        bits = _mix32((cols.to(tl.uint32) * MULTIPLIER) ^ key)
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        gumbel = -tl.log(-tl.log(u))
-        score = tl.where(inside, scaled + tl.where(greedy, 0.0, gumbel), float("-inf"))
+        score = tl.where(inside, scaled + tl.where(greedy, 0.0, _gumbel(cols, key, MULTIPLIER)), float("-inf"))
         # strictly greater: the first column wins a tie, as torch.argmax picks
         better = score > best
         best = tl.where(better, score, best)
@@ -83,6 +100,87 @@ def _sample_kernel(logits_ptr, temp_ptr, seeds_ptr, samples_ptr, steps_ptr, toke
     picked = tl.max(tl.where(best_col == col, best_scaled, float("-inf")), axis=0)
     tl.store(tokens_ptr + row, col)
     tl.store(logprobs_ptr + row, picked - lse)
+
+
+@triton.jit
+def _linear_sample_kernel(h, w, temp_ptr, seeds_ptr, samples_ptr, steps_ptr, part_ptr, col_ptr,
+                          N, V, H, stride_h, stride_w, n_blocks, v_tiles, tiles_per_split,
+                          MULTIPLIER: tl.constexpr, NOISE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
+                          PRECISION: tl.constexpr, FLATTEN: tl.constexpr):
+    # The grid of the trainer's logprob forward (logprobs.py): program = (vocabulary split, row
+    # block), consecutive programs share a split's weight tiles in L2. Each leaves per row its
+    # split's max and sum of exp(logits / T - max), best noisy score, that score's column and
+    # logit / T; _linear_merge_kernel folds the splits in order.
+    pid = tl.program_id(0)
+    split = pid // n_blocks
+    row0 = (pid % n_blocks) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    temp = tl.load(temp_ptr + rows, mask=row_ok, other=1.0)
+    greedy = temp == 0.0
+    inv_t = 1.0 / tl.where(greedy, 1.0, temp)
+    key = _row_key(tl.load(seeds_ptr + rows, mask=row_ok, other=0), tl.load(samples_ptr + rows, mask=row_ok, other=0),
+                   tl.load(steps_ptr + rows, mask=row_ok, other=0))
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    best = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    best_col = tl.zeros([BLOCK_N], tl.int32)
+    best_scaled = tl.zeros([BLOCK_N], tl.float32)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, v_tiles)
+    for tile in tl.range(first, last, flatten=FLATTEN):
+        col0 = tile * BLOCK_V
+        cols = col0 + tl.arange(0, BLOCK_V)
+        y = logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, 1.0,
+                        BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
+        # columns past V hold finite logits (zero or wrapped rows): -inf keeps them out; every
+        # tile has a column inside, so m stays finite and exp(m - m_new) needs no guard
+        scaled = tl.where(cols[None, :] < V, y * inv_t[:, None], float("-inf"))
+        m_new = tl.maximum(m, tl.max(scaled, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(scaled - m_new[:, None]), 1)
+        m = m_new
+        score = scaled
+        if NOISE:
+            score += tl.where(greedy[:, None], 0.0, _gumbel(cols[None, :], key[:, None], MULTIPLIER))
+        tile_best = tl.max(score, 1)
+        # the tile's lowest column holding its best score; an earlier tile keeps a tie
+        tile_col = tl.min(tl.where(score == tile_best[:, None], cols[None, :], V), 1)
+        tile_scaled = tl.max(tl.where(cols[None, :] == tile_col[:, None], scaled, float("-inf")), 1)
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        best_col = tl.where(better, tile_col, best_col)
+        best_scaled = tl.where(better, tile_scaled, best_scaled)
+    out = part_ptr + split * 4 * N + rows
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + N, s, mask=row_ok)
+    tl.store(out + 2 * N, best, mask=row_ok)
+    tl.store(out + 3 * N, best_scaled, mask=row_ok)
+    tl.store(col_ptr + split * N + rows, best_col, mask=row_ok)
+
+
+@triton.jit
+def _linear_merge_kernel(part_ptr, col_ptr, tokens_ptr, logprobs_ptr, N, splits, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    top = tl.full([BLOCK], float("-inf"), tl.float32)
+    for sp in range(0, splits):
+        top = tl.maximum(top, tl.load(part_ptr + sp * 4 * N + rows, mask=ok, other=0.0))
+    total = tl.zeros([BLOCK], tl.float32)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    col = tl.zeros([BLOCK], tl.int32)
+    picked = tl.zeros([BLOCK], tl.float32)
+    for sp in range(0, splits):
+        base = part_ptr + sp * 4 * N + rows
+        total += tl.load(base + N, mask=ok, other=0.0) * tl.exp(tl.load(base, mask=ok, other=0.0) - top)
+        score = tl.load(base + 2 * N, mask=ok, other=float("-inf"))
+        # strictly greater: an earlier split (lower columns) keeps a tie
+        better = score > best
+        best = tl.where(better, score, best)
+        col = tl.where(better, tl.load(col_ptr + sp * N + rows, mask=ok, other=0), col)
+        picked = tl.where(better, tl.load(base + 3 * N, mask=ok, other=0.0), picked)
+    tl.store(tokens_ptr + rows, col.to(tl.int64), mask=ok)
+    tl.store(logprobs_ptr + rows, picked - (top + tl.log(total)), mask=ok)
 
 
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, samples: torch.Tensor,
@@ -100,4 +198,52 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         _sample_kernel[(batch,)](logits, temperature.float().contiguous(), seeds.contiguous(), samples.contiguous(),
                                  steps.contiguous(), tokens, logprobs, vocab, logits.stride(0),
                                  MULTIPLIER=COLUMN_MULTIPLIER, BLOCK_V=_BLOCK_V, num_warps=8)
+    return tokens, logprobs
+
+
+def sampling_tiles(hidden: torch.Tensor) -> Tiles:
+    """Block shape of linear_gumbel_sample's GEMM: the logprob forward's (logprobs.py), but 128
+    vocabulary columns a tile instead of 256 at 16-bit: the epilogue holds ~5 fp32 values per
+    logit (scaled logit, hash, noise, score, exp) for 64 x 128 / 128 threads = 64 logits a
+    thread, twice that would spill."""
+    tiles = default_tiles(hidden, backward=False)
+    if interpreting() or hidden.dtype == torch.float32:
+        return tiles
+    return Tiles(block_n=64, block_v=128, block_k=64, num_warps=4, num_stages=4, tma=tiles.tma, flatten=tiles.tma)
+
+
+def linear_gumbel_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                         samples: torch.Tensor, steps: torch.Tensor, all_greedy: bool = False,
+                         tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gumbel_sample(hidden @ weight.T in fp32, ...) without the logits: hidden [B, H] and weight
+    [V, H] of one dtype -> (tokens int64 [B], fp32 logprobs [B]). `all_greedy` (every temperature
+    0) skips the noise. The reference elsewhere than CUDA or the interpreter."""
+    if not use_triton(hidden):
+        return linear_gumbel_sample_reference(hidden, weight, temperature, seeds, samples, steps)
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden {tuple(hidden.shape)} {hidden.dtype} and weight {tuple(weight.shape)} {weight.dtype} "
+                         "must be [B, H] and [V, H] of one dtype")
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    (n, h), vocab = hidden.shape, weight.shape[0]
+    tokens = torch.empty(n, dtype=torch.int64, device=hidden.device)
+    logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if not n:
+        return tokens, logprobs
+    tiles = tiles or sampling_tiles(hidden)
+    n_blocks = triton.cdiv(n, tiles.block_n)
+    v_tiles = triton.cdiv(vocab, tiles.block_v)
+    per_split = triton.cdiv(v_tiles, vocab_splits(hidden, n_blocks, v_tiles))
+    splits = triton.cdiv(v_tiles, per_split)
+    partials = torch.empty(splits, 4, n, dtype=torch.float32, device=hidden.device)
+    columns = torch.empty(splits, n, dtype=torch.int32, device=hidden.device)
+    h_op, w_op = tile_operands(hidden, weight, tiles)
+    _linear_sample_kernel[(splits * n_blocks,)](
+        h_op, w_op, temperature.float().contiguous(), seeds.contiguous(), samples.contiguous(), steps.contiguous(),
+        partials, columns, n, vocab, h, hidden.stride(0), weight.stride(0), n_blocks, v_tiles, per_split,
+        MULTIPLIER=COLUMN_MULTIPLIER, NOISE=not all_greedy, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
+        BLOCK_K=tiles.block_k, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0, PRECISION=dot_precision(hidden.dtype),
+        FLATTEN=tiles.flatten, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    block = 128
+    _linear_merge_kernel[(triton.cdiv(n, block),)](partials, columns, tokens, logprobs, n, splits, BLOCK=block,
+                                                   num_warps=4)
     return tokens, logprobs

@@ -1,6 +1,26 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+
+def _unshadow_kernels() -> None:
+    """Take the repository root off sys.path where fastazr is importable without it (installed).
+    `python -m pytest` puts the working directory first, and there this repository's kernels/
+    folder (installed as fastazr.kernels) shadows the PyPI package `kernels`, which transformers
+    5.25 imports at startup (and SGLang depends on): ImportError: cannot import name
+    'CUDAProperties' from 'kernels'."""
+    root = Path(__file__).resolve().parent.parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != root]
+    importlib.invalidate_caches()
+    if len(sys.path) != len(saved) and importlib.util.find_spec("fastazr") is None:
+        sys.path[:] = saved  # a checkout run with PYTHONPATH=. needs the root
+
+
+_unshadow_kernels()
 
 
 def _cuda_available() -> bool:

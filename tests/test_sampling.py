@@ -1,12 +1,15 @@
-"""The fused Gumbel-max sampler (Triton; the interpreter on CPU, the GPU with marker gpu) against
-its torch reference: the same tokens exactly (same hash noise, same first-index tie rule) and the
-same logprobs, over a vocabulary that is not a multiple of the kernel's block, mixed greedy and
-tempered rows, 64-bit seeds, banned (-inf) tokens and fp16 logits."""
+"""The fused Gumbel-max samplers (Triton; the interpreter on CPU, the GPU with marker gpu) against
+their torch reference: the same tokens exactly (same hash noise, same first-index tie rule) and
+the same logprobs, over a vocabulary that is not a multiple of the kernel's block, mixed greedy
+and tempered rows, 64-bit seeds, banned (-inf) tokens and fp16 logits; the sampler from hidden
+states (lm_head GEMM and sampling in one kernel) over rows, hidden size and vocabulary that are
+multiples of none of its blocks, with its vocabulary in several splits."""
 import pytest
 import torch
 
-from fastazr.kernels.sampling import gumbel_sample
-from fastazr.kernels.sampling_reference import gumbel_sample_reference
+from fastazr.kernels.sampling import gumbel_sample, linear_gumbel_sample
+from fastazr.kernels.sampling_reference import (gumbel_noise, gumbel_sample_reference,
+                                                linear_gumbel_sample_reference, uniform_noise)
 
 # the log-sum-exp is summed per lane then merged, not in torch's order: ~1e-6 relative on
 # values of magnitude ~10
@@ -58,3 +61,102 @@ def test_fused_sampler_draws_follow_the_softmax():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_fused_sampler_matches_reference(dtype):
     assert_matches_reference(make_rows(7, 151936, dtype, "cuda"), 2e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_noise_stays_finite_at_the_top_of_the_hash(device):
+    """Seed 871079 (sample 0, step 0) hashes column 17 to the top 24-bit value, which used to map
+    to u = 1.0 and +inf noise: column 17 then won at any logit (0.9% of draws at V = 151,936).
+    Now its noise is finite and the dominant column 0 wins, in the reference and both kernels
+    (on the GPU with its fast log, whose -log(u) at the largest u the noise clamps)."""
+    seed, zero = torch.tensor([871079], device=device), torch.zeros(1, dtype=torch.long, device=device)
+    noise = gumbel_noise(uniform_noise(seed, zero, zero, 64))
+    assert torch.isfinite(noise).all() and noise.max() < 16.7
+    logits = torch.zeros(1, 64, device=device)
+    logits[0, 0], logits[0, 17] = 20.0, -20.0
+    one = torch.ones(1, device=device)
+    assert gumbel_sample_reference(logits, one, seed, zero, zero)[0].item() == 0
+    assert gumbel_sample(logits, one, seed, zero, zero)[0].item() == 0
+    # hidden [1, 16] = e_0 and weight column 0 = the logits: hidden @ weight.T is the logits row
+    hidden, weight = torch.eye(16, device=device)[:1], torch.zeros(64, 16, device=device)
+    weight[:, 0] = logits[0]
+    assert linear_gumbel_sample(hidden, weight, one, seed, zero, zero)[0].item() == 0
+
+
+def linear_rows(rows, hidden_size, vocab, dtype, device, seed=0):
+    """Hidden states, an lm_head weight and sampling parameters; rows 2 and 3 pin a dominant
+    token in the vocabulary's last partial tile and a greedy tie across tiles."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, hidden_size, generator=g)
+    weight = torch.randn(vocab, hidden_size, generator=g) * 0.5
+    hidden[2] = 0.0
+    hidden[2, 0] = 1.0
+    weight[vocab - 1, 0] = 30.0
+    # greedy row 3: columns 5, 40 (the same tile) and vocab - 9 (another split) share the top
+    # logit; the first must win
+    hidden[3] = 0.0
+    hidden[3, 1] = 1.0
+    weight[:, 1] = weight[:, 1].clamp(max=1.0)
+    weight[5, 1] = weight[40, 1] = weight[vocab - 9, 1] = 4.0
+    temperature = torch.tensor([1.0, 0.7, 1.3, 0.0, 0.0, 2.0] * rows)[:rows]
+    seeds = torch.arange(rows) * 7919 + 2 ** 40
+    samples = torch.arange(rows) % 3
+    steps = torch.arange(rows) * 5
+    return [t.to(device) for t in (hidden.to(dtype), weight.to(dtype), temperature, seeds, samples, steps)]
+
+
+# the fp32 logits' sum over H runs in the kernel's tile order, not torch's (~1e-7 relative), and
+# the log-sum-exp is merged over tiles and vocabulary splits
+LINEAR_LOGPROB_ATOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sampling_from_hidden_states_matches_reference(dtype):
+    """37 rows, H = 48, V = 1,000 against the interpreter's 16 x 64 x 32 blocks: 3 row blocks, a
+    partial K step, 16 vocabulary tiles in 2 splits."""
+    args = linear_rows(37, 48, 1000, dtype, "cpu")
+    tokens, logprobs = linear_gumbel_sample(*args)
+    want_tokens, want_logprobs = linear_gumbel_sample_reference(*args)
+    assert torch.equal(tokens, want_tokens)
+    assert tokens[2] == 999 and tokens[3] == 5
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=LINEAR_LOGPROB_ATOL[dtype])
+    greedy = [args[0], args[1], torch.zeros(37)] + args[3:]
+    tokens, logprobs = linear_gumbel_sample(*greedy, all_greedy=True)
+    want_tokens, want_logprobs = linear_gumbel_sample_reference(*greedy)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=LINEAR_LOGPROB_ATOL[dtype])
+
+
+def test_sampling_from_hidden_states_follows_the_softmax():
+    """1000 rows whose logits are log(0.5, 0.25, 0.15, 0.1) and -30 elsewhere (37 columns, 3
+    tiles): frequencies within 4 standard errors of the softmax."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    rows = 1000
+    weight = torch.zeros(37, 16)
+    weight[:, 0] = torch.cat([probs.log(), torch.full((33,), -30.0)])
+    hidden = torch.zeros(rows, 16)
+    hidden[:, 0] = 1.0
+    tokens, _ = linear_gumbel_sample(hidden, weight, torch.ones(rows), torch.arange(rows) * 104729,
+                                     torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long))
+    freq = torch.bincount(tokens, minlength=37).float() / rows
+    assert (freq[4:] == 0).all()
+    assert ((freq[:4] - probs).abs() <= 4 * (probs * (1 - probs) / rows).sqrt()).all(), freq
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sampling_from_hidden_states_matches_the_logits_path(dtype):
+    """Qwen2.5-1.5B's lm_head (H = 1536, V = 151,936) at 300 rows: the same tokens as sampling the
+    fp32 logits that torch.mm computes (the GEMM's fp32 accumulation is the same at every tile
+    shape without split-K) and logprobs within 2e-5 of the reference."""
+    hidden, weight, *params = linear_rows(300, 1536, 151936, dtype, "cuda")
+    weight = weight * 0.05
+    tokens, logprobs = linear_gumbel_sample(hidden, weight, *params)
+    logits = hidden.float() @ weight.float().t() if dtype == torch.float32 else \
+        torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    want_tokens, want_logprobs = gumbel_sample(logits, *params)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=LINEAR_LOGPROB_ATOL[dtype])
+    ref_tokens, ref_logprobs = linear_gumbel_sample_reference(hidden, weight, *params)
+    assert (tokens == ref_tokens).float().mean() > 0.99
+    torch.testing.assert_close(logprobs, ref_logprobs, rtol=0, atol=1e-3)

@@ -2,11 +2,11 @@
 parameter tensors (see runner.py), behind the RolloutBackend interface.
 
 One generate() call takes every request of a phase. Each step the scheduler picks slices (decode
-tokens, prefill chunks), the runner computes them and the logits of the slices that end a
-sequence, the sampler picks next tokens on the device, and one device-to-host copy per step
-brings them back for the stop checks. A step of decodes only runs up to
-EngineConfig.decode_steps forward passes on the device, each sampling the next pass's input, and
-brings back all their tokens at once.
+tokens, prefill chunks), the runner computes them and the hidden states of the slices that end a
+sequence, the sampler projects those and picks next tokens on the device, and one
+device-to-host copy per step brings them back for the stop checks. A step of decodes only runs
+up to EngineConfig.decode_steps forward passes on the device, each sampling the next pass's
+input, and brings back all their tokens at once.
 
 The host runs one step ahead of the device: step t+1 is scheduled and launched before step t's
 tokens are read back, so scheduling, packing and stop checks (~3 ms at 256 sequences) overlap the
@@ -33,7 +33,7 @@ from .config import EngineConfig
 from .kv_cache import KVCache
 from .request import Completion, Request
 from .runner import Runner
-from .sampler import SamplingBatch, sample
+from .sampler import SamplingBatch, sample_hidden
 from .scheduler import Scheduler, Work, decodes_only
 from .sequence import Sequence
 from .staging import Staging
@@ -165,11 +165,14 @@ class Engine(RolloutBackend):
         self.staging.begin_step()
         batch = self._sampling_batch([w.seq for w in sampling], table)
         inputs = previous.tokens if previous is not None else None
+
+        def pick(hidden: torch.Tensor, i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            return sample_hidden(hidden, self.model.lm_head_weight, batch.later(i), self.runner.logits)
+
         if decodes_only(work):
-            tokens, logprobs = self.runner.decode(work, self.cache, inputs,
-                                                  lambda logits, i: sample(logits, batch.later(i)))
+            tokens, logprobs = self.runner.decode(work, self.cache, inputs, pick)
         else:
-            tokens, logprobs = (t[None] for t in sample(self.runner.forward(work, self.cache, inputs), batch))
+            tokens, logprobs = (t[None] for t in pick(self.runner.forward(work, self.cache, inputs)))
         self.stats["steps"] += 1
         self.stats["passes"] += tokens.shape[0]
         for w in work:

@@ -2,7 +2,8 @@
 
 The runner reads the model's own parameter tensors (the ones the optimizer updates), layer by
 layer: no copy of the weights exists. Each step writes the new tokens' keys and values into
-their cache slots, attends, and projects only the last token of each slice that samples.
+their cache slots, attends, and returns the final-normed hidden state of the last token of each
+slice that samples: the sampler projects it (on CUDA inside its own GEMM, sampler.py).
 
 Step metadata (token ids, positions, cache slots, context lengths, ragged block tables) is
 packed on the host into one int32 array and reaches the device in one copy. A negative token id
@@ -162,7 +163,8 @@ class Runner:
             normed = add_rms_norm(hidden, following, eps, residual=delta)
         return normed
 
-    def _logits(self, normed: torch.Tensor) -> torch.Tensor:
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [S, V] of final-normed hidden states [S, H]."""
         weight = self.model.lm_head_weight
         if self.fp32_lm_head:
             return torch.mm(normed, weight.t(), out_dtype=torch.float32)
@@ -170,9 +172,9 @@ class Runner:
 
     @torch.no_grad()
     def forward(self, work: list[Work], cache: KVCache, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [S, V] of the slices that sample, in work order, for a step with prefill
-        chunks (decode-only steps: decode()). `previous`: the tokens the last step sampled, which
-        placeholder ids refer to."""
+        """Final-normed hidden states [S, H] of the slices that sample, in work order, for a step
+        with prefill chunks (decode-only steps: decode()). `previous`: the tokens the last step
+        sampled, which placeholder ids refer to."""
         index = self._index(work)
         last = (index["cu"][1:] - 1)[[w.samples for w in work]]
         if not self.kernels:
@@ -182,7 +184,7 @@ class Runner:
             device = self.model.device
             hidden = self._layers(torch.from_numpy(index["ids"]).to(device), torch.from_numpy(index["positions"]).to(device),
                                   torch.from_numpy(index["slots"]).to(device), cache, attend, previous)
-            return self._logits(hidden[torch.from_numpy(last).to(device)])
+            return hidden[torch.from_numpy(last).to(device)]
         return self._eager_kernels(work, index, last, cache, previous)
 
     def _eager_kernels(self, work: list[Work], index: dict[str, np.ndarray], last: np.ndarray,
@@ -217,7 +219,7 @@ class Runner:
             return out
 
         hidden = self._layers(views["ids"], views["positions"], views["slots"], cache, attend, previous)
-        return self._logits(hidden[last_t])
+        return hidden[last_t]
 
     # decode-only steps
 
@@ -253,11 +255,11 @@ class Runner:
                sample: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """A step of one-token slices that all sample: max(w.steps) forward passes, each taking
-        `sample(logits, pass)`'s tokens as its next input, with no host round trip between them.
-        A row stops advancing after its own `steps` passes (later passes recompute its last
-        position, writing to the scratch slot, and their tokens are not its). On CUDA a pass
-        replays the graph captured for its batch-size bucket. Returns tokens and logprobs
-        [passes, len(work)]."""
+        `sample(hidden, pass)`'s tokens (hidden: the rows' final-normed states) as its next
+        input, with no host round trip between them. A row stops advancing after its own `steps`
+        passes (later passes recompute its last position, writing to the scratch slot, and their
+        tokens are not its). On CUDA a pass replays the graph captured for its batch-size bucket.
+        Returns tokens and logprobs [passes, len(work)]."""
         n = len(work)
         graphs = self.kernels and self.config.cuda_graphs
         bucket = next(b for b in self.buckets if b >= n) if graphs else n
@@ -271,11 +273,11 @@ class Runner:
             if graphs:
                 if (bucket, splits) not in self.graphs:
                     self.graphs[bucket, splits] = self._capture(bucket, splits, cache)
-                graph, logits = self.graphs[bucket, splits]
+                graph, hidden = self.graphs[bucket, splits]
                 graph.replay()
             else:
-                logits = self._decode_body(bucket, splits, cache, tables)
-            token, logprob = sample(logits[:n], i)
+                hidden = self._decode_body(bucket, splits, cache, tables)
+            token, logprob = sample(hidden[:n], i)
             tokens.append(token)
             logprobs.append(logprob)
         return torch.stack(tokens), torch.stack(logprobs)
@@ -340,7 +342,7 @@ class Runner:
             return paged_decode_attention(q, k_cache, v_cache, flat, starts, context, self.scale,
                                           decode_splits(bucket, cache.k.shape[3], self.num_sms))
 
-        return self._logits(self._layers(ids, positions, slots, cache, attend, self._previous))
+        return self._layers(ids, positions, slots, cache, attend, self._previous)
 
     def _capture(self, bucket: int, splits: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # A warm-up run on a side stream compiles the Triton kernels and settles the allocator
@@ -358,5 +360,5 @@ class Runner:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._decode_body(bucket, splits, cache)
-        return graph, logits
+            hidden = self._decode_body(bucket, splits, cache)
+        return graph, hidden

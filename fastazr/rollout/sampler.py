@@ -1,9 +1,11 @@
-"""Next tokens from last-position logits, on the logits' device, with no host synchronization.
+"""Next tokens from the last positions' hidden states, on their device, with no host
+synchronization.
 
 Sampling is Gumbel-max with counter-based noise (fastazr.kernels.sampling_reference): a sample
 depends only on its own seed, sample index and step, so continuous batching, preemption and
-recomputation reproduce it exactly. Without top-k / top-p the fused Triton kernel does it in one
-pass on CUDA; with them, the logits are sorted and filtered here first.
+recomputation reproduce it exactly. Without top-k / top-p, on CUDA, one Triton kernel computes
+the lm_head GEMM and samples in its epilogue, the logits never written (sample_hidden); with
+them, and off CUDA, the logits are computed whole, and sorted and filtered here first.
 
 Reported logprobs are log softmax(logits / T) at the chosen token (T = 1 for greedy), before
 filtering: the quantity the trainer recomputes."""
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from collections.abc import Callable
+
 import torch
 
-from fastazr.kernels.sampling import gumbel_sample
+from fastazr.kernels.sampling import gumbel_sample, linear_gumbel_sample
 from fastazr.kernels.sampling_reference import gumbel_sample_reference
 
 
@@ -67,3 +71,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
         return (gumbel_sample if logits.is_cuda else gumbel_sample_reference)(logits, *args)
     scaled = logits.float() / torch.where(batch.temperature == 0, 1.0, batch.temperature)[:, None]
     return gumbel_sample_reference(logits, *args, filtered=_filter(scaled, batch))
+
+
+def sample_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: SamplingBatch,
+                  lm_head: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-normed hidden states [B, H] and the lm_head weight [V, H] -> (tokens int64 [B], their
+    fp32 logprobs [B]). `lm_head(hidden)` gives the fp32 logits where they are needed whole."""
+    if hidden.is_cuda and not (batch.any_top_k or batch.any_top_p):
+        return linear_gumbel_sample(hidden, weight, batch.temperature, batch.seeds, batch.samples, batch.steps,
+                                    all_greedy=batch.all_greedy)
+    return sample(lm_head(hidden), batch)
