@@ -20,9 +20,10 @@ Workloads (--workloads, default all three), prompts of random token ids unless s
 - smollm2: the embedded SmolLM2-135M-Instruct (real GGUF weights and tokenizer), --smollm2-batch
   64 chat prompts (a few Python tasks repeated), --new-tokens 256, EOS ignored.
 
-On CUDA the engine runs three ways side by side: as configured (decode rounds of --decode-steps
-passes, exact logprobs), with one pass per host round trip (decode_steps=1), and with the
-split-K decode kernel (exact_logprobs=False).
+On CUDA the engine runs four ways side by side: as configured (decode rounds of --decode-steps
+passes, exact logprobs), with one pass per host round trip (decode_steps=1), with the split-K
+decode kernel (exact_logprobs=False), and with sample_in_lm_head flipped (sampling inside the
+lm_head GEMM's epilogue, or from the fp32 logits cuBLAS writes).
 
 tokens/s = completion tokens / wall seconds of generate(). TTFT = wall seconds of the same
 requests with max_new_tokens=1 (the whole batch's prefill). peak GiB = max allocated during
@@ -204,7 +205,7 @@ def run_engine(w: Workload, config: EngineConfig, args, device: str, label: str 
     ttft = median([go(with_new_tokens(w.requests, 1))[0] for _ in range(args.rounds)])
     free(device)
     seconds = []
-    # one trace per contender: the engine runs up to three ways per workload
+    # one trace per contender: the engine runs up to four ways per workload
     slug = "".join(c if c.isalnum() else "_" for c in label).strip("_")
     with profiled(args.profile, f"bench_rollout_{w.name}_{slug}") as mark:
         for i in range(args.rounds):
@@ -281,6 +282,11 @@ def measure(w: Workload, config: EngineConfig, bandwidth: float | None, workdir:
         # what exact logprobs cost: the split-K decode kernel, whose rounding is not the trainer's
         runs.append(run_engine(w, replace(config, exact_logprobs=False), args, device,
                                label="fastazr engine, split-K decode (inexact logprobs)"))
+    if device == "cuda":
+        # what sampling inside the lm_head GEMM buys, against cuBLAS's fp32 logits and the sampler over them
+        other = not config.sample_in_lm_head
+        runs.append(run_engine(w, replace(config, sample_in_lm_head=other), args, device,
+                               label=f"fastazr engine, sample_in_lm_head={other}"))
     w.model = None  # transformers' peak memory must not include fastazr's copy of the weights
     free(device)
     if not args.skip_hf:

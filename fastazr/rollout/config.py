@@ -61,6 +61,15 @@ class EngineConfig:
     layers grow into mean |delta| 1.9e-2, max 0.3; its smaller tiles are faster at small batch
     (8 x 2,000 tokens: 11 us against 20 a layer) and as fast at 256 (37 against 40)."""
 
+    sample_in_lm_head: bool = False
+    """On CUDA, sample the rows without top-k / top-p inside the lm_head GEMM's epilogue
+    (fastazr.kernels.sampling.linear_gumbel_sample): their fp32 logits, 155 MB at 256 x 151,936,
+    are never written and read back (cuBLAS's GEMM 235 us + the sampler over its logits 186 us
+    on the H100 now; the trainer's logprob forward, the same GEMM with a lighter epilogue, takes
+    227). False computes the logits with cuBLAS and samples them in a second kernel
+    (gumbel_sample). The same tokens either way: without split-K the fp32 logits are the same
+    bits. Off by default until it is measured on the GPU (bench_rollout runs both)."""
+
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")

@@ -167,7 +167,8 @@ class Engine(RolloutBackend):
         inputs = previous.tokens if previous is not None else None
 
         def pick(hidden: torch.Tensor, i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-            return sample_hidden(hidden, self.model.lm_head_weight, batch.later(i), self.runner.logits)
+            return sample_hidden(hidden, self.model.lm_head_weight, batch.later(i), self.runner.logits,
+                                 self.config.sample_in_lm_head)
 
         if decodes_only(work):
             tokens, logprobs = self.runner.decode(work, self.cache, inputs, pick)

@@ -74,10 +74,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
 
 
 def sample_hidden(hidden: torch.Tensor, weight: torch.Tensor, batch: SamplingBatch,
-                  lm_head: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                  lm_head: Callable[[torch.Tensor], torch.Tensor], in_gemm: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-normed hidden states [B, H] and the lm_head weight [V, H] -> (tokens int64 [B], their
-    fp32 logprobs [B]). `lm_head(hidden)` gives the fp32 logits where they are needed whole."""
-    if hidden.is_cuda and not (batch.any_top_k or batch.any_top_p):
+    fp32 logprobs [B]). `lm_head(hidden)` gives the fp32 logits where they are needed whole;
+    `in_gemm` False always takes that path (EngineConfig.sample_in_lm_head)."""
+    if in_gemm and hidden.is_cuda and not (batch.any_top_k or batch.any_top_p):
         return linear_gumbel_sample(hidden, weight, batch.temperature, batch.seeds, batch.samples, batch.steps,
                                     all_greedy=batch.all_greedy)
     return sample(lm_head(hidden), batch)
