@@ -67,8 +67,10 @@ class EngineConfig:
     are never written and read back (cuBLAS's GEMM 235 us + the sampler over its logits 186 us
     on the H100 now; the trainer's logprob forward, the same GEMM with a lighter epilogue, takes
     227). False computes the logits with cuBLAS and samples them in a second kernel
-    (gumbel_sample). The same tokens either way: without split-K the fp32 logits are the same
-    bits. Off by default until it is measured on the GPU (bench_rollout runs both)."""
+    (gumbel_sample). Expected to draw the same tokens: Triton and cuBLAS GEMMs without split-K
+    gave the same bits at every tile shape tried (the 1.5B's projections, H100), and
+    tests/test_rollout_gpu.py checks it here. Off by default until it is run and timed on the
+    GPU (bench_rollout runs both)."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
