@@ -38,8 +38,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                 TMA: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                TMA: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
     """fp32 [BLOCK_N, BLOCK_V] tile of hidden @ weight.T * scale, rows row0.., columns col0..
 
     With TMA, h and w are tensor descriptors: the copy engine fetches the tiles (zero past the
@@ -91,7 +91,7 @@ def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
     for tile in tl.range(first, last, flatten=FLATTEN):
         col0 = tile * BLOCK_V
         y_raw = logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
-                             BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
+                            BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
         # Columns past V hold finite logits (zero or wrapped): -inf keeps them out of the
         # softmax, and e = 0 there zeroes their share of sum(e * y_raw).
         y = tl.where(col0 + tl.arange(0, BLOCK_V)[None, :] < V, y_raw, float("-inf"))
@@ -169,7 +169,7 @@ def _grad_logits_kernel(h, w, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz,
         offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         offs_v = c0 + offs_c
         y = logits_tile(h, w, pid_n * BLOCK_N, c0 + pid_v * BLOCK_V, N, V, H, stride_h, stride_w, scale,
-                         BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
+                        BLOCK_N, BLOCK_V, BLOCK_K, TMA, EVEN_K, PRECISION)
         row_ok = offs_n < N
         lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
         glp = tl.load(glp_ptr + offs_n, mask=row_ok, other=0.0)

@@ -8,9 +8,10 @@ differentiate); the reference is sampling_reference.py.
 The torch composition materializes the noise and its hash intermediates as [B, V] int64 and
 fp32 tensors: ~10 passes over 311 MB at B = 256, V = 151,936. gumbel_sample reads the logits
 once (B x V x 4 bytes) and writes 12 bytes a row; linear_gumbel_sample also skips writing and
-reading those logits (H100, B = 256, Qwen2.5-1.5B: the fp32 lm_head GEMM 235 us + gumbel_sample
-186 us, against the fused kernel's time in README.md). Rows with top-k / top-p are not handled
-here (their filter needs a sort); the rollout sampler sends those through the reference."""
+reading those logits (H100, B = 256, Qwen2.5-1.5B: the fp32 lm_head GEMM takes 235 us and
+gumbel_sample 186; the trainer's logprob forward, the same GEMM tiles with an lse epilogue, 227;
+linear_gumbel_sample is not timed yet). Rows with top-k / top-p are not handled here (their
+filter needs a sort); the rollout sampler sends those through the reference."""
 
 from __future__ import annotations
 
