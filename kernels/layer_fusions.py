@@ -76,15 +76,23 @@ def _rope_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_cache_p
 
 
 @triton.jit
+def swiglu_math(gate, up):
+    """silu(gate) * up of gate and up in the model's dtype, rounded where torch rounds; shared
+    with the gate_up GEMM whose epilogue applies it (swiglu_linear.py), so both give one bit
+    pattern."""
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
 def _swiglu_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
     gate = tl.load(gate_up_ptr + row * 2 * width + cols, mask=inside, other=0.0)
     up = tl.load(gate_up_ptr + row * 2 * width + width + cols, mask=inside, other=0.0)
-    g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
-    tl.store(out_ptr + row * width + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=inside)
+    tl.store(out_ptr + row * width + cols, swiglu_math(gate, up), mask=inside)
 
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -219,7 +219,7 @@ def default_tiles(hidden: torch.Tensor, backward: bool) -> Tiles:
         return Tiles(block_n=16, block_v=64, block_k=32, num_warps=4, num_stages=1)
     if hidden.dtype == torch.float32:
         return Tiles(block_n=64, block_v=64, block_k=32, num_warps=4, num_stages=3)
-    tma = _tma_ok(hidden)
+    tma = tma_ok(hidden)
     small = hidden.shape[1] <= 2048
     if backward and small:
         return Tiles(block_n=128, block_v=128, block_k=64, num_warps=4, num_stages=4, group_n=16, tma=tma,
@@ -231,7 +231,7 @@ def default_tiles(hidden: torch.Tensor, backward: bool) -> Tiles:
     return Tiles(block_n=128, block_v=256, block_k=64, num_warps=8, num_stages=3, tma=tma, flatten=tma)
 
 
-def _tma_ok(hidden: torch.Tensor) -> bool:
+def tma_ok(hidden: torch.Tensor) -> bool:
     # The copy engine needs compute capability 9.0+ and 16-byte aligned rows.
     return (hidden.is_cuda and torch.cuda.get_device_capability(hidden.device)[0] >= 9
             and (hidden.shape[1] * hidden.element_size()) % 16 == 0)

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from fastazr.kernels import attention_math
-from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache, swiglu_fused
+from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache
 from fastazr.kernels.paged_attention import decode_splits, paged_decode_attention, paged_prefill_attention
 from fastazr.kernels.paged_attention_reference import paged_attention_reference
+from fastazr.kernels.swiglu_linear import swiglu_linear
 from fastazr.model import Decoder
 from fastazr.model.layers import rms_norm
 
@@ -94,7 +95,7 @@ class Runner:
             self.linear = GemmRows(self.buckets + [384, 512, 768, 1024, 1536])
             first = model.layers[0]
             for weight, bias in ((first.attn.qkv_weight, first.attn.qkv_bias), (first.attn.o_weight, first.attn.o_bias),
-                                 (first.mlp.gate_up_weight, None), (first.mlp.down_weight, None)):
+                                 (first.mlp.down_weight, None)):
                 self.linear.learn(weight, bias)
 
     def reset(self) -> None:
@@ -158,7 +159,7 @@ class Runner:
             attended = attend(q, k_cache, v_cache).flatten(1)
             normed = add_rms_norm(hidden, layer.post_attention_norm, eps,
                                   residual=self.linear(attended, attn.o_weight, attn.o_bias))
-            delta = self.linear(swiglu_fused(self.linear(normed, mlp.gate_up_weight)), mlp.down_weight)
+            delta = self.linear(swiglu_linear(normed, mlp.gate_up_weight), mlp.down_weight)
             following = model.layers[index + 1].input_norm if index + 1 < len(model.layers) else model.norm
             normed = add_rms_norm(hidden, following, eps, residual=delta)
         return normed
