@@ -135,3 +135,26 @@ def test_sampling_inside_the_lm_head_draws_the_written_logits_tokens():
     for fused, written in zip(*runs):
         assert fused.completion_ids == written.completion_ids
         torch.testing.assert_close(torch.tensor(fused.logprobs), torch.tensor(written.logprobs), rtol=0, atol=2e-5)
+
+
+def test_the_fused_mlp_changes_no_bit(monkeypatch):
+    """Steps of _FUSED_MLP_ROWS tokens and more run gate_up with SwiGLU in its epilogue
+    (kernels/swiglu_linear.py) instead of cuBLAS + the SwiGLU kernel. Forced on every step here,
+    decode graphs included, the completions and their logprobs must be the same bits."""
+    from dataclasses import replace
+
+    from fastazr.model import Decoder, preset_config
+    from fastazr.rollout import runner
+
+    model = Decoder(replace(preset_config("qwen2.5-0.5b"), num_layers=2), device="cuda", dtype=torch.bfloat16)
+    model.init_weights(0)
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, ignore_eos=True, seed=5)
+    requests = [Request(torch.randint(0, 151936, (n,), generator=g).tolist(), params, n=4) for n in (7, 300)]
+    runs = []
+    for threshold in (runner._FUSED_MLP_ROWS, 1):
+        monkeypatch.setattr(runner, "_FUSED_MLP_ROWS", threshold)
+        engine = Engine(model, None, EngineConfig(kv_cache_bytes=1 << 30))
+        runs.append([(c.completion_ids, c.logprobs) for group in engine.generate(requests) for c in group])
+        engine.release_memory()
+    assert runs[0] == runs[1]

@@ -3,10 +3,11 @@ synchronization.
 
 Sampling is Gumbel-max with counter-based noise (fastazr.kernels.sampling_reference): a sample
 depends only on its own seed, sample index and step, so continuous batching, preemption and
-recomputation reproduce it exactly. The lm_head's fp32 logits are computed whole (Runner.logits)
-and, without top-k / top-p, sampled by one fused Triton pass on CUDA; with them they are sorted
-and filtered here first. With EngineConfig.sample_in_lm_head, rows without top-k / top-p skip
-the logits: one Triton kernel computes the lm_head GEMM and samples in its epilogue.
+recomputation reproduce it exactly. On CUDA, with EngineConfig.sample_in_lm_head (the default),
+rows without top-k / top-p never have their logits written: one Triton kernel computes the
+lm_head GEMM and samples in its epilogue. Otherwise the lm_head's fp32 logits are computed whole
+(Runner.logits) and, without top-k / top-p, sampled by one fused Triton pass on CUDA; with them
+they are sorted and filtered here first.
 
 Reported logprobs are log softmax(logits / T) at the chosen token (T = 1 for greedy), before
 filtering: the quantity the trainer recomputes."""
