@@ -32,11 +32,16 @@ bound = the tokens/s that reading what each decode step needs at the measured de
 copy bandwidth gives: per step every weight (an untied embedding table excepted: a step gathers
 a few of its rows) plus the keys and values of each running sequence's context, at most
 min(sequences, --max-num-seqs) sequences per step. "of bound" = tokens/s / bound; prefill time
-counts against it. Each contender runs warm: an untimed pass of the whole batch with 2 new tokens
-first, and for the engine also one whose decode batch passes through every size, so compilation
-and CUDA-graph capture stay out of the timings. The engine's prefix cache is dropped before every
-timed run, so prompts are prefilled each time (the n samples of a prompt, and repeated prompts,
-still share within a run). --rounds defaults to 1 (a run is many seconds).
+counts against it. Each contender runs warm: the whole workload once, untimed, so compilation,
+CUDA-graph capture and the caching allocator's growth stay out of the timings. transformers
+needs that as much as the engine: its first full-length generate() of the uniform workload took
+18.7 s on the H100, the next ones 6.3-6.9 (not profiled; its KV cache grows by concatenation
+every step, which the caching allocator likely serves from new blocks only the first time).
+Trees before this one warmed it with 2 new tokens and so timed it cold: 2,711-3,560 tokens/s
+instead of ~9,800. The engine's prefix cache is
+dropped before every timed run, so prompts are prefilled each time (the n samples of a prompt,
+and repeated prompts, still share within a run). Each contender is timed over --rounds runs
+(default 3) and reports the median, the min-max beside it.
 """
 
 from __future__ import annotations
@@ -214,7 +219,8 @@ def run_engine(w: Workload, config: EngineConfig, args, device: str, label: str 
             seconds.append(s)
     lengths = [(len(c.prompt_ids), len(c.completion_ids)) for group in out for c in group]
     result = dict(contender=label, lengths=lengths, tokens=sum(n for _, n in lengths),
-                  seconds=median(seconds), ttft_s=ttft, peak_gib=peak_gib(device), stats=dict(engine.stats),
+                  seconds=median(seconds), round_seconds=seconds, ttft_s=ttft, peak_gib=peak_gib(device),
+                  stats=dict(engine.stats),
                   kv_cache_gib=engine.cache.bytes / 2**30)
     engine.release_memory()
     return result
@@ -248,7 +254,8 @@ def run_hf(w: Workload, directory: Path, dtype: torch.dtype, args, device: str) 
             total += s
         return total
 
-    go([batches[0]], new_tokens=2)
+    # the whole workload once, untimed, as the engine gets (cold: 18.7 s against 6.5 warm, H100)
+    go(batches)
     ttft = median([go(batches, new_tokens=1) for _ in range(args.rounds)])
     free(device)
     with profiled(args.profile, f"bench_rollout_{w.name}_transformers") as mark:
@@ -262,7 +269,7 @@ def run_hf(w: Workload, directory: Path, dtype: torch.dtype, args, device: str) 
     # credited only each sequence's own max_new_tokens, not its batch's padding to the longest
     lengths = [(len(p), n) for p, n in subset]
     return dict(contender=label, lengths=lengths, tokens=sum(n for _, n in lengths), seconds=median(seconds),
-                ttft_s=ttft, peak_gib=peak_gib(device))
+                round_seconds=seconds, ttft_s=ttft, peak_gib=peak_gib(device))
 
 
 def measure(w: Workload, config: EngineConfig, bandwidth: float | None, workdir: Path, args, device: str) -> list:
@@ -337,7 +344,7 @@ def main() -> None:
     parser.add_argument("--kv-fraction", type=float, default=EngineConfig.kv_memory_fraction,
                         help="share of free GPU memory the engine's KV cache takes")
     parser.add_argument("--no-graphs", action="store_true", help="EngineConfig(cuda_graphs=False), if it exists")
-    parser.add_argument("--rounds", type=int, default=1, help="timed runs per contender (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs per contender (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", help="write a torch.profiler trace of each measured generate here")
     args = parser.parse_args()
@@ -361,16 +368,17 @@ def main() -> None:
             runs = measure(build(name, args, device), config, bandwidth, workdir, args, device)
             for run in runs:
                 results.append(dict(workload=name, **run))
+                spread = f"{run['tokens'] / max(run['round_seconds']):.0f}-{run['tokens'] / min(run['round_seconds']):.0f}"
                 rows.append([name, run["contender"], run["tokens"], f"{run['seconds']:.2f}",
-                             f"{run['tokens_per_s']:.0f}", f"{run['ttft_s']:.3f}", cell(run["peak_gib"], ".1f"),
+                             f"{run['tokens_per_s']:.0f}", spread, f"{run['ttft_s']:.3f}", cell(run["peak_gib"], ".1f"),
                              cell(run.get("ideal_tokens_per_s"), ".0f"), cell(run.get("fraction_of_bound"), ".2g"),
                              cell(run["speedup_vs_hf"], ".2f")])
             if args.skip_hf:
-                rows.append([name, "transformers generate", "skipped"] + ["-"] * 7)
+                rows.append([name, "transformers generate", "skipped"] + ["-"] * 8)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print_table(["workload", "contender", "new tokens", "gen s", "tokens/s", "TTFT s", "peak GiB", "bound tok/s",
+    print_table(["workload", "contender", "new tokens", "gen s", "tokens/s", "rounds min-max", "TTFT s", "peak GiB", "bound tok/s",
                  "of bound", "vs HF"], rows)
     json_line({"bench": "rollout", "device": device, "gpu": gpu, "copy_bytes_per_s": bandwidth, "model": args.model,
                "layers": args.layers, "engine_config": asdict(config), "rounds": args.rounds, "results": results})
