@@ -38,10 +38,10 @@ needs that as much as the engine: its first full-length generate() of the unifor
 18.7 s on the H100, the next ones 6.3-6.9 (not profiled; its KV cache grows by concatenation
 every step, which the caching allocator likely serves from new blocks only the first time).
 Trees before this one warmed it with 2 new tokens and so timed it cold: 2,711-3,560 tokens/s
-instead of ~9,800. The engine's prefix cache is
-dropped before every timed run, so prompts are prefilled each time (the n samples of a prompt,
-and repeated prompts, still share within a run). Each contender is timed over --rounds runs
-(default 3) and reports the median, the min-max beside it.
+instead of ~9,800. The engine's prefix cache is dropped before every timed run, so prompts are
+prefilled each time (the n samples of a prompt, and repeated prompts, still share within a
+run). Each contender is timed over --rounds runs (default 3) and reports the median, the
+min-max beside it.
 """
 
 from __future__ import annotations
@@ -368,7 +368,8 @@ def main() -> None:
             runs = measure(build(name, args, device), config, bandwidth, workdir, args, device)
             for run in runs:
                 results.append(dict(workload=name, **run))
-                spread = f"{run['tokens'] / max(run['round_seconds']):.0f}-{run['tokens'] / min(run['round_seconds']):.0f}"
+                slowest, fastest = max(run["round_seconds"]), min(run["round_seconds"])
+                spread = f"{run['tokens'] / slowest:.0f}-{run['tokens'] / fastest:.0f}"
                 rows.append([name, run["contender"], run["tokens"], f"{run['seconds']:.2f}",
                              f"{run['tokens_per_s']:.0f}", spread, f"{run['ttft_s']:.3f}", cell(run["peak_gib"], ".1f"),
                              cell(run.get("ideal_tokens_per_s"), ".0f"), cell(run.get("fraction_of_bound"), ".2g"),
@@ -378,8 +379,8 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print_table(["workload", "contender", "new tokens", "gen s", "tokens/s", "rounds min-max", "TTFT s", "peak GiB", "bound tok/s",
-                 "of bound", "vs HF"], rows)
+    print_table(["workload", "contender", "new tokens", "gen s", "tokens/s", "rounds min-max", "TTFT s", "peak GiB",
+                 "bound tok/s", "of bound", "vs HF"], rows)
     json_line({"bench": "rollout", "device": device, "gpu": gpu, "copy_bytes_per_s": bandwidth, "model": args.model,
                "layers": args.layers, "engine_config": asdict(config), "rounds": args.rounds, "results": results})
 
