@@ -29,7 +29,6 @@ from common import json_line, machine, median, percentile, print_table, profiled
 
 from fastazr.sandbox import Sandbox
 from fastazr.sandbox.hostile import ATTACKS
-from fastazr.tasks.executor import INDUCTION_RUNNER
 
 TRIVIAL = ("def f(x):\n    return x + 1\n", "f", "41")
 AZR = ("""
@@ -43,7 +42,14 @@ def f(words, k):
         table[w] = [c * j % 7 for j in range(i + 3)]
     return ranked[:k], table
 """, "f", "['a', 'b', 'a', 'c', 'b', 'a', 'd', 'e', 'e', 'e'] * 5, 3")
-INDUCTION = ("def f(a, b):\n    return [x * b for x in a if x % 2 == 0]\n" + INDUCTION_RUNNER, "__fastazr_run_all",
+# A job that loops over ten inputs in one child: the workload shape these numbers were first
+# measured with (check_induction now runs each pair as its own job).
+INDUCTION_RUNNER = """
+
+def run_all(inputs):
+    return [repr(f(*args)) for args in inputs]
+"""
+INDUCTION = ("def f(a, b):\n    return [x * b for x in a if x % 2 == 0]\n" + INDUCTION_RUNNER, "run_all",
              "[" + ", ".join(f"([{i}, {i + 1}, {i + 2}, {i + 3}], {i})" for i in range(10)) + "]")
 MIX = [TRIVIAL, AZR, INDUCTION]
 TIMEOUT_S = 5.0

@@ -47,6 +47,7 @@ def _pg_loss_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, norm_ptr, l
     acc_ratio = tl.zeros([BLOCK], tl.float32)
     acc_ent = tl.zeros([BLOCK], tl.float32)
     acc_count = tl.zeros([BLOCK], tl.int32)
+    acc_bad = tl.zeros([BLOCK], tl.int32)
     for start in range(0, n, BLOCK):
         offs = start + lanes
         inside = offs < n
@@ -56,7 +57,8 @@ def _pg_loss_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, norm_ptr, l
         lp = tl.load(lp_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         old = tl.load(old_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         adv = tl.load(adv_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        log_ratio = tl.minimum(tl.maximum(lp - old, -limit), limit)
+        diff = lp - old
+        log_ratio = tl.minimum(tl.maximum(diff, -limit), limit)
         ratio = tl.exp(log_ratio)
         unclipped = -adv * ratio
         clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
@@ -67,6 +69,9 @@ def _pg_loss_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, norm_ptr, l
         acc_kl += tl.where(valid, (ratio - 1.0) - log_ratio, 0.0)
         acc_ratio += tl.where(valid, ratio, 0.0)
         acc_count += valid.to(tl.int32)
+        # A counted token without a defined loss: a NaN log ratio (which the clamp would turn into
+        # a finite -limit on the GPU) or an advantage that is not finite.
+        acc_bad += (valid & ((diff != diff) | ~(tl.abs(adv) < float("inf")))).to(tl.int32)
         if HAS_ENTROPY:
             ent = tl.load(ent_ptr + offs, mask=inside, other=0.0).to(tl.float32)
             acc_ent += tl.where(valid, ent, 0.0)
@@ -78,12 +83,15 @@ def _pg_loss_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, norm_ptr, l
         norm = tl.load(norm_ptr).to(tl.float32)
     # No valid token anywhere: every sum is 0, and dividing by 1 keeps it 0 instead of NaN.
     denom = tl.where(norm == 0.0, 1.0, norm)
+    # Any such token makes the loss and every metric NaN, as the torch composition does: the
+    # caller sees it and skips the step rather than training on a silently finite number.
+    poison = tl.where(tl.sum(acc_bad, axis=0) > 0, float("nan"), 1.0)
     ent_sum = tl.sum(acc_ent, axis=0)
-    tl.store(loss_ptr, (tl.sum(acc_pg, axis=0) - entropy_coef * ent_sum) / denom)
-    tl.store(stats_ptr + 0, tl.sum(acc_clip, axis=0) / denom)
-    tl.store(stats_ptr + 1, tl.sum(acc_kl, axis=0) / denom)
-    tl.store(stats_ptr + 2, tl.sum(acc_ratio, axis=0) / denom)
-    tl.store(stats_ptr + 3, ent_sum / denom)
+    tl.store(loss_ptr, (tl.sum(acc_pg, axis=0) - entropy_coef * ent_sum) / denom * poison)
+    tl.store(stats_ptr + 0, tl.sum(acc_clip, axis=0) / denom * poison)
+    tl.store(stats_ptr + 1, tl.sum(acc_kl, axis=0) / denom * poison)
+    tl.store(stats_ptr + 2, tl.sum(acc_ratio, axis=0) / denom * poison)
+    tl.store(stats_ptr + 3, ent_sum / denom * poison)
     tl.store(stats_ptr + 4, denom)
 
 
@@ -112,7 +120,11 @@ def _pg_loss_bwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, grad_loss_ptr, stats
         weight = tl.where(unclipped > clipped, 1.0, tl.where(unclipped == clipped, tie, 0.0))
         # torch.clamp passes the gradient on its closed interval, so |diff| == limit still counts.
         passes = valid & (diff >= -limit) & (diff <= limit)
-        tl.store(dlp_ptr + offs, tl.where(passes, scale * weight * -adv * ratio, 0.0), mask=inside)
+        # A counted token without a defined loss (see the forward) gets a NaN gradient, so that the
+        # step's gradient norm is NaN too.
+        bad = valid & ((diff != diff) | ~(tl.abs(adv) < float("inf")))
+        dlp = tl.where(bad, float("nan"), tl.where(passes, scale * weight * -adv * ratio, 0.0))
+        tl.store(dlp_ptr + offs, dlp, mask=inside)
     if WRITE_DENT:
         tl.store(dent_ptr + offs, tl.where(valid, -entropy_coef * scale, 0.0), mask=inside)
 
@@ -195,6 +207,10 @@ def pg_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torc
     ``clip_high > clip_low`` gives the asymmetric ("clip-higher") range. The clamp of the log ratio
     keeps a stale or garbage token from overflowing exp; beyond it the token's gradient is 0.
     Masked tokens may hold anything, NaN and inf included: they never reach a sum or a gradient.
+    A valid token whose log ratio is NaN (a NaN logprob or old logprob, or inf - inf) or whose
+    advantage is NaN or inf has no defined loss: the loss and every metric are NaN and that token's
+    logprob gradient is NaN (other tokens' gradients are unchanged), so a caller that skips
+    non-finite steps skips this one. (An infinite log ratio alone, e.g. a -inf logprob, is clamped.)
 
     ``normalizer`` is what every sum is divided by. Pass the GLOBAL number of valid tokens over all
     micro-batches and data-parallel ranks: then the losses, gradients and metrics of the

@@ -85,7 +85,14 @@ def pg_loss_reference(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     def clean(x: torch.Tensor) -> torch.Tensor:
         return torch.where(valid, x.float(), 0.0)
 
-    log_ratio = torch.clamp(clean(logprobs) - clean(old_logprobs.detach()), -log_ratio_limit, log_ratio_limit)
+    # A valid token without a defined loss (a NaN log ratio, or an advantage that is not finite):
+    # multiplying its logprob by NaN makes its gradient NaN, and `poison` every result, however
+    # the clamp and max below would treat the NaN.
+    bad = valid & (torch.isnan(logprobs.detach().float() - old_logprobs.detach().float())
+                   | ~torch.isfinite(advantages.detach()))
+    poison = torch.where(bad.any(), torch.nan, 1.0)
+    lp = clean(logprobs) * torch.where(bad, torch.nan, 1.0)
+    log_ratio = torch.clamp(lp - clean(old_logprobs.detach()), -log_ratio_limit, log_ratio_limit)
     ratio = torch.exp(log_ratio)
     adv = clean(advantages.detach())
     unclipped = -adv * ratio
@@ -108,10 +115,11 @@ def pg_loss_reference(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
         loss_sum = loss_sum - entropy_coef * (m * ent).sum()
         with torch.no_grad():
             entropy_metric = (m * ent).sum() / denom
+    # the loss is NaN through the token's own terms, so its other tokens' gradients stay as they are
     loss = loss_sum / denom
     with torch.no_grad():
         return PGLoss(loss=loss,
-                      clip_fraction=(m * (clipped > unclipped)).sum() / denom,
-                      approx_kl=(m * ((ratio - 1) - log_ratio)).sum() / denom,
-                      mean_ratio=(m * ratio).sum() / denom,
-                      entropy=entropy_metric)
+                      clip_fraction=(m * (clipped > unclipped)).sum() / denom * poison,
+                      approx_kl=(m * ((ratio - 1) - log_ratio)).sum() / denom * poison,
+                      mean_ratio=(m * ratio).sum() / denom * poison,
+                      entropy=entropy_metric * poison)

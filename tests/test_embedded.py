@@ -8,7 +8,7 @@ import torch
 
 from fastazr.model import Tokenizer, embedded, load, pack, save_hf
 from fastazr.model.errors import ModelNotFoundError
-from model_helpers import FP32_LOGITS_ATOL
+from model_helpers import assert_logits_close
 
 TEXTS = [
     "def f(x):\n    return sorted(x, key=lambda t: -t)[:3]\n",
@@ -61,7 +61,7 @@ def test_logits_match_transformers_gguf_loader(ours, theirs):
         logits = model.logits(model(p.input_ids, p.position_ids, p.cu_seqlens)).split([len(s) for s in sequences])
         for sequence, got in zip(sequences, logits):
             expected = theirs[0](torch.tensor([sequence])).logits[0].float()
-            torch.testing.assert_close(got, expected, atol=FP32_LOGITS_ATOL, rtol=0)
+            assert_logits_close(got, expected)
 
 
 def test_greedy_continuation_is_python(ours):
@@ -134,9 +134,8 @@ def test_saved_directory_loads_in_transformers(ours, tmp_path):
     sequence = prompts(tokenizer)[0]
     p = pack([sequence])
     with torch.no_grad():
-        torch.testing.assert_close(model.logits(model(p.input_ids, p.position_ids, p.cu_seqlens)),
-                                   hf_model(torch.tensor([sequence])).logits[0].float(),
-                                   atol=FP32_LOGITS_ATOL, rtol=0)
+        assert_logits_close(model.logits(model(p.input_ids, p.position_ids, p.cu_seqlens)),
+                                   hf_model(torch.tensor([sequence])).logits[0].float())
     reloaded_model, reloaded_tokenizer = load(tmp_path / "smol")
     assert reloaded_tokenizer.stop_token_ids == tokenizer.stop_token_ids
     assert reloaded_tokenizer.encode_chat(CONVERSATIONS[1]) == tokenizer.encode_chat(CONVERSATIONS[1])

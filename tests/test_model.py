@@ -10,7 +10,7 @@ import torch
 from fastazr.model import (Decoder, ModelConfig, available_backends, load, load_hf, pack, preset_config,
                            preset_names, save_hf)
 from fastazr.model.attention import varlen_causal_attention
-from model_helpers import (FP32_LOGITS_ATOL, TINY, naive_attention, random_sequences, transformers_logits,
+from model_helpers import (TINY, assert_logits_close, naive_attention, random_sequences, transformers_logits,
                            write_checkpoint)
 
 LENGTHS = [1, 7, 33, 19]
@@ -37,7 +37,7 @@ def test_logits_match_transformers(checkpoint):
     ours, theirs = packed_logits(model, sequences), transformers_logits(reference, sequences)
     assert theirs[0].abs().max() > 1.0, "weights too small for the test to see anything"
     for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=FP32_LOGITS_ATOL, rtol=0)
+        assert_logits_close(a, b)
 
 
 def test_config_reads_what_transformers_wrote(checkpoint):
@@ -55,7 +55,7 @@ def test_packed_equals_one_sequence_at_a_time(checkpoint):
     sequences = random_sequences(LENGTHS, TINY[kind]["vocab_size"], seed=2)
     together = packed_logits(model, sequences)
     for sequence, packed in zip(sequences, together):
-        torch.testing.assert_close(packed, packed_logits(model, [sequence])[0], atol=FP32_LOGITS_ATOL, rtol=0)
+        assert_logits_close(packed, packed_logits(model, [sequence])[0])
 
 
 def test_position_ids_drive_the_rotary_embedding(checkpoint):
@@ -67,7 +67,7 @@ def test_position_ids_drive_the_rotary_embedding(checkpoint):
         a = model(p.input_ids, p.position_ids, p.cu_seqlens)
         shifted = model(p.input_ids, p.position_ids + 5, p.cu_seqlens)
         reversed_ = model(p.input_ids, p.position_ids.flip(0), p.cu_seqlens)
-    torch.testing.assert_close(a, shifted, atol=1e-4, rtol=0)
+    assert_logits_close(a, shifted, "hidden states at shifted positions")
     assert (a - reversed_).abs().max() > 1e-2
 
 
@@ -123,7 +123,7 @@ def test_save_then_transformers_loads_the_same_logits(checkpoint, tmp_path, shar
     sequences = random_sequences(LENGTHS, TINY[kind]["vocab_size"], seed=5)
     # the reference was built in memory, the reload by from_pretrained: their attention kernels may differ
     for a, b in zip(transformers_logits(reloaded, sequences), transformers_logits(reference, sequences)):
-        torch.testing.assert_close(a, b, atol=FP32_LOGITS_ATOL, rtol=0)
+        assert_logits_close(a, b)
     again = load_hf(out)
     for (name, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
         assert torch.equal(a, b), name

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from fastazr.model import Decoder, ModelConfig, ModelError, ModelNotFoundError, load, load_hf, pack, save_hf
 from fastazr.model import embedded
-from model_helpers import FP32_LOGITS_ATOL, TINY, random_sequences, transformers_logits, write_checkpoint
+from model_helpers import TINY, assert_logits_close, random_sequences, transformers_logits, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_qwen2_gguf_loads_to_the_same_logits(qwen, tmp_path):
     with torch.no_grad():
         ours = model.logits(model(p.input_ids, p.position_ids, p.cu_seqlens)).split([5, 30])
     for a, b in zip(ours, transformers_logits(qwen[1], sequences)):
-        torch.testing.assert_close(a, b, atol=FP32_LOGITS_ATOL, rtol=0)
+        assert_logits_close(a, b)
 
 
 def test_gguf_of_an_unknown_architecture(qwen, tmp_path):

@@ -1,6 +1,7 @@
 """The fused PPO-clip loss (Triton; the interpreter on CPU) against the fp32 torch reference and its
 autograd: loss, metrics and both gradients at ragged sizes, extreme ratios, garbage under the mask,
-the micro-batch property of the global normalizer, argument errors and the CPU fallback."""
+the micro-batch property of the global normalizer, NaN and inf on valid tokens, argument errors
+and the CPU fallback."""
 import pytest
 import torch
 
@@ -149,6 +150,49 @@ def test_garbage_under_the_mask_changes_nothing():
         assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]), fn.__name__
         masked = ~dirty["mask"]
         assert (a[1][masked] == 0).all() and (a[2][masked] == 0).all()
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+# numpy, under the interpreter, warns about the inf - inf that the last case is about
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+@pytest.mark.parametrize("poison", [
+    dict(old_logprobs=NAN), dict(logprobs=NAN), dict(advantages=NAN), dict(advantages=INF),
+    dict(advantages=-INF), dict(logprobs=-INF, old_logprobs=-INF)])  # the last: a log ratio of inf - inf
+def test_a_non_finite_counted_token_makes_both_paths_nan(poison):
+    """Issue 20: a NaN old logprob on a valid token gave a NaN loss with a zero gradient on the torch
+    path (a step on garbage) and finite values on the Triton path (NaN clamped to -20). Now both: the
+    loss and every metric NaN, that token's gradient NaN (so the step's gradient norm is NaN), every
+    other token's gradient as without it. Garbage under the mask stays ignored."""
+    clean = make_inputs(300, seed=17)
+    dirty = {k: v.clone() for k, v in clean.items()}
+    token = int(clean["mask"].nonzero()[5])
+    for name, value in poison.items():
+        dirty[name][token] = value
+    others = torch.arange(300) != token
+    grads = []
+    for fn in (pg_loss, pg_loss_reference):
+        out, dlp, dent = run(fn, dirty, entropy_coef=0.01, clip_high=0.28)
+        assert all(torch.isnan(v) for v in out), (fn.__name__, out)
+        assert torch.isnan(dlp[token]) and torch.isfinite(dlp[others]).all(), fn.__name__
+        _, clean_dlp, clean_dent = run(fn, clean, entropy_coef=0.01, clip_high=0.28)
+        assert torch.equal(dlp[others], clean_dlp[others]) and torch.equal(dent, clean_dent), fn.__name__
+        grads.append(dlp)
+    torch.testing.assert_close(grads[0], grads[1], rtol=FP32_GRAD_RTOL, atol=FP32_GRAD_ATOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("extreme", [dict(old_logprobs=INF), dict(old_logprobs=-INF), dict(logprobs=-INF)])
+def test_an_infinite_log_ratio_alone_is_clamped_on_both_paths(extreme):
+    """An infinite (not NaN) log ratio is the limit's business: finite results, zero gradient for
+    that token, the same on both paths."""
+    inputs = make_inputs(300, seed=19)
+    token = int(inputs["mask"].nonzero()[5])
+    for name, value in extreme.items():
+        inputs[name][token] = value
+    ours, expected = run(pg_loss, inputs), run(pg_loss_reference, inputs)
+    assert_matches(ours, expected)
+    assert ours[1][token] == 0
 
 
 @pytest.mark.parametrize("fn", [pg_loss, pg_loss_reference])

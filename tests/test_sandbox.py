@@ -129,6 +129,17 @@ def test_hash_seed_differs_between_groups(sb):
     assert r[0].value != r[1].value
 
 
+def test_every_plain_job_runs_at_the_canonical_hash_seed(sb):
+    """What validation's first run saw, every later run sees, on whichever zygote it lands."""
+    program = "def f():\n    return hash('fastazr'), ''.join(set('abcdefgh'))\n"
+    values = {r.value for r in sb.call_many([(program, "f", "")] * 8) + sb.call_many([(program, "f", "")] * 8, groups=[0] * 8)}
+    expected = subprocess.run([sys.executable, "-c", "print(repr((hash('fastazr'), ''.join(set('abcdefgh')))))"],
+                              env={**os.environ, "PYTHONHASHSEED": str(sb.hash_seeds[0])},
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert values == {expected}
+    assert sb.hash_seeds[0] == SandboxConfig().hash_seed != sb.hash_seeds[1]
+
+
 def test_zygote_imports_neither_torch_nor_numpy(sb):
     r = sb.exec_many(["import sys\nprint(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"])[0]
     assert r.stdout == "[]\n"
@@ -255,7 +266,8 @@ def test_workers_default_to_cores():
 
 @pytest.mark.parametrize("option, value", [("workers", 0), ("timeout_s", 0), ("memory_mb", 8),
                                            ("seccomp_backend", "magic"), ("landlock", "maybe"),
-                                           ("max_value_chars", 0), ("open_files", 2)])
+                                           ("max_value_chars", 0), ("open_files", 2), ("hash_seed", -1),
+                                           ("hash_seed", 1 << 32)])
 def test_bad_config_names_the_option(option, value):
     with pytest.raises(ValueError, match=f"SandboxConfig.{option}"):
         SandboxConfig(**{option: value})

@@ -112,10 +112,10 @@ def capture_grads(update: PolicyUpdate) -> list[dict[str, torch.Tensor]]:
     seen = []
     step = update.optimizer.step
 
-    def capturing():
+    def capturing(*args):
         views = update.optimizer._views(update.optimizer.grad)
         seen.append({names[id(p)]: v.clone() for p, v in zip(update.optimizer.params, views)})
-        return step()
+        return step(*args)
 
     update.optimizer.step = capturing
     return seen

@@ -72,6 +72,12 @@ class SandboxConfig:
     preload: tuple[str, ...] = AZR_MODULES
     """Modules every zygote imports before it forks children."""
 
+    hash_seed: int = 0
+    """The str/bytes hash seed (PYTHONHASHSEED, 0 to 2**32 - 1) every job runs at, so set
+    order, hash() and all built from them repeat on every run: a program validated at this
+    seed gives its validated output on any later run. Determinism checks run a second time
+    at another seed (groups in Sandbox.call_many)."""
+
     def __post_init__(self) -> None:
         def bad(option: str, why: str) -> ValueError:
             return ValueError(f"SandboxConfig.{option}: {why}")
@@ -92,5 +98,7 @@ class SandboxConfig:
         for option in ("landlock", "drop_privileges"):
             if getattr(self, option) not in ("auto", "on", "off"):
                 raise bad(option, f"must be 'auto', 'on' or 'off', got {getattr(self, option)!r}")
+        if not isinstance(self.hash_seed, int) or not 0 <= self.hash_seed < 1 << 32:
+            raise bad("hash_seed", f"must be an integer from 0 to 2**32 - 1 (PYTHONHASHSEED), got {self.hash_seed!r}")
         if self.unprivileged_uid < 1:
             raise bad("unprivileged_uid", "must be a non-root uid (>= 1)")

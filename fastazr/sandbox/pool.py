@@ -5,7 +5,9 @@
         printed = sb.exec_many(["print(sum(range(10)))"])
 
 Jobs are spread over the zygotes as they free up; results come back in input order, and one
-job's failure never affects another's."""
+job's failure never affects another's. Every job runs at one canonical hash seed
+(SandboxConfig.hash_seed), except those a call pins to group 1: a determinism check's second
+run, on zygotes of a second seed that share each worker's CPU with the canonical ones."""
 
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ ZYGOTE_GRACE_S = 5.0
 # source measured on the dev VM; this allowance goes into each batch's deadline.
 COMPILE_S_PER_CHAR = 3e-6
 STARTUP_TIMEOUT_S = 60.0
+# PYTHONHASHSEED takes 0 to 2**32 - 1.
+HASH_SEEDS = 1 << 32
 # Jobs sent to a zygote in one message: one round trip and one compile pass per batch
 # instead of per job (see zygote.run_batch).
 MAX_BATCH = 32
@@ -48,22 +52,26 @@ class SandboxError(RuntimeError):
 
 
 class Zygote:
-    """The trainer's handle on one zygote process."""
+    """The trainer's handle on one zygote process: worker `index`'s zygote of hash-seed `group`
+    (0: the canonical seed, 1: the second seed of determinism checks)."""
 
-    def __init__(self, index: int, settings: dict):
-        self.index = index
+    def __init__(self, index: int, settings: dict, group: int, hash_seed: int):
+        self.index, self.group = index, group
         cpus = settings["cpus"]
         settings = {**settings, "cpu": cpus[index % len(cpus)] if cpus else None}
         self.sock, theirs = socket.socketpair()
         package_root = str(Path(__file__).resolve().parents[2])
-        bootstrap = (f"import sys; sys.path.insert(0, {package_root!r}); "
+        # What -I would do but keep PYTHONHASHSEED: no working directory on the path (-P is 3.11+).
+        bootstrap = (f"import sys; sys.path[:] = [{package_root!r}, *filter(None, sys.path)]; "
                      "from fastazr.sandbox.zygote import main; main()")
         self.process = subprocess.Popen(
-            # -I: no PYTHON* variables, no user site, a fresh hash seed. -S: no site-packages
-            # .pth hooks, which imported pathlib, zipfile, tempfile... into every zygote here.
-            [sys.executable, "-I", "-S", "-c", bootstrap, str(theirs.fileno()), json.dumps(settings)],
+            # Not -I, which ignores PYTHONHASHSEED: the environment is scrubbed_env() plus the
+            # seed, so no other PYTHON* variable can reach it. -s: no user site. -S: no
+            # site-packages .pth hooks, which imported pathlib, zipfile, tempfile... here.
+            [sys.executable, "-s", "-S", "-c", bootstrap, str(theirs.fileno()), json.dumps(settings)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            pass_fds=(theirs.fileno(),), env=scrubbed_env(), cwd=settings["workdir"],
+            pass_fds=(theirs.fileno(),), env={**scrubbed_env(), "PYTHONHASHSEED": str(hash_seed)},
+            cwd=settings["workdir"],
             start_new_session=True,
         )
         theirs.close()
@@ -127,6 +135,10 @@ class Zygote:
                     "fz_zygote_extra in csrc/sandbox/policy.c")
         return text.strip()[-2000:] or f"exit code {self.process.returncode}"
 
+    def kill(self) -> None:
+        """Stop it now, mid-batch or not; its children die with it (PR_SET_PDEATHSIG)."""
+        self.process.kill()  # a no-op once it has been reaped
+
     def close(self) -> None:
         self.sock.close()  # the zygote sees end of file and exits
         try:
@@ -172,13 +184,19 @@ class Sandbox:
         self._workdir = tempfile.mkdtemp(prefix="fastazr-sandbox-")
         os.chmod(self._workdir, 0o555)  # empty, and nobody may create anything in it
         self._settings = self._zygote_settings()
+        # Group 1's seed: any but the canonical one, drawn per Sandbox so that over many
+        # Sandboxes a hash-dependent program meets many seeds.
+        offset = 1 + int.from_bytes(os.urandom(4), "little") % (HASH_SEEDS - 1)
+        self.hash_seeds = (self.config.hash_seed, (self.config.hash_seed + offset) % HASH_SEEDS)
+        # Per worker, its zygote of each hash-seed group; group 1's start on first use.
         self._zygotes: list[Zygote] = []
+        self._alternates: list[Zygote] = []
+        # Zygotes whose channel state is unknown (an interrupt left them mid-batch or mid-frame):
+        # replaced before the next call, so no late reply is taken for a later job's.
+        self._broken: set[Zygote] = set()
         self._selector = selectors.DefaultSelector()
         try:
-            self._zygotes = [Zygote(i, self._settings) for i in range(self.config.workers)]
-            for z in self._zygotes:
-                self._check_memory(z.wait_hello(STARTUP_TIMEOUT_S))
-                self._selector.register(z.sock, selectors.EVENT_READ, z)
+            self._zygotes = self._start(0)
             self._self_test()
         except BaseException:
             self.close()
@@ -220,6 +238,20 @@ class Sandbox:
                 "max_value_chars": c.max_value_chars, "preload": list(c.preload),
                 "cpus": sorted(os.sched_getaffinity(0)) if c.pin_cpus else []}
 
+    def _start(self, group: int) -> list[Zygote]:
+        """One zygote of hash-seed group `group` per worker, started side by side."""
+        zygotes = [Zygote(i, self._settings, group, self.hash_seeds[group]) for i in range(self.config.workers)]
+        try:
+            for z in zygotes:
+                self._check_memory(z.wait_hello(STARTUP_TIMEOUT_S))
+                self._selector.register(z.sock, selectors.EVENT_READ, z)
+        except BaseException:
+            for z in zygotes:
+                self._unregister(z)
+                z.close()
+            raise
+        return zygotes
+
     def _check_memory(self, hello: dict) -> None:
         need = hello["vm_bytes"] + (32 << 20)
         if self.config.memory_mb << 20 < need:
@@ -239,9 +271,9 @@ class Sandbox:
         """Run `entry(*args)` after executing `program`, for each (program, entry, args_source).
 
         args_source is Python source for the arguments ("[1, 2], 'x'"), evaluated inside the
-        child. groups, if given, pins job i to zygotes of hash-seed group groups[i] (0 or 1,
-        None for any): the two runs of a determinism check go to different groups, so they
-        see different str/bytes hash seeds."""
+        child. Jobs run at the canonical str/bytes hash seed (hash_seeds[0]); groups, if given,
+        sends job i to hash_seeds[groups[i]] (0 or 1; None is 0): the second run of a
+        determinism check goes to group 1, so a program whose value follows the seed is seen."""
         jobs = [{"kind": "call", "program": p, "entry": e, "args": a} for p, e, a in calls]
         return self._run(jobs, timeout_s, groups)
 
@@ -252,6 +284,7 @@ class Sandbox:
     def _run(self, jobs: list[dict], timeout_s: float | None, groups) -> list[Result]:
         if not self._zygotes:
             raise SandboxError("this Sandbox is closed")
+        self._repair()
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         results: list[Result | None] = [None] * len(jobs)
         for i, job in enumerate(jobs):
@@ -261,97 +294,116 @@ class Sandbox:
                 results[i] = Result("error", error=f"the program and its input exceed max_program_chars="
                                                    f"{self.config.max_program_chars}")
         pending = [i for i, r in enumerate(results) if r is None]
-        if groups is not None and len(self._zygotes) == 1:
-            # One zygote has one hash seed: group 1 runs after group 0, on a fresh zygote.
-            self._dispatch([i for i in pending if groups[i] != 1], jobs, timeout, None, results)
-            second = [i for i in pending if groups[i] == 1]
-            if second:
-                self._replace(self._zygotes[0])
-                self._dispatch(second, jobs, timeout, None, results)
-        else:
-            self._dispatch(pending, jobs, timeout, groups, results)
+        queues = (deque(i for i in pending if not groups or groups[i] != 1),
+                  deque(i for i in pending if groups and groups[i] == 1))
+        if queues[1] and not self._alternates:
+            self._alternates = self._start(1)
+        self._dispatch(queues, jobs, timeout, results)
         return results  # type: ignore[return-value]
 
-    def _dispatch(self, indices: list[int], jobs: list[dict], timeout: float, groups, results: list) -> None:
-        queues = self._queues(indices, groups)
-        idle, busy = list(self._zygotes), set()
-        while any(queues.values()) or busy:
-            for z in list(idle):
-                batch = self._next_batch(queues, z)
-                if not batch:
-                    continue
-                idle.remove(z)
-                try:
-                    z.send(batch, jobs, timeout)
-                    busy.add(z)
-                except OSError:  # it died while idle: its batch goes back to the queue, unrun
-                    for i in reversed(batch):
-                        queues[self._queue_of(i, groups)].appendleft(i)
-                    idle.append(self._replace(z))
-            for key, _ in self._selector.select(timeout=1.0):
-                z = key.data
-                messages = z.receive()
-                if messages == []:
-                    continue
-                if z not in busy:  # an idle zygote has nothing to say but end of file
-                    if messages is None and z in idle:
-                        idle[idle.index(z)] = self._replace(z)
-                    continue
-                busy.discard(z)
-                if messages is None:
-                    self._fail_batch(z, results, f"sandbox worker died: {z.stderr_tail()}")
-                    idle.append(self._replace(z))
-                    continue
-                for i, reply in zip(z.batch, messages[0]):
-                    results[i] = result_from(marshal.loads(reply))
-                idle.append(z)
-            now = time.monotonic()
-            for z in [z for z in busy if now > z.deadline]:
-                self._fail_batch(z, results, "sandbox worker stopped answering and was replaced")
-                busy.discard(z)
-                idle.append(self._replace(z))
+    def _dispatch(self, queues: tuple[deque, deque], jobs: list[dict], timeout: float, results: list) -> None:
+        """Run the jobs queued per hash-seed group. A worker runs one batch at a time, on its
+        zygote of that batch's group (both sit on the worker's CPU)."""
+        idle, busy = list(range(len(self._zygotes))), set()
+        try:
+            while any(queues) or busy:
+                for worker in list(idle):
+                    group, batch = self._next_batch(queues)
+                    if not batch:
+                        break
+                    z = (self._alternates if group else self._zygotes)[worker]
+                    idle.remove(worker)
+                    busy.add(z)  # before sending: an interrupt mid-frame must leave it marked
+                    try:
+                        z.send(batch, jobs, timeout)
+                    except OSError:  # it died while idle: its batch goes back to the queue, unrun
+                        busy.discard(z)
+                        queues[group].extendleft(reversed(batch))
+                        self._replace(z)
+                        idle.append(worker)
+                for key, _ in self._selector.select(timeout=1.0):
+                    z = key.data
+                    messages = z.receive()
+                    if messages == []:
+                        continue
+                    if z not in busy:  # an idle zygote has nothing to say but end of file
+                        if messages is None:
+                            self._replace(z)
+                        continue
+                    busy.discard(z)
+                    if messages is None:
+                        self._fail_batch(z, results, f"sandbox worker died: {z.stderr_tail()}")
+                        self._replace(z)
+                    else:
+                        for i, reply in zip(z.batch, messages[0]):
+                            results[i] = result_from(marshal.loads(reply))
+                    idle.append(z.index)
+                now = time.monotonic()
+                for z in [z for z in busy if now > z.deadline]:
+                    self._fail_batch(z, results, "sandbox worker stopped answering and was replaced")
+                    busy.discard(z)
+                    self._replace(z)
+                    idle.append(z.index)
+        except BaseException:
+            # An exception (a caught Ctrl-C, an alarm) left busy zygotes whose replies would be
+            # read as the next call's: stop them now, replace them before the next call.
+            for z in busy:
+                z.kill()
+            self._broken.update(busy)
+            raise
 
     @staticmethod
     def _fail_batch(z: Zygote, results: list, error: str) -> None:
         for i in z.batch:
             results[i] = Result("error", error=error)
 
-    def _queue_of(self, i: int, groups):
-        """Job i's hash-seed group (0 or 1), or None when it may run on any zygote."""
-        return groups[i] if groups is not None and len(self._zygotes) > 1 else None
+    def _next_batch(self, queues: tuple[deque, deque]) -> tuple[int, list[int]]:
+        """(group, up to MAX_BATCH jobs of it), canonical jobs first. Batches shrink as a queue
+        drains (a quarter of each worker's fair share), so the last jobs still spread over all
+        workers."""
+        group = 0 if queues[0] else 1
+        queue = queues[group]
+        size = min(MAX_BATCH, max(1, len(queue) // (4 * len(self._zygotes))))
+        return group, [queue.popleft() for _ in range(min(size, len(queue)))]
 
-    def _queues(self, indices: list[int], groups) -> dict:
-        queues = {None: deque(), 0: deque(), 1: deque()}
-        for i in indices:
-            queues[self._queue_of(i, groups)].append(i)
-        return queues
-
-    def _next_batch(self, queues: dict, z: Zygote) -> list[int]:
-        """Up to MAX_BATCH jobs this zygote may take. Batches shrink as the queue drains (a
-        quarter of each zygote's fair share), so the last jobs still spread over all zygotes."""
-        batch = []
-        for key in (z.index % 2, None):
-            queue = queues[key]
-            size = min(MAX_BATCH, max(1, len(queue) // (4 * len(self._zygotes))))
-            while queue and len(batch) < size:
-                batch.append(queue.popleft())
-        return batch
-
-    def _replace(self, z: Zygote) -> Zygote:
-        self._selector.unregister(z.sock)
+    def _replace(self, z: Zygote) -> None:
+        """A fresh zygote in z's place. Until it has said hello, z's place stays in _broken,
+        so an interrupt here leaves it to _repair, never half-started."""
+        zygotes = self._alternates if z.group else self._zygotes
+        self._broken.add(z)
+        self._unregister(z)
         z.close()
-        fresh = Zygote(z.index, self._settings)
+        fresh = Zygote(z.index, self._settings, z.group, self.hash_seeds[z.group])
+        zygotes[z.index] = fresh
+        self._broken.add(fresh)
+        self._broken.discard(z)
         fresh.wait_hello(STARTUP_TIMEOUT_S)
-        self._zygotes[self._zygotes.index(z)] = fresh
         self._selector.register(fresh.sock, selectors.EVENT_READ, fresh)
-        return fresh
+        self._broken.discard(fresh)
+
+    def _repair(self) -> None:
+        """Replace every zygote an interrupted call left in an unknown state."""
+        for z in list(self._broken):
+            if z in (self._alternates if z.group else self._zygotes):
+                z.kill()
+                self._replace(z)
+            else:
+                self._broken.discard(z)
+
+    def _unregister(self, z: Zygote) -> None:
+        try:
+            self._selector.unregister(z.sock)
+        except (KeyError, ValueError):  # never registered, or already taken off
+            pass
 
     # ---- lifetime ----
 
     def close(self) -> None:
-        for z in self._zygotes:
+        for z in self._zygotes + self._alternates:
+            if z in self._broken:
+                z.kill()
             z.close()
-        self._zygotes = []
+        self._zygotes, self._alternates = [], []
         self._selector.close()
         if getattr(self, "_workdir", None):
             shutil.rmtree(self._workdir, ignore_errors=True)

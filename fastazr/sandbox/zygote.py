@@ -1,7 +1,7 @@
 """A zygote: a small warm interpreter that forks one hardened child per job.
 
-Started by Sandbox as a fresh `python -I -S` (its own random hash seed, no site hooks, no
-PYTHON* variables, a scrubbed environment), never forked from the trainer: forking a
+Started by Sandbox as a fresh `python -s -S` (the hash seed Sandbox gives it, no site hooks,
+no other PYTHON* variables: a scrubbed environment), never forked from the trainer: forking a
 torch-sized process costs ~20 ms against ~1 ms for this one. It talks to the trainer over
 one socket: a batch frame in, a reply frame out. The zygote is trusted code; it enforces the
 wall clock (SIGKILL from outside the child), the output caps and the frame format.

@@ -3,8 +3,8 @@ checking deduction, abduction and induction answers. Pure Python; all comparison
 on values parsed safely from the repr strings children send back."""
 
 from .executor import ProgramOutput, TaskExecutor
-from .validate import BANNED_CALLS, BANNED_MODULES, ProgramCheck, check_program
+from .validate import ALLOWED_MODULES, BANNED_ATTRIBUTES, BANNED_BUILTINS, ProgramCheck, check_program
 from .values import ValueParseError, parse_value, same_value
 
-__all__ = ["TaskExecutor", "ProgramOutput", "check_program", "ProgramCheck", "BANNED_MODULES",
-           "BANNED_CALLS", "parse_value", "same_value", "ValueParseError"]
+__all__ = ["TaskExecutor", "ProgramOutput", "check_program", "ProgramCheck", "ALLOWED_MODULES",
+           "BANNED_BUILTINS", "BANNED_ATTRIBUTES", "parse_value", "same_value", "ValueParseError"]

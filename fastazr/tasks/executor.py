@@ -2,30 +2,28 @@
 
 Every operation takes and returns lists, so one call covers a whole phase (thousands of
 jobs spread over all zygotes). Programs' outputs travel as repr text and are compared here as
-values parsed by fastazr.tasks.values; nothing a model wrote is evaluated in this process."""
+values parsed by fastazr.tasks.values; nothing a model wrote is evaluated in this process.
+Every check is total: whatever text a model wrote, it returns a verdict and never raises.
+
+Every job runs at the sandbox's one canonical hash seed (SandboxConfig.hash_seed), the seed
+validation's first run used, so a valid proposal reproduces its output on every later run;
+validation's second run uses another seed and rejects a program whose value differs.
+
+Held-out pairs for an induction task: validate_proposals on (program, input) for each input
+gives each input's output (or why there is none) under the same rules as any proposal:
+literal input, one fresh child per input with its own limits, a literal output within
+max_output_chars, the same value at both hash seeds. check_induction then runs each pair in
+its own child too, so the proposer's own program always passes its own task."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..sandbox import Result, Sandbox
 from .validate import check_program
-from .values import ValueParseError, parse_value, same_value, to_source
+from .values import ValueParseError, parse_arguments, parse_value, same_value, to_source
 
 ENTRY = "f"
-# Appended to an induction answer: runs f on every held-out input in one child and returns the
-# reprs, so a batch of 10 pairs costs one fork, and one input's exception fails only that pair.
-INDUCTION_RUNNER = '''
-
-def __fastazr_run_all(inputs):
-    results = []
-    for args in inputs:
-        try:
-            results.append(("ok", repr(f(*args))))
-        except Exception as exc:
-            results.append(("error", type(exc).__name__))
-    return results
-'''
 
 
 def literal_arguments(text: str) -> str | None:
@@ -33,13 +31,10 @@ def literal_arguments(text: str) -> str | None:
     it holds anything but literals. Only this rebuilt text reaches a child."""
     if not isinstance(text, str):
         return None
-    if not text.strip():
-        return ""
     try:
-        values = parse_value(f"({text},)")
+        return ", ".join(map(to_source, parse_arguments(text)))
     except ValueParseError:
         return None
-    return ", ".join(map(to_source, values))
 
 
 @dataclass(frozen=True)
@@ -60,14 +55,41 @@ class TaskExecutor:
         self.max_output_chars = max_output_chars
 
     def run_programs(self, items: list[tuple[str, str]]) -> list[Result]:
-        """f(input) for each (program, input_source), once each; results are raw sandbox Results."""
-        return self.sandbox.call_many([(p, ENTRY, i) for p, i in items])
+        """f(input) for each (program, input_source), once each, at the canonical hash seed. A
+        Result is "ok" only with a literal value of at most max_output_chars; an input that is
+        not literal values is the status "error" unrun, a longer output "output_limit", an output
+        that is no literal "error"."""
+        outcomes: list[Result | None] = [None] * len(items)
+        calls, where = [], []
+        for k, (program, given) in enumerate(items):
+            args = literal_arguments(given)
+            if args is None:
+                outcomes[k] = Result("error", error="the input is not literal values")
+            else:
+                calls.append((program, ENTRY, args))
+                where.append(k)
+        for k, result in zip(where, self.sandbox.call_many(calls)):
+            outcomes[k] = self._literal_output(result)
+        return outcomes  # type: ignore[return-value]
+
+    def _literal_output(self, result: Result) -> Result:
+        if not result.ok:
+            return result
+        if len(result.value) > self.max_output_chars:
+            return replace(result, status="output_limit", value=None, error=f"output of {len(result.value)} chars "
+                           f"exceeds max_output_chars={self.max_output_chars}")
+        try:
+            parse_value(result.value)
+        except ValueParseError as exc:
+            return replace(result, status="error", value=None, error=f"output is not a literal value ({exc})")
+        return result
 
     def validate_proposals(self, items: list[tuple[str, str]]) -> list[ProgramOutput]:
-        """Static checks, an input of literal values, then f(input) twice in separate children
-        with different hash seeds: a proposal is valid when both runs succeed with the same
-        literal output of at most max_output_chars (longer outputs are rejected, never
-        truncated)."""
+        """Static checks, an input of literal values, then f(input) twice in separate children,
+        at the canonical hash seed and at another: a proposal is valid when both runs succeed
+        with the same value, a literal of at most max_output_chars (longer outputs are rejected,
+        never truncated). Its output is the canonical run's repr, which every later run at
+        that seed reproduces."""
         outcomes: list[ProgramOutput | None] = [None] * len(items)
         runnable, arguments = [], []
         for k, (program, given) in enumerate(items):
@@ -98,8 +120,8 @@ class TaskExecutor:
             a, b = parse_value(first.value), parse_value(second.value)
         except ValueParseError as exc:
             return ProgramOutput(False, reason=f"output is not a literal value ({exc})")
-        if first.value != second.value or not same_value(a, b):
-            return ProgramOutput(False, reason="not deterministic: two runs gave different outputs")
+        if not same_value(a, b):  # as values: a set's repr order follows the hash seed
+            return ProgramOutput(False, reason="not deterministic: two runs (two hash seeds) gave different values")
         return ProgramOutput(True, output=first.value)
 
     @staticmethod
@@ -132,19 +154,20 @@ class TaskExecutor:
 
     def check_induction(self, items: list[tuple[str, list[tuple[str, str]]]]) -> list[bool]:
         """(predicted program, [(input source, gold output repr), ...]): the program passes the
-        static checks and reproduces every held-out output, all inputs run in one child."""
+        static checks and reproduces every held-out output. Each pair runs in its own fresh
+        child with the full limits: no state, time or memory carries from one pair to the next."""
         verdicts: list[bool | None] = [None] * len(items)
-        calls, where = [], []
+        calls, owners = [], []
         for k, (program, pairs) in enumerate(items):
             args = [literal_arguments(source) for source, _ in pairs]
             if not pairs or None in args or not check_program(program, ENTRY, self.max_program_chars).ok:
                 verdicts[k] = False
                 continue
-            inputs = ", ".join(f"({a},)" if a else "()" for a in args)
-            calls.append((program + INDUCTION_RUNNER, "__fastazr_run_all", f"[{inputs}]"))
-            where.append(k)
-        for k, result in zip(where, self.sandbox.call_many(calls)):
-            verdicts[k] = self._all_pairs_match(result, [gold for _, gold in items[k][1]])
+            calls.extend((program, ENTRY, a) for a in args)
+            owners.extend((k, gold) for _, gold in pairs)
+            verdicts[k] = True
+        for (k, gold), result in zip(owners, self.sandbox.call_many(calls)):
+            verdicts[k] = verdicts[k] and self._matches(result, gold)
         return verdicts  # type: ignore[return-value]
 
     def _matches(self, result: Result, gold: str) -> bool:
@@ -154,22 +177,3 @@ class TaskExecutor:
             return same_value(parse_value(result.value), parse_value(gold))
         except ValueParseError:
             return False
-
-    def _all_pairs_match(self, result: Result, golds: list[str]) -> bool:
-        if not result.ok:
-            return False
-        try:
-            runs = parse_value(result.value)
-        except ValueParseError:
-            return False
-        if not isinstance(runs, list) or len(runs) != len(golds):
-            return False
-        for run, gold in zip(runs, golds):
-            if not (isinstance(run, tuple) and len(run) == 2 and run[0] == "ok" and isinstance(run[1], str)):
-                return False
-            try:
-                if not same_value(parse_value(run[1]), parse_value(gold)):
-                    return False
-            except ValueParseError:
-                return False
-        return True

@@ -13,6 +13,9 @@ import math
 
 # ast.parse recurses per nesting level; deeper text than this is not a value we compare.
 MAX_NESTING = 100
+# Ints wider than this are written in hex: repr() refuses more decimal digits than
+# sys.get_int_max_str_digits() (4300 by default, 640 at the lowest, ~2,126 bits), hex has no limit.
+HEX_BITS = 2000
 
 
 class ValueParseError(ValueError):
@@ -25,11 +28,37 @@ def parse_value(text: str, max_chars: int = 100_000):
         raise ValueParseError(f"expected text, got {type(text).__name__}")
     if len(text) > max_chars:
         raise ValueParseError(f"value text of {len(text)} chars exceeds {max_chars}")
+    return _converted(_parsed(text.strip()).body)
+
+
+def parse_arguments(text: str, max_chars: int = 100_000) -> tuple:
+    """The argument values written by `text` as in a call f(<text>) ("[3, 1], 'a'", "1,",
+    "1  # a comment", ""), or ValueParseError. Parsed as the call it is, not pasted into one:
+    a comment or trailing comma in the text cannot swallow or break what surrounds it."""
+    if not isinstance(text, str):
+        raise ValueParseError(f"expected text, got {type(text).__name__}")
+    if len(text) > max_chars:
+        raise ValueParseError(f"argument text of {len(text)} chars exceeds {max_chars}")
+    call = _parsed(f"f({text}\n)").body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "f"):
+        raise ValueParseError("not an argument list")
+    if call.keywords or any(isinstance(a, ast.Starred) for a in call.args):
+        raise ValueParseError("keyword or starred arguments are not literal values")
+    return _converted(ast.Tuple(elts=call.args, ctx=ast.Load()))
+
+
+def _parsed(source: str) -> ast.Expression:
     try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        return ast.parse(source, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
         raise ValueParseError(f"not a literal: {type(exc).__name__}") from None
-    return _convert(tree.body, 0)
+
+
+def _converted(node: ast.AST):
+    try:
+        return _convert(node, 0)
+    except (OverflowError, MemoryError, RecursionError) as exc:  # (1e400 digits)+1j: no float holds it
+        raise ValueParseError(f"not a representable value: {type(exc).__name__}") from None
 
 
 def _convert(node: ast.AST, depth: int):
@@ -97,7 +126,10 @@ def _is_real(v) -> bool:
 
 def to_source(value) -> str:
     """Python source that evaluates to `value` (a value parse_value returns): repr, except
-    where repr does not round-trip (nan, inf, complex parts, empty sets), at any depth."""
+    where repr does not round-trip (nan, inf, complex parts, empty sets) or cannot be written
+    (ints past the decimal digit limit: hex), at any depth."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > HEX_BITS:
+        return hex(value)
     if isinstance(value, float) and not math.isfinite(value):
         return f"float({repr(value)!r})"
     if isinstance(value, complex):
@@ -115,26 +147,41 @@ def to_source(value) -> str:
 
 
 def same_value(a, b) -> bool:
-    """Equality as Python's ==, except that NaN equals NaN at any depth, and a container never
-    equals one of another type (list vs tuple, set vs frozenset); 1 == 1.0 == True stays."""
+    """Equality as Python's ==, except that NaN equals NaN at any depth (dict keys and set
+    elements included), and a container never equals one of another type (list vs tuple,
+    set vs frozenset); 1 == 1.0 == True stays."""
+    interned: dict = {}
+    return _same(_canonical(a, interned), _canonical(b, interned))
+
+
+def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
+        return True  # also the parts of complex numbers, which _canonical does not reach
     if isinstance(a, (list, tuple, dict, set, frozenset)) or isinstance(b, (list, tuple, dict, set, frozenset)):
         if type(a) is not type(b) or len(a) != len(b):
             return False
         if isinstance(a, (list, tuple)):
-            return all(same_value(x, y) for x, y in zip(a, b))
+            return all(_same(x, y) for x, y in zip(a, b))
         if isinstance(a, dict):
-            return all(k in b and same_value(v, b[k]) for k, v in a.items())
-        return a == b or _sets_equal_with_nan(a, b)
-    if (isinstance(a, complex) or isinstance(b, complex)) and _is_number(a) and _is_number(b):
-        a, b = complex(a), complex(b)
-        return same_value(a.real, b.real) and same_value(a.imag, b.imag)
+            return all(k in b and _same(v, b[k]) for k, v in a.items())
+        return a == b
+    if _is_number(a) and _is_number(b) and (isinstance(a, complex) or isinstance(b, complex)):
+        # By parts, never through complex(): complex(10**400) overflows.
+        return _same(a.real, b.real) and _same(a.imag, b.imag)
     return a == b
 
 
-def _sets_equal_with_nan(a, b) -> bool:
-    # float('nan') hashes by identity in sets, so two parsed nans never match by ==.
-    rest_a = [x for x in a if not (isinstance(x, float) and math.isnan(x))]
-    rest_b = [x for x in b if not (isinstance(x, float) and math.isnan(x))]
-    return len(rest_a) == len(rest_b) and set(rest_a) == set(rest_b)
+def _canonical(value, interned: dict):
+    """value with every NaN replaced by one shared object, at any depth. Containers compare
+    identical elements as equal, and NaNs hash by identity: so two parsed NaNs, even inside a
+    set's tuple or as a dict key, then match."""
+    if isinstance(value, float):
+        return math.nan if math.isnan(value) else value
+    if isinstance(value, complex) and (math.isnan(value.real) or math.isnan(value.imag)):
+        key = tuple("nan" if math.isnan(x) else x for x in (value.real, value.imag))
+        return interned.setdefault(key, value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return type(value)(_canonical(x, interned) for x in value)
+    if isinstance(value, dict):
+        return {_canonical(k, interned): _canonical(v, interned) for k, v in value.items()}
+    return value

@@ -1,9 +1,12 @@
 """UpdateConfig: every knob of the policy update and of the memory phases around it, checked
-when it is built."""
+when it is built and whenever a field is assigned afterwards."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 OLD_LOGPROBS = ("engine", "recompute")
 OFFLOAD = ("auto", "cpu", "gpu")
@@ -11,8 +14,18 @@ OFFLOAD = ("auto", "cpu", "gpu")
 
 @dataclass
 class UpdateConfig:
+    """Every field may be changed between updates (`update.config.lr = 3e-7`): the assignment is
+    checked like the constructor's arguments, and the next update reads it. Only optimizer_offload
+    and resident_state_fraction are read once, when ColocatedMemory is built."""
+
     lr: float = 1e-6
-    """AdamW learning rate (Absolute Zero trains at 1e-6)."""
+    """AdamW learning rate (Absolute Zero trains at 1e-6); each step uses lr * lr_schedule(step)."""
+
+    lr_schedule: Callable[[int], float] | None = None
+    """Optional multiplier of lr: called with the number of optimizer steps taken before this one
+    (0 for the first, restored by load_state_dict, so a resumed run continues its schedule), it
+    returns a finite number >= 0. E.g. a linear warmup over 100 steps:
+    `lambda step: min(1.0, (step + 1) / 100)`. None: lr throughout."""
 
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW's moment decay rates."""
@@ -65,33 +78,90 @@ class UpdateConfig:
     gains more from the memory than the swap costs."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"UpdateConfig.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"UpdateConfig.betas must be two numbers in [0, 1), got {self.betas}")
-        if not self.eps > 0:
-            raise ValueError(f"UpdateConfig.eps must be > 0, got {self.eps}")
-        if self.weight_decay < 0:
-            raise ValueError(f"UpdateConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"UpdateConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if not (0.0 <= self.clip_low < 1.0 and self.clip_high >= 0.0):
-            raise ValueError(f"UpdateConfig.clip_low must be in [0, 1) and clip_high >= 0, got "
-                             f"{self.clip_low}, {self.clip_high}")
-        if self.entropy_coef < 0:
-            raise ValueError(f"UpdateConfig.entropy_coef must be >= 0, got {self.entropy_coef}")
-        if not self.temperature > 0:
+        for field in fields(self):
+            check_field(field.name, getattr(self, field.name))
+
+    def __setattr__(self, name: str, value) -> None:
+        # Fields are first set by the generated __init__ (checked together in __post_init__); a
+        # later assignment is checked here, before the next update can read it.
+        if name in self.__dict__:
+            check_field(name, value)
+        super().__setattr__(name, value)
+
+
+def _real(name: str, value, hint: str) -> float:
+    """A finite real number (bool and numeric strings refused), or a TypeError/ValueError naming
+    UpdateConfig.<name> and what it takes."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"UpdateConfig.{name} must be a real number ({hint}), got {type(value).__name__} "
+                        f"{value!r}" + (": write it without quotes" if isinstance(value, str) else ""))
+    if not math.isfinite(value):
+        raise ValueError(f"UpdateConfig.{name} must be finite ({hint}), got {value}")
+    return float(value)
+
+
+def _integer(name: str, value, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"UpdateConfig.{name} must be an int ({hint}), got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"UpdateConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def check_field(name: str, value) -> None:
+    """Raise if `value` is not a valid UpdateConfig.<name>; the message says what to change."""
+    if name == "lr":
+        if not _real(name, value, "the AdamW learning rate, e.g. 1e-6") > 0:
+            raise ValueError(f"UpdateConfig.lr must be > 0, got {value}")
+    elif name == "lr_schedule":
+        if value is not None and not callable(value):
+            raise TypeError(f"UpdateConfig.lr_schedule must be None or a callable step -> multiplier of lr, "
+                            f"got {type(value).__name__} {value!r}")
+    elif name == "betas":
+        if (not isinstance(value, (tuple, list)) or len(value) != 2
+                or not all(0.0 <= _real(name, b, "two numbers in [0, 1)") < 1.0 for b in value)):
+            raise ValueError(f"UpdateConfig.betas must be two numbers in [0, 1), got {value!r}")
+    elif name == "eps":
+        if not _real(name, value, "AdamW's epsilon, e.g. 1e-8") > 0:
+            raise ValueError(f"UpdateConfig.eps must be > 0, got {value}")
+    elif name == "weight_decay":
+        if not _real(name, value, "decoupled weight decay, 0 for none") >= 0:
+            raise ValueError(f"UpdateConfig.weight_decay must be >= 0, got {value}")
+    elif name == "max_grad_norm":
+        if value is not None and not _real(name, value, "a norm > 0, or None for no clipping") > 0:
+            raise ValueError(f"UpdateConfig.max_grad_norm must be > 0 or None (no clipping), got {value}")
+    elif name == "clip_low":
+        if not 0.0 <= _real(name, value, "in [0, 1)") < 1.0:
+            raise ValueError(f"UpdateConfig.clip_low must be in [0, 1) (ratios are clipped below at "
+                             f"1 - clip_low), got {value}")
+    elif name == "clip_high":
+        if not _real(name, value, ">= 0") >= 0:
+            raise ValueError(f"UpdateConfig.clip_high must be >= 0 (ratios are clipped above at "
+                             f"1 + clip_high), got {value}")
+    elif name == "entropy_coef":
+        if not _real(name, value, "the entropy bonus weight, 0 for none") >= 0:
+            raise ValueError(f"UpdateConfig.entropy_coef must be >= 0, got {value}")
+    elif name == "temperature":
+        if not _real(name, value, "the rollouts' sampling temperature") > 0:
             raise ValueError(f"UpdateConfig.temperature must be > 0 (greedy rollouts are scored at 1.0), "
-                             f"got {self.temperature}")
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"UpdateConfig.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        if self.mini_batches < 1:
-            raise ValueError(f"UpdateConfig.mini_batches must be >= 1, got {self.mini_batches}")
-        if self.old_logprobs not in OLD_LOGPROBS:
-            raise ValueError(f"UpdateConfig.old_logprobs must be one of {OLD_LOGPROBS}, got {self.old_logprobs!r}")
-        if self.optimizer_offload not in OFFLOAD:
-            raise ValueError(f"UpdateConfig.optimizer_offload must be one of {OFFLOAD}, "
-                             f"got {self.optimizer_offload!r}")
-        if not 0.0 <= self.resident_state_fraction <= 1.0:
-            raise ValueError(f"UpdateConfig.resident_state_fraction must be in [0, 1], "
-                             f"got {self.resident_state_fraction}")
+                             f"got {value}")
+    elif name == "micro_batch_tokens":
+        if _integer(name, value, "a token budget, e.g. 16384") < 1:
+            raise ValueError(f"UpdateConfig.micro_batch_tokens must be >= 1, got {value}")
+    elif name == "mini_batches":
+        if _integer(name, value, "optimizer steps per update") < 1:
+            raise ValueError(f"UpdateConfig.mini_batches must be >= 1, got {value}")
+    elif name == "old_logprobs":
+        _choice(name, value, OLD_LOGPROBS)
+    elif name == "activation_checkpointing":
+        if not isinstance(value, bool):
+            raise TypeError(f"UpdateConfig.activation_checkpointing must be True or False, got "
+                            f"{type(value).__name__} {value!r}")
+    elif name == "optimizer_offload":
+        _choice(name, value, OFFLOAD)
+    elif name == "resident_state_fraction":
+        if not 0.0 <= _real(name, value, "a share of the GPU's memory") <= 1.0:
+            raise ValueError(f"UpdateConfig.resident_state_fraction must be in [0, 1], got {value}")

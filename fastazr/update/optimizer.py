@@ -12,9 +12,17 @@ Offloading moves the master and the Adam moments to pinned host buffers (allocat
 stream and frees their GPU storage by resizing it to 0 bytes: every tensor object, the
 optimizer's references included, stays valid. Onloading re-grows the storage and copies back on
 the side stream; the step waits for it, so it overlaps the first micro-batches' forward and
-backward."""
+backward.
+
+The master is the truth the model is refreshed from: weights written into the model by anything
+else (a checkpoint loaded after the update was built) would be overwritten by the next step, so
+`in_sync()` detects such writes and `load_from_model()` adopts them. `state_dict()` /
+`load_state_dict()` save and restore everything an exact resume needs, offloaded or resident."""
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch import nn
@@ -29,6 +37,7 @@ class MasterOptimizer:
         # matrices first, then norms and biases: two contiguous slices, two param groups (only
         # the matrices decay)
         named.sort(key=lambda item: item[1].dim() < 2)
+        self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         device = self.params[0].device
         self.device = device
@@ -49,6 +58,13 @@ class MasterOptimizer:
         self.optimizer = torch.optim.AdamW(
             [dict(params=[groups[0]], weight_decay=config.weight_decay), dict(params=[groups[1]], weight_decay=0.0)],
             lr=config.lr, betas=config.betas, eps=config.eps, fused=cuda, foreach=False if cuda else None)
+        # Adam's state now rather than lazily at the first step (the layout torch's lazy init makes,
+        # which the first step then finds and uses as is): offloading and state_dict always see the
+        # same five tensors, and load_state_dict can write into them before any step.
+        for group in groups:
+            self.optimizer.state[group] = dict(
+                step=torch.zeros((), dtype=torch.float32, device=device if cuda else "cpu"),
+                exp_avg=torch.zeros_like(group), exp_avg_sq=torch.zeros_like(group))
         self._host: dict[int, torch.Tensor] = {}
         self._stream = torch.cuda.Stream(device) if cuda else None
         self._onloaded: torch.cuda.Event | None = None
@@ -56,11 +72,44 @@ class MasterOptimizer:
         self.offloaded = False
         """The gradients (and, if offloaded with state, the master and moments) are not on the device."""
         self.steps = 0
+        """Steps taken (the lr schedule's argument)."""
         self.skipped = 0
-        """Steps skipped for a non-finite gradient norm."""
+        """Steps skipped for a non-finite gradient norm or loss."""
+        self._mark_written()
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[a:b].view_as(p) for p, a, b in zip(self.params, self.offsets, self.offsets[1:])]
+
+    # the model's weights against the master
+
+    def _mark_written(self) -> None:
+        # Every in-place write bumps a tensor's version counter (load_state_dict and copy_ too);
+        # remembering it after our own writes shows any other writer at no device cost.
+        self._written = [(p._version, p.data_ptr()) for p in self.params]
+
+    def in_sync(self) -> bool:
+        """False when the model's parameters were written (or replaced) by something other than
+        this optimizer since its last write: the next step would overwrite those weights with the
+        master, so call load_from_model() (train from them) or load_state_dict() first."""
+        return self._written == [(p._version, p.data_ptr()) for p in self.params]
+
+    @torch.no_grad()
+    def load_from_model(self) -> None:
+        """Copy the model's current parameters into the fp32 master (wherever it is: resident, or
+        in host memory while offloaded), keeping Adam's moments and step count. For weights loaded
+        into the model after this optimizer was built; to resume a run, use load_state_dict."""
+        self.wait_onloaded()
+        master = self._resident(self.master)
+        for p, view in zip(self.params, self._views(master)):
+            view.copy_(p)
+        self._mark_written()
+
+    @torch.no_grad()
+    def _write_model(self) -> None:
+        """The master into the model's parameters, in place (rounded to their dtype)."""
+        for p, view in zip(self.params, self._views(self._resident(self.master))):
+            p.copy_(view)
+        self._mark_written()
 
     @property
     def resident_bytes(self) -> int:
@@ -84,32 +133,103 @@ class MasterOptimizer:
                 view.add_(p.grad)
                 p.grad = None
 
+    def learning_rate(self) -> float:
+        """This step's lr: UpdateConfig.lr, times UpdateConfig.lr_schedule(steps taken) if set.
+        Read at every step, so changing the config between updates takes effect."""
+        lr, schedule = self.config.lr, self.config.lr_schedule
+        if schedule is None:
+            return lr
+        factor = schedule(self.steps)
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not (math.isfinite(factor)
+                                                                                  and factor >= 0):
+            raise ValueError(f"UpdateConfig.lr_schedule({self.steps}) returned {factor!r}: it must return a "
+                             f"finite number >= 0 (the multiplier of UpdateConfig.lr)")
+        return lr * factor
+
     @torch.no_grad()
-    def step(self) -> torch.Tensor:
+    def step(self, loss_finite: torch.Tensor | None = None) -> torch.Tensor:
         """Clip, AdamW, zero the gradients, refresh the model's parameters; returns the gradient
-        norm before clipping. A non-finite norm (a NaN or inf anywhere in the gradients) skips
-        the step: the weights and Adam's state stay as they were, and `skipped` counts it."""
+        norm before clipping. A non-finite norm (a NaN or inf anywhere in the gradients), or
+        `loss_finite` (a bool tensor) False, skips the step: the weights and Adam's state stay as
+        they were, and `skipped` counts it."""
         self.check_onloaded()
         self.wait_onloaded()
+        try:
+            lr = self.learning_rate()
+        except Exception:
+            self.grad.zero_()  # the failed step's gradients must not leak into the next one
+            raise
         norm = self.grad.norm()
+        finite = torch.isfinite(norm) if loss_finite is None else torch.isfinite(norm) & loss_finite
         # one host read per optimizer step (~1 s of work each): cheaper than a corrupted model
-        if not bool(torch.isfinite(norm)):
+        if not bool(finite):
             self.grad.zero_()
             self.skipped += 1
             return norm
         if self.config.max_grad_norm is not None:
             self.grad.mul_(torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0))
+        # the config is read at every step, so that changing it between updates takes effect
+        for group, decay in zip(self.optimizer.param_groups, (self.config.weight_decay, 0.0)):
+            group.update(lr=lr, betas=tuple(self.config.betas), eps=self.config.eps, weight_decay=decay)
         self.optimizer.step()
         self.grad.zero_()
-        for p, view in zip(self.params, self._views(self.master)):
-            p.copy_(view)
+        self._write_model()
         self.steps += 1
         return norm
+
+    # saving and resuming
+
+    def _layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(name, tuple(p.shape)) for name, p in zip(self.names, self.params)]
+
+    def _resident(self, t: torch.Tensor) -> torch.Tensor:
+        """Where t's values are now: its host copy while offloaded, else t itself."""
+        return self._host[id(t)] if any(t is away for away in self._away) else t
+
+    def _adam(self) -> list[dict]:
+        return [self.optimizer.state[group["params"][0]] for group in self.optimizer.param_groups]
+
+    @torch.no_grad()
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs, as CPU tensors and numbers: the fp32 master, Adam's
+        two moments and step count of each parameter group, the step counters and the parameter
+        layout (checked by load_state_dict). Works resident or offloaded (read from host memory)."""
+        self.wait_onloaded()
+
+        def saved(t: torch.Tensor) -> torch.Tensor:
+            return self._resident(t).detach().to("cpu", copy=True)
+
+        adam = self._adam()
+        return dict(layout=self._layout(), master=saved(self.master),
+                    exp_avg=[saved(s["exp_avg"]) for s in adam], exp_avg_sq=[saved(s["exp_avg_sq"]) for s in adam],
+                    adam_step=[float(s["step"]) for s in adam], steps=self.steps, skipped=self.skipped)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict() of an optimizer over a model of the same parameters (names and
+        shapes, else ValueError) and write its master into the model's parameters. Works resident
+        or offloaded (then the host copies are written and the next onload brings them back)."""
+        layout = [(name, tuple(shape)) for name, shape in state["layout"]]
+        if layout != self._layout():
+            mine = self._layout()
+            diff = next((f"{a[0]} {a[1]} there, {b[0]} {b[1]} here" for a, b in zip(layout, mine) if a != b),
+                        f"{len(layout)} parameters there, {len(mine)} here")
+            raise ValueError(f"MasterOptimizer.load_state_dict: the state is of a model with other parameters "
+                             f"({diff}): resume on the model shape it was saved from")
+        self.wait_onloaded()
+        self._resident(self.master).copy_(state["master"])
+        for s, exp_avg, exp_avg_sq, step in zip(self._adam(), state["exp_avg"], state["exp_avg_sq"],
+                                                state["adam_step"]):
+            self._resident(s["exp_avg"]).copy_(exp_avg)
+            self._resident(s["exp_avg_sq"]).copy_(exp_avg_sq)
+            s["step"].fill_(step)
+        self.steps, self.skipped = state["steps"], state["skipped"]
+        self._write_model()
 
     # memory phases
 
     def _state_tensors(self) -> list[torch.Tensor]:
-        """What must survive generation: the master and the Adam moments (created by the first step)."""
+        """What must survive generation: the master and the Adam moments."""
         tensors = [self.master]
         for state in self.optimizer.state.values():
             tensors += [t for key, t in state.items() if key != "step" and t.numel() > 1]

@@ -8,7 +8,13 @@ forward in bf16, fastazr.kernels.linear_logprobs scores the completion tokens st
 hidden states (no logits tensor), fastazr.kernels.pg_loss gives the PPO-clip loss divided by the
 mini-batch's total count of loss tokens (so the micro-batches' gradients add up to the one big
 batch's), backward, and the bf16 gradients go into the fp32 buffer of MasterOptimizer, whose step
-clips, runs AdamW on fp32 master weights and refreshes the bf16 parameters in place."""
+clips, runs AdamW on fp32 master weights and refreshes the bf16 parameters in place.
+
+A mini-batch without a loss token is no step at all (Adam's momentum would still move the
+weights). A non-finite loss or gradient norm (a NaN or inf advantage, a NaN logprob on a counted
+token) skips its step. To resume: `update.load_state_dict(saved)`, with `saved` from
+`update.state_dict()` (torch.save-able); after loading weights into the model any other way,
+`update.sync_from_model()` before the next update."""
 
 from __future__ import annotations
 
@@ -37,11 +43,26 @@ class PolicyUpdate:
         model.activation_checkpointing = self.config.activation_checkpointing
         self.optimizer = MasterOptimizer(model, self.config)
 
+    def sync_from_model(self) -> None:
+        """Train from the model's current weights (loaded into it after this update was built):
+        they become the fp32 master; Adam's moments and step count stay."""
+        self.optimizer.load_from_model()
+
+    def state_dict(self) -> dict:
+        """The optimizer's state (MasterOptimizer.state_dict): all an exact resume needs besides
+        the UpdateConfig, which the caller rebuilds."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from state_dict(): the master, Adam's state and step counts, and the model's
+        parameters rewritten from the master. The model must have the same parameter shapes."""
+        self.optimizer.load_state_dict(state)
+
     def micro_batches(self, rollouts: list[Rollout], indices: range) -> list[MicroBatch]:
         lengths = [rollouts[i].num_tokens for i in indices]
         bins = plan_micro_batches(lengths, self.config.micro_batch_tokens)
-        device = self.model.device
-        return [build_micro_batch(rollouts, [indices[j] for j in b], device) for b in bins]
+        device, vocab = self.model.device, self.model.config.vocab_size
+        return [build_micro_batch(rollouts, [indices[j] for j in b], device, vocab) for b in bins]
 
     def _logprobs(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
@@ -56,19 +77,30 @@ class PolicyUpdate:
             batch.old_logprobs = self._logprobs(batch)[0]
 
     def __call__(self, rollouts: list[Rollout]) -> dict[str, float]:
-        """Train on the rollouts: mini_batches optimizer steps. Returns the means over the update
-        of the loss and its metrics (token-weighted), the gradient norm before clipping, token
-        counts, steps, and skipped_steps (a non-finite gradient norm leaves the weights alone)."""
+        """Train on the rollouts: one optimizer step per mini-batch that has loss tokens. Returns
+        the means over the update of the loss and its metrics (token-weighted; entropy only when
+        entropy_coef > 0 computes it; none of them without a loss token), the mean gradient norm
+        before clipping (absent without a step), token counts, steps (attempted) and
+        skipped_steps (a non-finite loss or gradient norm leaves the weights alone)."""
         if not rollouts:
             raise ValueError("PolicyUpdate got no rollouts: nothing to train on")
         self.optimizer.check_onloaded()
+        if not self.optimizer.in_sync():
+            raise RuntimeError("the model's parameters were changed after PolicyUpdate was built (e.g. a "
+                               "checkpoint loaded into the model): the next step would overwrite them with the "
+                               "optimizer's fp32 master. Call update.sync_from_model() to train from them, or "
+                               "update.load_state_dict(saved) to resume a saved run")
         config = self.config
         if config.old_logprobs == "engine" and any(r.old_logprobs is None for r in rollouts):
             raise ValueError("a Rollout has old_logprobs=None: pass the engine's Completion.logprobs, or set "
                              "UpdateConfig.old_logprobs='recompute'")
         plans = [self.micro_batches(rollouts, group) for group in split_mini_batches(len(rollouts), config.mini_batches)]
+        # no loss token, no step: its gradient is 0, but AdamW's momentum and decay would still
+        # move the weights and advance the step count
+        plans = [plan for plan in plans if sum(b.num_loss_tokens for b in plan)]
         if config.old_logprobs == "recompute":
             self._recompute_old(plans)
+        self.model.activation_checkpointing = config.activation_checkpointing
         self.model.train()
         device = self.model.device
         sums = torch.zeros(len(METRICS), dtype=torch.float32, device=device)
@@ -76,21 +108,28 @@ class PolicyUpdate:
         loss_tokens, skipped = 0, self.optimizer.skipped
         for plan in plans:
             normalizer = sum(b.num_loss_tokens for b in plan)
+            finite = torch.ones((), dtype=torch.bool, device=device)
             for batch in plan:
                 logprobs, entropy = self._logprobs(batch)
                 out = pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.mask, config.clip_low,
                               config.clip_high, entropy, config.entropy_coef, normalizer)
                 out.loss.backward()
                 self.optimizer.accumulate()
+                # the loss is checked too, not only the gradient norm: a NaN that reaches no
+                # gradient (an entropy term's, say) must not let the step through either
+                finite &= torch.isfinite(out.loss.detach())
                 # metrics come back divided by this mini-batch's count: weight them back to sums
                 sums += torch.stack([t.detach() for t in out]) * normalizer
-            norms.append(self.optimizer.step())
+            norms.append(self.optimizer.step(finite))
             loss_tokens += normalizer
         self.model.eval()
-        values = (sums / max(loss_tokens, 1)).tolist()
-        metrics = dict(zip(METRICS, values))
-        metrics.update(grad_norm=float(torch.stack(norms).mean()), steps=len(plans),
-                       skipped_steps=self.optimizer.skipped - skipped, loss_tokens=loss_tokens,
+        metrics = {}
+        if loss_tokens:
+            computed = METRICS if config.entropy_coef > 0 else METRICS[:-1]
+            metrics.update(zip(computed, (sums / loss_tokens).tolist()))
+        if norms:
+            metrics["grad_norm"] = float(torch.stack(norms).mean())
+        metrics.update(steps=len(plans), skipped_steps=self.optimizer.skipped - skipped, loss_tokens=loss_tokens,
                        tokens=sum(b.num_tokens for plan in plans for b in plan),
                        micro_batches=sum(len(plan) for plan in plans))
         return metrics
