@@ -100,6 +100,23 @@ class BlockManager:
         seq.blocks = []
         seq.num_registered = 0
 
+    def reclaim(self) -> None:
+        """Every block back to the free list, keeping the prefix cache: only between generate()
+        calls, when no sequence holds one. An exception from a signal handler (Ctrl-C, an alarm),
+        which Python runs between any two bytecodes, can leave blocks taken and not recorded (in
+        grow(), between popping one and appending it) or held by a sequence the scheduler no
+        longer tracks (popped from its queue, not yet running). The scheduler's state dies with
+        the call, so instead of making every step atomic, generate() calls this on its way out
+        and on its way in, restoring the one invariant that outlives a call; an interrupted
+        reclaim is finished by the next. A block's key is recorded before it enters the cache
+        and dropped after it leaves, and never while a sequence can write the block, so a
+        reclaimed block in the cache holds the keys and values its key names."""
+        if len(self.free) < self.num_blocks:
+            for block in range(self.num_blocks):
+                if block not in self.free:
+                    self.free[block] = None
+        self.refs = [0] * self.num_blocks
+
     def forget(self) -> None:
         """Drop the prefix cache (the weights changed, so cached keys and values are stale)."""
         self.cache.clear()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checks import flag, integer, real
+
 
 @dataclass
 class EngineConfig:
@@ -31,8 +33,9 @@ class EngineConfig:
     system prompt) instead of recomputing them."""
 
     max_model_len: int | None = None
-    """Longest prompt + completion in tokens; default: the model's max_position_embeddings.
-    A sequence that reaches it finishes with reason 'length'."""
+    """Longest prompt + completion in tokens; default: the model's max_position_embeddings, which
+    it may not exceed (the model has no trained positions past it: Engine refuses more). A
+    sequence that reaches it finishes with reason 'length'."""
 
     cuda_graphs: bool = True
     """On CUDA, replay decode steps from CUDA graphs captured per batch-size bucket (1, 2, 4, 8,
@@ -71,19 +74,23 @@ class EngineConfig:
     shape tried, and by tests/test_rollout_gpu.py on the engine)."""
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        self.block_size = integer("EngineConfig.block_size", self.block_size, 1)
+        if self.block_size & (self.block_size - 1):
             raise ValueError(f"EngineConfig.block_size must be a power of two, got {self.block_size}")
+        self.kv_memory_fraction = real("EngineConfig.kv_memory_fraction", self.kv_memory_fraction)
         if not 0.0 < self.kv_memory_fraction <= 1.0:
             raise ValueError(f"EngineConfig.kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
-            raise ValueError(f"EngineConfig.kv_cache_bytes must be positive or None, got {self.kv_cache_bytes}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"EngineConfig.max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"EngineConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                             f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes one token a step")
-        if self.decode_steps < 1:
-            raise ValueError(f"EngineConfig.decode_steps must be >= 1 (1 = a host round trip per token), "
-                             f"got {self.decode_steps}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"EngineConfig.max_model_len must be >= 2 or None, got {self.max_model_len}")
+        if self.kv_cache_bytes is not None:
+            self.kv_cache_bytes = integer("EngineConfig.kv_cache_bytes", self.kv_cache_bytes, 1, hint=" (or None)")
+        self.max_num_seqs = integer("EngineConfig.max_num_seqs", self.max_num_seqs, 1)
+        self.max_num_batched_tokens = integer(
+            "EngineConfig.max_num_batched_tokens", self.max_num_batched_tokens, self.max_num_seqs,
+            hint=f": at least max_num_seqs ({self.max_num_seqs}), every running sequence decodes one token a step")
+        self.prefix_sharing = flag("EngineConfig.prefix_sharing", self.prefix_sharing)
+        if self.max_model_len is not None:
+            self.max_model_len = integer("EngineConfig.max_model_len", self.max_model_len, 2, hint=" (or None)")
+        self.cuda_graphs = flag("EngineConfig.cuda_graphs", self.cuda_graphs)
+        self.decode_steps = integer("EngineConfig.decode_steps", self.decode_steps, 1,
+                                    hint=" (1 = a host round trip per token)")
+        self.exact_logprobs = flag("EngineConfig.exact_logprobs", self.exact_logprobs)
+        self.sample_in_lm_head = flag("EngineConfig.sample_in_lm_head", self.sample_in_lm_head)

@@ -2,30 +2,46 @@
 
 from __future__ import annotations
 
-import math
+import numbers
 from dataclasses import dataclass, field
+
+from .checks import flag, integer, real, token_ids
+
+MIN_TEMPERATURE = 0.01
+"""The lowest positive temperature SamplingParams takes; use 0 for greedy. Completion.logprobs
+are of softmax(logits / T) and the trainer recomputes them at the same T, so a smaller T is
+refused rather than quietly run as another (greedy reports T = 1, which the trainer would not
+use). Below 0.01, sampling is argmax in all but near-ties, and the engine's and the trainer's
+logprob differences, which grow as 1 / T (EngineConfig.exact_logprobs gives their size at T = 1),
+reach 100x; far below (1e-38) logits / T overflows fp32: NaN logprobs and tokens that are not
+the argmax. vLLM lifts temperatures under 0.01 to 0.01 for the same overflow."""
+
+TOP_K_MAX = 2 ** 31 - 1
 
 
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
-    """0 means greedy (argmax)."""
+    """0 means greedy (argmax); otherwise at least MIN_TEMPERATURE."""
 
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
 
     top_k: int = 0
-    """Keep the k most likely tokens; 0 keeps all."""
+    """Keep the k most likely tokens; 0 keeps all (as does any k >= the vocabulary size). At most
+    TOP_K_MAX."""
 
     max_new_tokens: int = 256
     """Completion length limit (finish reason 'length')."""
 
     stop_token_ids: tuple[int, ...] = ()
-    """Ids that end the completion (finish reason 'stop_token'); the id is kept in it."""
+    """Ids that end the completion (finish reason 'stop_token'); the id is kept in it. One int is
+    taken as one id."""
 
     stop_strings: tuple[str, ...] = ()
     """Texts that end the completion once its decoded text contains one (finish reason
-    'stop_string'); the engine needs a tokenizer for these."""
+    'stop_string'); the engine needs a tokenizer for these. One str is taken as one text, not as
+    its characters."""
 
     ignore_eos: bool = False
     """Keep generating past the model's EOS ids (benchmarks)."""
@@ -35,36 +51,53 @@ class SamplingParams:
     the batch. None draws one from the engine's generator."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        self.temperature = real("SamplingParams.temperature", self.temperature)
+        if self.temperature != 0 and not self.temperature >= MIN_TEMPERATURE:
+            raise ValueError(f"SamplingParams.temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got "
+                             f"{self.temperature}: see fastazr.rollout.request.MIN_TEMPERATURE for why")
+        self.top_p = real("SamplingParams.top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"SamplingParams.seed must be in [0, 2**63) or None, got {self.seed}")
-        if any(not s for s in self.stop_strings):
-            raise ValueError("SamplingParams.stop_strings must not contain an empty string")
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
-        self.stop_strings = tuple(self.stop_strings)
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        self.top_k = integer("SamplingParams.top_k", self.top_k, 0, TOP_K_MAX,
+                             " (0 = off; any k >= the vocabulary size keeps every token)")
+        self.max_new_tokens = integer("SamplingParams.max_new_tokens", self.max_new_tokens, 1)
+        if isinstance(self.stop_token_ids, numbers.Integral) and not isinstance(self.stop_token_ids, bool):
+            self.stop_token_ids = (self.stop_token_ids,)
+        self.stop_token_ids = tuple(token_ids("SamplingParams.stop_token_ids", self.stop_token_ids))
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        try:
+            self.stop_strings = tuple(self.stop_strings)
+        except TypeError:
+            raise TypeError(f"SamplingParams.stop_strings must be a str or a tuple of str, "
+                            f"got {self.stop_strings!r}") from None
+        for i, s in enumerate(self.stop_strings):
+            if not isinstance(s, str):
+                raise TypeError(f"SamplingParams.stop_strings[{i}] must be a str, got {s!r}")
+            if not s:
+                raise ValueError(f"SamplingParams.stop_strings[{i}] is empty: it would stop every completion at once")
+        self.ignore_eos = flag("SamplingParams.ignore_eos", self.ignore_eos)
+        if self.seed is not None:
+            self.seed = integer("SamplingParams.seed", self.seed, 0, 2 ** 63 - 1, " (or None)")
 
 
 @dataclass
 class Request:
     prompt_ids: list[int]
+    """Token ids in [0, the model's vocabulary size): a list, tuple, or 1-D integer tensor or
+    array, stored as a list of ints. Engine.generate() checks the upper bound."""
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     """Samples of this prompt; they share the prompt's KV blocks when prefix sharing is on, and
     sample i draws its noise from (seed, i), so requests seeded s and s + 1 share no sample."""
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"Request.n must be >= 1, got {self.n}")
+        self.prompt_ids = token_ids("Request.prompt_ids", self.prompt_ids)
         if not self.prompt_ids:
             raise ValueError("Request.prompt_ids is empty: a prompt needs at least one token")
-        self.prompt_ids = [int(t) for t in self.prompt_ids]
+        if not isinstance(self.params, SamplingParams):
+            raise TypeError(f"Request.params must be a SamplingParams, got {type(self.params).__name__}")
+        self.n = integer("Request.n", self.n, 1)
 
 
 FINISH_REASONS = ("eos", "stop_token", "stop_string", "length", "prompt_too_long")

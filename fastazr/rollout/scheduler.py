@@ -124,13 +124,6 @@ class Scheduler:
                 steps = len(seq.blocks) * bs - w.start
             w.steps = steps
 
-    def abort(self) -> None:
-        """Give every running sequence's blocks back (generate() failed half way)."""
-        for seq in self.running:
-            self.blocks.release(seq)
-        self.running.clear()
-        self.waiting.clear()
-
     def finish(self, seq: Sequence) -> None:
         """seq stopped: running, or preempted while its last token was on the way back."""
         if seq in self.running:
