@@ -43,7 +43,7 @@ setup(
     version="0.1.0",
     description="A performance-first Absolute Zero self-play trainer for one GPU node",
     python_requires=">=3.10",
-    packages=["fastazr", "fastazr.sandbox", "fastazr.tasks", "fastazr.model", "fastazr.rollout", "fastazr.update",
+    packages=["fastazr", "fastazr.azr", "fastazr.sandbox", "fastazr.tasks", "fastazr.model", "fastazr.rollout", "fastazr.update",
               "fastazr.kernels"],
     # kernels/ lives at the top of the repository but must never install a top-level module
     # named `kernels` (a PyPI package of that name is an SGLang dependency).

@@ -139,24 +139,41 @@ class TaskExecutor:
         """(program, gold output repr, predicted input text): f(predicted input) reproduces
         the gold output as a value. The prediction must be literal values ("[1, 2], 'a'"):
         an expression could build an object whose repr imitates the gold output."""
-        verdicts: list[bool | None] = [None] * len(items)
-        calls, where = [], []
-        for k, (program, _, answer) in enumerate(items):
-            args = literal_arguments(answer)
-            if args is None:
-                verdicts[k] = False
-            else:
-                calls.append((program, ENTRY, args))
-                where.append(k)
-        for k, result in zip(where, self.sandbox.call_many(calls)):
-            verdicts[k] = self._matches(result, items[k][1])
-        return verdicts  # type: ignore[return-value]
+        plan = self._plan_abduction(items)
+        return self._judge(plan, self.sandbox.call_many(plan[1]))
 
     def check_induction(self, items: list[tuple[str, list[tuple[str, str]]]]) -> list[bool]:
         """(predicted program, [(input source, gold output repr), ...]): the program passes the
         static checks and reproduces every held-out output. Each pair runs in its own fresh
         child with the full limits: no state, time or memory carries from one pair to the next."""
-        verdicts: list[bool | None] = [None] * len(items)
+        plan = self._plan_induction(items)
+        return self._judge(plan, self.sandbox.call_many(plan[1]))
+
+    def check_answers(self, deduction: list[tuple[str, str]], abduction: list[tuple[str, str, str]],
+                      induction: list[tuple[str, list[tuple[str, str]]]]) -> tuple[list[bool], list[bool], list[bool]]:
+        """The three checks above in one sandbox batch: a self-play step's answers of every task
+        type spread over all zygotes at once, with no barrier between task types."""
+        abd, ind = self._plan_abduction(abduction), self._plan_induction(induction)
+        results = self.sandbox.call_many(abd[1] + ind[1])
+        split = len(abd[1])
+        return (self.check_deduction(deduction), self._judge(abd, results[:split]),
+                self._judge(ind, results[split:]))
+
+    def _plan_abduction(self, items):
+        """(verdicts so far, sandbox calls, (item, gold) each call is judged against)."""
+        verdicts: list[bool] = [True] * len(items)
+        calls, owners = [], []
+        for k, (program, gold, answer) in enumerate(items):
+            args = literal_arguments(answer)
+            if args is None:
+                verdicts[k] = False
+            else:
+                calls.append((program, ENTRY, args))
+                owners.append((k, gold))
+        return verdicts, calls, owners
+
+    def _plan_induction(self, items):
+        verdicts: list[bool] = [True] * len(items)
         calls, owners = [], []
         for k, (program, pairs) in enumerate(items):
             args = [literal_arguments(source) for source, _ in pairs]
@@ -165,10 +182,13 @@ class TaskExecutor:
                 continue
             calls.extend((program, ENTRY, a) for a in args)
             owners.extend((k, gold) for _, gold in pairs)
-            verdicts[k] = True
-        for (k, gold), result in zip(owners, self.sandbox.call_many(calls)):
+        return verdicts, calls, owners
+
+    def _judge(self, plan, results: list[Result]) -> list[bool]:
+        verdicts, _, owners = plan
+        for (k, gold), result in zip(owners, results):
             verdicts[k] = verdicts[k] and self._matches(result, gold)
-        return verdicts  # type: ignore[return-value]
+        return verdicts
 
     def _matches(self, result: Result, gold: str) -> bool:
         if not result.ok:

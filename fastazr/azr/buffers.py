@@ -1,0 +1,96 @@
+"""Task buffers, one per task type: the valid tasks proposed so far, seeded with the identity.
+
+Proposers sample their reference tasks here and solver batches fill up from here. A buffer
+rejects a task whose normalized program and input it already holds (the same function with other
+comments or spacing on the same input is no new task), and past `capacity` drops its oldest
+entries: the reference implementation keeps the oldest, which freezes the references a
+proposer sees once the buffer is full."""
+
+from __future__ import annotations
+
+import ast
+from collections import OrderedDict
+
+import numpy as np
+
+from .tasks import TASK_TYPES, InductionTask, Triplet
+
+SEED_PROGRAM = "def f(a):\n    return a"
+SEED_TRIPLET = Triplet(SEED_PROGRAM, "'Hello world'", "'Hello world'")
+SEED_INDUCTION = InductionTask(
+    SEED_PROGRAM, "The function gives back what it was given.",
+    shown=(("'Hello world'", "'Hello world'"), ("[1, 2, 3]", "[1, 2, 3]")),
+    hidden=(("42", "42"), ("{'a': (1, 2)}", "{'a': (1, 2)}")))
+
+
+def normalized_program(source: str) -> str:
+    """The program without comments and with canonical spacing (ast.unparse), or the stripped
+    text when it does not parse."""
+    try:
+        return ast.unparse(ast.parse(source))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return source.strip()
+
+
+def task_key(item: Triplet | InductionTask) -> tuple[str, ...]:
+    if isinstance(item, Triplet):
+        return normalized_program(item.program), item.input
+    return (normalized_program(item.program),) + tuple(i for i, _ in item.pairs)
+
+
+class TaskBuffer:
+    def __init__(self, seed: Triplet | InductionTask, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"a task buffer needs capacity >= 1, got {capacity}")
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, ...], Triplet | InductionTask] = OrderedDict()
+        self.add(seed)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item: Triplet | InductionTask) -> bool:
+        return task_key(item) in self._items
+
+    def items(self) -> list[Triplet | InductionTask]:
+        """Oldest first."""
+        return list(self._items.values())
+
+    def add(self, item: Triplet | InductionTask) -> bool:
+        """Whether the item was new (a duplicate is not added)."""
+        key = task_key(item)
+        if key in self._items:
+            return False
+        self._items[key] = item
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return True
+
+    def sample(self, count: int, rng: np.random.Generator, replace: bool = False) -> list[Triplet | InductionTask]:
+        """count items drawn uniformly; without replacement at most len(self) come back."""
+        items = self.items()
+        if not replace:
+            count = min(count, len(items))
+        picks = rng.choice(len(items), size=count, replace=replace) if count else []
+        return [items[i] for i in picks]
+
+
+class TaskBuffers:
+    """The three buffers. Induction proposals pick their program from the deduction and abduction
+    buffers: any validated program can be the hidden function of an induction task."""
+
+    def __init__(self, capacity: int):
+        self.by_task = {"deduction": TaskBuffer(SEED_TRIPLET, capacity), "abduction": TaskBuffer(SEED_TRIPLET, capacity),
+                        "induction": TaskBuffer(SEED_INDUCTION, capacity)}
+
+    def __getitem__(self, task: str) -> TaskBuffer:
+        return self.by_task[task]
+
+    def sizes(self) -> dict[str, int]:
+        return {t: len(self.by_task[t]) for t in TASK_TYPES}
+
+    def programs(self, count: int, rng: np.random.Generator) -> list[str]:
+        """count programs for induction proposals, uniformly over the deduction and abduction
+        buffers' distinct programs (with replacement)."""
+        pool = list(dict.fromkeys(t.program for task in ("deduction", "abduction") for t in self.by_task[task].items()))
+        return [pool[i] for i in rng.choice(len(pool), size=count)] if count else []

@@ -1,0 +1,100 @@
+"""AZRConfig: the self-play game's options (batch sizes, prompts, lengths, rewards, buffers)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .rewards import RewardScale
+
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+@dataclass
+class AZRConfig:
+    batch_size: int = 64
+    """B: proposals of each task type per step, and solver tasks of each task type per step
+    (the paper's 64: 6 x 64 = 384 trained responses a step)."""
+
+    references: int = 6
+    """K: reference tasks from the buffer shown to each deduction and abduction proposer."""
+
+    induction_inputs: int = 10
+    """N: inputs an induction proposer is asked to write for its program."""
+
+    induction_min_pairs: int = 4
+    """Fewest distinct inputs that must run for an induction proposal to be valid; half of the
+    pairs (rounded up) are shown to the solver, the rest judge its program."""
+
+    learnability_rollouts: int = 8
+    """n: solver rollouts per valid proposal that estimate its solve rate (generated and
+    checked, never trained on)."""
+
+    propose_max_tokens: int = 1024
+    """Longest proposer response, in tokens."""
+
+    solve_max_tokens: int = 1024
+    """Longest solver response, in tokens."""
+
+    temperature: float = 1.0
+    """Sampling temperature of every response (the update scores logprobs at the same one)."""
+
+    top_p: float = 1.0
+    """Nucleus sampling of every response (1 = off; on-policy training wants it off)."""
+
+    stop_at_answer: bool = True
+    """End a response at its first </answer>: what follows is never read, so it is not
+    generated or trained on."""
+
+    fixed_response_tokens: int | None = None
+    """Timing runs: every response is exactly this many tokens (EOS and </answer> ignored). For
+    random-init models, whose text is noise."""
+
+    prompt_format: str = "auto"
+    """'chat' (the tokenizer's chat template), 'plain' (base models: "User: ... Assistant:
+    <think>"), or 'auto' (chat when the tokenizer has a template)."""
+
+    buffer_capacity: int = 10_000
+    """Most tasks a buffer keeps; past it the oldest go."""
+
+    seed_tasks: int = 0
+    """Before step 1, propose (untrained) until the deduction and abduction buffers hold this
+    many tasks each (0: start from the identity seed alone, as the paper does)."""
+
+    max_answer_chars: int = 20_000
+    """Longest <answer> content read; a longer answer is malformed."""
+
+    rewards: RewardScale = field(default_factory=RewardScale)
+    """Reward of each outcome of each role."""
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, minimum: int = 1) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"AZRConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+        for name in ("batch_size", "references", "induction_inputs", "learnability_rollouts", "propose_max_tokens",
+                     "solve_max_tokens", "buffer_capacity", "max_answer_chars"):
+            positive_int(name)
+        positive_int("induction_min_pairs", 2)
+        positive_int("seed_tasks", 0)
+        if self.induction_min_pairs > self.induction_inputs:
+            raise ValueError(f"AZRConfig.induction_min_pairs ({self.induction_min_pairs}) must be <= "
+                             f"induction_inputs ({self.induction_inputs})")
+        if self.fixed_response_tokens is not None:
+            positive_int("fixed_response_tokens")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"AZRConfig.{name} must be a finite number, got {value!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"AZRConfig.temperature must be > 0 (self-play samples), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"AZRConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"AZRConfig.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if not isinstance(self.rewards, RewardScale):
+            raise ValueError("AZRConfig.rewards must be a RewardScale")
+        for name, value in vars(self.rewards).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"AZRConfig.rewards.{name} must be a finite number, got {value!r}")

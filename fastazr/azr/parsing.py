@@ -1,0 +1,95 @@
+"""Reading the model's responses: the last <answer> block, then the fenced blocks inside it.
+
+Everything here is total: any text, however long, nested or hostile, gives a ParsedAnswer whose
+`ok` says whether the fields the role needs are there, and `reason` says what was wrong. Nothing
+is evaluated; values are judged later by fastazr.tasks (literal parsing) and the sandbox."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+# ```kind\n body ```: the kind is a word (python, input, output, message) or nothing.
+FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+@dataclass
+class ParsedAnswer:
+    ok: bool
+    reason: str = ""
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    """Fenced blocks by kind, in order ('python', 'input', 'output', 'message'); '' for a block
+    without a kind."""
+
+    def first(self, kind: str) -> str | None:
+        blocks = self.fields.get(kind)
+        return blocks[0] if blocks else None
+
+
+def answer_block(text: str, max_chars: int) -> tuple[str | None, str]:
+    """(content of the last complete <answer>...</answer>, '') or (None, why not). With nested
+    tags the innermost block that ends last wins: the text after the last <answer> before the
+    last </answer>."""
+    if not isinstance(text, str):
+        return None, "the response is not text"
+    end = text.rfind(ANSWER_CLOSE)
+    if end < 0:
+        return None, "truncated: <answer> is never closed" if ANSWER_OPEN in text else "no <answer> block"
+    start = text.rfind(ANSWER_OPEN, 0, end)
+    if start < 0:
+        return None, "</answer> without <answer>"
+    content = text[start + len(ANSWER_OPEN):end]
+    if len(content) > max_chars:
+        return None, f"the answer has {len(content)} chars, more than {max_chars}"
+    if not content.strip():
+        return None, "the answer is empty"
+    return content, ""
+
+
+def fenced_blocks(content: str) -> dict[str, list[str]]:
+    blocks: dict[str, list[str]] = {}
+    for kind, body in FENCE.findall(content):
+        blocks.setdefault(kind.lower(), []).append(body.strip("\n"))
+    return blocks
+
+
+def parse_answer(text: str, need: dict[str, int], max_chars: int = 20_000, bare: str | None = None) -> ParsedAnswer:
+    """The blocks of the response's last <answer>: `need` maps each required kind to the fewest
+    blocks of it. `bare` names the one kind an answer may give as plain text without a fence (a
+    solver's "```output\\n3\\n```" and "3" are the same answer)."""
+    content, why = answer_block(text, max_chars)
+    if content is None:
+        return ParsedAnswer(False, why)
+    blocks = fenced_blocks(content)
+    if bare is not None and bare not in blocks:
+        if "" in blocks:
+            blocks[bare] = blocks.pop("")
+        elif "```" not in content:
+            blocks[bare] = [content.strip()]
+    for kind, count in need.items():
+        have = [b for b in blocks.get(kind, []) if b.strip()]
+        if len(have) < count:
+            return ParsedAnswer(False, f"needs {count} ```{kind}``` block{'s' * (count > 1)}, found {len(have)}",
+                                blocks)
+    return ParsedAnswer(True, "", blocks)
+
+
+def program_proposal(text: str, max_chars: int = 20_000) -> ParsedAnswer:
+    """A deduction or abduction proposal: a ```python``` program and an ```input```."""
+    return parse_answer(text, {"python": 1, "input": 1}, max_chars)
+
+
+def induction_proposal(text: str, min_inputs: int, max_chars: int = 20_000) -> ParsedAnswer:
+    """An induction proposal: a ```message``` and at least min_inputs ```input``` blocks."""
+    return parse_answer(text, {"message": 1, "input": min_inputs}, max_chars)
+
+
+SOLVER_FIELD = {"deduction": "output", "abduction": "input", "induction": "python"}
+
+
+def solver_answer(task: str, text: str, max_chars: int = 20_000) -> ParsedAnswer:
+    """A solver's answer: the predicted output (deduction), input (abduction) or program
+    (induction), fenced or bare."""
+    kind = SOLVER_FIELD[task]
+    return parse_answer(text, {kind: 1}, max_chars, bare=kind)

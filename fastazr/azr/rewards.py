@@ -1,0 +1,55 @@
+"""Rewards of the two roles, from the statuses the step assigned (see tasks.Sample.status).
+
+Solver: correct, wrong (a well-formed answer that fails the check) or malformed (no usable
+<answer>). Proposer: a valid task earns its learnability, r = 1 - mean solve rate of the
+learnability rollouts when that rate is strictly between 0 and 1; a task every rollout solves or
+none does teaches nothing and earns `learnability_extreme` (0 in the paper, -0.5 in the reference
+code). An invalid or duplicate proposal earns `proposer_invalid`, a malformed one
+`proposer_malformed`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RewardScale:
+    solver_correct: float = 1.0
+    """A solver answer that passes the check."""
+
+    solver_wrong: float = -0.5
+    """A well-formed solver answer that fails the check."""
+
+    solver_malformed: float = -1.0
+    """A solver response without a usable <answer>."""
+
+    proposer_invalid: float = -1.0
+    """A well-formed proposal the sandbox rejects, or a duplicate (the reference code gives -0.5)."""
+
+    proposer_malformed: float = -1.0
+    """A proposal without the blocks its role needs."""
+
+    learnability_extreme: float = 0.0
+    """A valid proposal every learnability rollout solved, or none did (the paper: 0; the
+    reference code: -0.5)."""
+
+
+def learnability(solve_rate: float, scale: RewardScale) -> float:
+    if 0.0 < solve_rate < 1.0:
+        return 1.0 - solve_rate
+    return scale.learnability_extreme
+
+
+def solver_reward(status: str, scale: RewardScale) -> float:
+    return {"correct": scale.solver_correct, "wrong": scale.solver_wrong, "malformed": scale.solver_malformed}[status]
+
+
+def proposer_reward(status: str, solve_rate: float | None, scale: RewardScale) -> float:
+    """status 'valid' needs the learnability rollouts' solve rate."""
+    if status == "valid":
+        if solve_rate is None:
+            raise ValueError("a valid proposal's reward needs its solve rate")
+        return learnability(solve_rate, scale)
+    if status == "malformed":
+        return scale.proposer_malformed
+    return scale.proposer_invalid

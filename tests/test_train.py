@@ -1,0 +1,77 @@
+"""`python -m fastazr.train`: the option tree and its command line, and two real steps of the CPU
+preset with the embedded model, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastazr.azr.tasks import GROUPS, TASK_TYPES
+from fastazr.options import TrainConfig, _options, build_parser, parse_args
+from fastazr.train import PHASES
+
+
+def test_presets_and_overrides():
+    config = parse_args(["--azr.batch-size", "3", "--update.lr", "2e-6", "--prompt-format", "plain",
+                         "--engine.max-model-len", "none", "--azr.stop-at-answer", "false"], cuda_available=False)
+    assert config.preset == "cpu" and config.device == "cpu"
+    assert config.azr.batch_size == 3 and config.azr.references == 2  # the override, then the preset's value
+    assert config.update.lr == 2e-6 and config.azr.prompt_format == "plain" and config.engine.max_model_len is None
+    assert config.azr.stop_at_answer is False
+    assert parse_args([], cuda_available=True).preset == "gpu"
+    assert parse_args(["--preset", "gpu"], cuda_available=False).azr.batch_size == 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--azr.batch-size", "two"], "--azr.batch-size takes a value of type int"),
+    (["--azr.batch-size", "0"], "AZRConfig.batch_size must be an integer >= 1"),
+    (["--azr.stop-at-answer", "maybe"], "takes true or false"),
+    (["--preset", "tpu"], "--preset must be one of"),
+    (["--update.temperature", "0.7"], "must equal --azr.temperature"),
+    (["--azr.prompt-format", "xml"], "AZRConfig.prompt_format must be one of"),
+])
+def test_bad_options_name_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv, cuda_available=False)
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_option_with_its_doc():
+    text = build_parser().format_help()
+    for path, _, doc in _options(TrainConfig):
+        assert "--" + path.replace("_", "-") in text, path
+        assert doc, f"option {path} has no docstring"
+
+
+REQUIRED = (["step", "tokens_per_s", "loss", "grad_norm", "host_memory_gib"]
+            + [f"time/{p}" for p in PHASES]
+            + [f"{m}/{t}" for t in TASK_TYPES for m in ("valid_rate", "accuracy", "learnability", "buffer_size")]
+            + [f"{m}/{t}/{r}" for t, r in GROUPS for m in ("reward", "advantage_std", "response_tokens")])
+
+
+def test_two_cpu_steps_with_the_embedded_model(tmp_path):
+    """The CI run of the real program: every metric written, finite, for both steps, and every
+    sample logged. Values are not asserted: they are the model's."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch paths, as users run it
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fastazr.train", "--preset", "cpu", "--steps", "2", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    for step, line in enumerate(lines, 1):
+        metrics = json.loads(line)
+        assert metrics["step"] == step
+        missing = [k for k in REQUIRED if k not in metrics]
+        assert not missing, missing
+        assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, (int, float)))
+        samples = [json.loads(s) for s in (out / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
+        trained = [s for s in samples if s["trained"]]
+        assert len(trained) == 6 * 2  # 3 task types x 2 roles x the CPU preset's B = 2
+        assert {s["status"] for s in samples} <= {"valid", "invalid", "duplicate", "malformed", "correct", "wrong"}
+    assert "step 2/2" in proc.stdout
