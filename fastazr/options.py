@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections.abc
 import dataclasses
 import inspect
 import math
@@ -70,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"--steps must be an integer >= 0, got {self.steps!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ValueError(f"--out must name a run directory, got {self.out!r}")
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("--model must name a model: 'default', a preset, a directory or a .gguf file")
         if not math.isclose(self.update.temperature, self.azr.temperature):
@@ -87,6 +90,9 @@ PRESET_VALUES = {
     "gpu": {"device": "cuda", "steps": 100},
 }
 
+TIED = (("azr.temperature", "update.temperature"), ("update.temperature", "azr.temperature"))
+"""Options that follow one another when only one of them is given."""
+
 ALIASES = {"prompt-format": "azr.prompt_format", "batch-size": "azr.batch_size", "lr": "update.lr",
            "workers": "sandbox.workers"}
 
@@ -103,15 +109,20 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
+def _is_callable(kind) -> bool:
+    return any(typing.get_origin(k) is collections.abc.Callable for k in (kind, *typing.get_args(kind)))
+
+
 def _options(cls, prefix: str = ""):
-    """(path, field type, help) for every leaf option under cls."""
+    """(path, field type, help) for every leaf option under cls. Fields holding functions
+    (UpdateConfig.lr_schedule) have no text form: they are set from Python, not the command line."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             yield from _options(kind, f"{prefix}{f.name}.")
-        else:
+        elif not _is_callable(kind):
             yield f"{prefix}{f.name}", kind, docs.get(f.name, "")
 
 
@@ -179,8 +190,14 @@ def build_config(overrides: dict[str, object], cuda_available: bool) -> TrainCon
         raise ValueError(f"--preset must be one of {PRESETS}, got {preset!r}")
     if preset == "auto":
         preset = "gpu" if cuda_available else "cpu"
+    merged = {**PRESET_VALUES[preset], **overrides, "preset": preset}
+    # one sampling temperature: the update scores logprobs at the temperature the engine sampled
+    # at, so giving either option sets both (giving both, they must agree)
+    for given, follower in TIED:
+        if given in merged and follower not in merged:
+            merged[follower] = merged[given]
     values: dict = {}
-    for path, value in {**PRESET_VALUES[preset], **overrides, "preset": preset}.items():
+    for path, value in merged.items():
         _set(values, path, value)
     return _instantiate(TrainConfig, values)
 

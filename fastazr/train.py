@@ -100,12 +100,14 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
         trained = [s for s in proposals + solves if s.trained and s.completion_ids]
         reward_stds = assign_advantages(trained)
         rollouts = [Rollout(s.prompt_ids, s.completion_ids, s.advantage, s.logprobs) for s in trained]
-    with phase("swap"):
-        t.memory.to_training()
-    with phase("train"):
-        update_metrics = t.update(rollouts)
-    with phase("swap"):
-        t.memory.to_generation()
+    update_metrics = {}
+    if rollouts:  # every response empty (say, every prompt too long): nothing to train on, no step
+        with phase("swap"):
+            t.memory.to_training()
+        with phase("train"):
+            update_metrics = t.update(rollouts)
+        with phase("swap"):
+            t.memory.to_generation()
     with phase("other"):
         metrics = {"step": step, **game_metrics(proposals, solves, rates, reward_stds, game.buffers.sizes()),
                    **update_metrics}
@@ -141,8 +143,7 @@ def timing(telemetry: Telemetry, seconds: float, samples) -> dict[str, float]:
     generated = m["tokens/generate_propose"] + m["tokens/generate_solve"]
     m["tokens_per_s"] = generated / max(m["time/generate_propose"] + m["time/generate_solve"], 1e-9)
     peaks = [v for k, v in timeline.items() if k.endswith("/peak_allocated_gib")]
-    if peaks:
-        m["gpu_memory_gib"] = max(peaks)
+    m["gpu_memory_gib"] = max(peaks, default=0.0)  # 0 on the CPU
     m["host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return m
 

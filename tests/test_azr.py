@@ -315,3 +315,89 @@ def test_seeding_stage_fills_the_buffers(executor):
     g = game(script, executor, seed_tasks=3)
     rounds = g.seed_buffers()
     assert min(g.buffers.sizes().values()) >= 3 and rounds >= 1
+
+
+# ---- regressions found by review ----
+
+def test_an_empty_first_block_does_not_hide_a_full_one(executor):
+    """A whitespace-only block before the real one: `ok` counted the real one, but the step read
+    the empty one (the input '' called f() with no argument; the message '' reached the solver)."""
+    g = game(lambda p, i: "x", executor)
+    deduction = sample("deduction", "propose", answer(("python", "\n"), ("python", "def f(a):\n    return a + 1"),
+                                                      ("input", " "), ("input", "41")))
+    induction = sample("induction", "propose", answer(("input", ""), ("input", "1"), ("input", " "), ("input", "2"),
+                                                      ("message", " "), ("message", "adds one")),
+                       "def f(a):\n    return a + 1")
+    g.validate([deduction, induction], 1)
+    assert deduction.status == "valid", deduction.reason
+    assert deduction.details["task"].input == "41" and deduction.details["output"] == "42"
+    assert induction.status == "valid", induction.reason
+    task = induction.details["task"]
+    assert task.message == "adds one" and task.shown == (("1", "2"),) and task.hidden == (("2", "3"),)
+    assert parsing.solver_answer("deduction", "<answer>```output\n\n```\n```output\n7\n```</answer>").first("output") == "7"
+
+
+def test_fence_parsing_is_linear_and_reads_what_the_regex_read():
+    """The fence regex backtracked quadratically on a long line after an unclosed fence: a 20K-char
+    answer took ~0.35 s to parse (hundreds of such responses stall a step; a larger
+    max_answer_chars, minutes)."""
+    import time
+    hostile = ["<answer>```" + "a" * 19_990 + "</answer>", "<answer>" + "```a " * 3_990 + "</answer>",
+               "<answer>" + ("```" + "a" * 40) * 450 + "</answer>", "<answer>```" + " " * 19_990 + "</answer>"]
+    started = time.perf_counter()
+    for text in hostile:
+        for task in ("deduction", "abduction", "induction"):
+            parsing.solver_answer(task, text)
+        parsing.program_proposal(text)
+    assert time.perf_counter() - started < 0.2
+    regex = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+    rng = np.random.default_rng(1)
+    alphabet = list("`\n \tpyi_-+aA") + ["```", "```python\n", "```input ", "\n```"]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet, size=rng.integers(0, 50)))
+        expected: dict[str, list[str]] = {}
+        for kind, body in regex.findall(text):
+            expected.setdefault(kind.lower(), []).append(body.strip("\n"))
+        assert parsing.fenced_blocks(text) == expected, repr(text)
+
+
+class EmptyPolicy(ScriptedPolicy):
+    """The engine's answer to prompts that do not fit: no tokens, finish reason 'prompt_too_long'."""
+
+    def generate(self, requests):
+        self.requests.append(requests)
+        return [[Completion(list(r.prompt_ids), [], [], "prompt_too_long") for _ in range(r.n)] for r in requests]
+
+
+def test_a_step_with_no_response_tokens_completes_and_reports_every_metric(executor, tmp_path):
+    """Every completion empty: train.py handed PolicyUpdate an empty list (it raises 'nothing to
+    train on') and the step crashed; gpu_memory_gib was missing on the CPU."""
+    from types import SimpleNamespace
+
+    from fastazr.azr.report import console_line
+    from fastazr.train import PHASES, train_step
+    from fastazr.update import Telemetry
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"no update or swap without rollouts ({name})")
+
+        def __call__(self, *args):
+            raise AssertionError("no update without rollouts")
+
+    g = SelfPlay(AZRConfig(batch_size=2, references=2, induction_inputs=4, induction_min_pairs=2,
+                           learnability_rollouts=2), EmptyPolicy(None), executor, CharTokenizer(), seed=7)
+    (tmp_path / "samples").mkdir()
+    trainer = SimpleNamespace(game=g, telemetry=Telemetry("cpu"), memory=Untouchable(), update=Untouchable(),
+                              out=tmp_path, config=SimpleNamespace(azr=g.config))
+    metrics = train_step(trainer, 1)
+    required = (["step", "tokens_per_s", "gpu_memory_gib"] + [f"time/{p}" for p in PHASES]
+                + [f"{m}/{t}" for t in ("deduction", "abduction", "induction")
+                   for m in ("valid_rate", "accuracy", "learnability", "buffer_size")]
+                + [f"{m}/{t}/{r}" for t in ("deduction", "abduction", "induction") for r in ("propose", "solve")
+                   for m in ("reward", "advantage_std", "response_tokens")])
+    assert not [k for k in required if k not in metrics]
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, (int, float)))
+    assert metrics["proposals/malformed"] == 6 and "loss" not in metrics
+    assert "loss -" in console_line(1, 1, metrics)
+    console_line(1, 1, {})  # nothing at all still prints

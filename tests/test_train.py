@@ -32,13 +32,24 @@ def test_presets_and_overrides():
     (["--azr.batch-size", "0"], "AZRConfig.batch_size must be an integer >= 1"),
     (["--azr.stop-at-answer", "maybe"], "takes true or false"),
     (["--preset", "tpu"], "--preset must be one of"),
-    (["--update.temperature", "0.7"], "must equal --azr.temperature"),
+    (["--update.temperature", "0.7", "--azr.temperature", "0.8"], "must equal --azr.temperature"),
+    (["--out", ""], "--out must name a run directory"),
+    (["--azr.temperature", "0.001"], "AZRConfig.temperature must be >= 0.01"),
+    (["--azr.seed-tasks", "20", "--azr.buffer-capacity", "10"], "seed_tasks (20) must be <= buffer_capacity"),
     (["--azr.prompt-format", "xml"], "AZRConfig.prompt_format must be one of"),
 ])
 def test_bad_options_name_the_option(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv, cuda_available=False)
     assert message in capsys.readouterr().err
+
+
+def test_one_temperature_option_sets_both():
+    """--azr.temperature alone was refused ('must equal --update.temperature'): the two are one
+    setting, so either one sets both."""
+    for option in ("--azr.temperature", "--update.temperature"):
+        config = parse_args([option, "0.7"], cuda_available=False)
+        assert config.azr.temperature == 0.7 == config.update.temperature
 
 
 def test_help_lists_every_option_with_its_doc():
@@ -48,7 +59,7 @@ def test_help_lists_every_option_with_its_doc():
         assert doc, f"option {path} has no docstring"
 
 
-REQUIRED = (["step", "tokens_per_s", "loss", "grad_norm", "host_memory_gib"]
+REQUIRED = (["step", "tokens_per_s", "loss", "grad_norm", "host_memory_gib", "gpu_memory_gib"]
             + [f"time/{p}" for p in PHASES]
             + [f"{m}/{t}" for t in TASK_TYPES for m in ("valid_rate", "accuracy", "learnability", "buffer_size")]
             + [f"{m}/{t}/{r}" for t, r in GROUPS for m in ("reward", "advantage_std", "response_tokens")])

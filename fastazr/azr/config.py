@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fastazr.rollout.request import MIN_TEMPERATURE
+
 from .rewards import RewardScale
 
 PROMPT_FORMATS = ("auto", "chat", "plain")
@@ -37,7 +39,8 @@ class AZRConfig:
     """Longest solver response, in tokens."""
 
     temperature: float = 1.0
-    """Sampling temperature of every response (the update scores logprobs at the same one)."""
+    """Sampling temperature of every response, at least 0.01 (the update scores logprobs at the
+    same one: on the command line it also sets --update.temperature)."""
 
     top_p: float = 1.0
     """Nucleus sampling of every response (1 = off; on-policy training wants it off)."""
@@ -81,14 +84,18 @@ class AZRConfig:
         if self.induction_min_pairs > self.induction_inputs:
             raise ValueError(f"AZRConfig.induction_min_pairs ({self.induction_min_pairs}) must be <= "
                              f"induction_inputs ({self.induction_inputs})")
+        if self.seed_tasks > self.buffer_capacity:
+            raise ValueError(f"AZRConfig.seed_tasks ({self.seed_tasks}) must be <= buffer_capacity "
+                             f"({self.buffer_capacity}): the seeding stage could never fill the buffers")
         if self.fixed_response_tokens is not None:
             positive_int("fixed_response_tokens")
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"AZRConfig.{name} must be a finite number, got {value!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"AZRConfig.temperature must be > 0 (self-play samples), got {self.temperature}")
+        if not self.temperature >= MIN_TEMPERATURE:
+            raise ValueError(f"AZRConfig.temperature must be >= {MIN_TEMPERATURE} (self-play samples; see "
+                             f"fastazr.rollout.request.MIN_TEMPERATURE), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"AZRConfig.top_p must be in (0, 1], got {self.top_p}")
         if self.prompt_format not in PROMPT_FORMATS:

@@ -10,8 +10,9 @@ import re
 from dataclasses import dataclass, field
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-# ```kind\n body ```: the kind is a word (python, input, output, message) or nothing.
-FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+FENCE_MARK = "```"
+# the kind of a fence: the word that opens its info line (python, input, output, message) or nothing
+FENCE_KIND = re.compile(r"[ \t]*([A-Za-z0-9_+-]*)")
 
 
 @dataclass
@@ -23,8 +24,12 @@ class ParsedAnswer:
     without a kind."""
 
     def first(self, kind: str) -> str | None:
-        blocks = self.fields.get(kind)
-        return blocks[0] if blocks else None
+        """The first block of `kind` with more than whitespace in it (what `ok` counted)."""
+        return next((b for b in self.fields.get(kind, []) if b.strip()), None)
+
+    def nonempty(self, kind: str) -> list[str]:
+        """Every block of `kind` with more than whitespace in it, in order."""
+        return [b for b in self.fields.get(kind, []) if b.strip()]
 
 
 def answer_block(text: str, max_chars: int) -> tuple[str | None, str]:
@@ -48,9 +53,25 @@ def answer_block(text: str, max_chars: int) -> tuple[str | None, str]:
 
 
 def fenced_blocks(content: str) -> dict[str, list[str]]:
+    """```kind<rest of the line>\n body ``` blocks, by kind. One linear scan: a block opens at a
+    fence mark, its kind is the word starting the info line, its body runs from the next line to
+    the next fence mark (the regex r"```[ \\t]*(\\w*)[^\\n]*\\n(.*?)```" would read the same
+    blocks, but backtracks quadratically on a long line of text after an unclosed fence)."""
     blocks: dict[str, list[str]] = {}
-    for kind, body in FENCE.findall(content):
-        blocks.setdefault(kind.lower(), []).append(body.strip("\n"))
+    at = 0
+    while True:
+        start = content.find(FENCE_MARK, at)
+        if start < 0:
+            break
+        newline = content.find("\n", start + len(FENCE_MARK))
+        if newline < 0:  # no info line ends: no later fence has one either
+            break
+        end = content.find(FENCE_MARK, newline + 1)
+        if end < 0:  # never closed: neither is any later fence
+            break
+        kind = FENCE_KIND.match(content, start + len(FENCE_MARK), newline).group(1)
+        blocks.setdefault(kind.lower(), []).append(content[newline + 1:end].strip("\n"))
+        at = end + len(FENCE_MARK)
     return blocks
 
 
@@ -67,12 +88,12 @@ def parse_answer(text: str, need: dict[str, int], max_chars: int = 20_000, bare:
             blocks[bare] = blocks.pop("")
         elif "```" not in content:
             blocks[bare] = [content.strip()]
+    parsed = ParsedAnswer(True, "", blocks)
     for kind, count in need.items():
-        have = [b for b in blocks.get(kind, []) if b.strip()]
-        if len(have) < count:
-            return ParsedAnswer(False, f"needs {count} ```{kind}``` block{'s' * (count > 1)}, found {len(have)}",
-                                blocks)
-    return ParsedAnswer(True, "", blocks)
+        have = len(parsed.nonempty(kind))
+        if have < count:
+            return ParsedAnswer(False, f"needs {count} ```{kind}``` block{'s' * (count > 1)}, found {have}", blocks)
+    return parsed
 
 
 def program_proposal(text: str, max_chars: int = 20_000) -> ParsedAnswer:

@@ -18,7 +18,10 @@ def game_metrics(proposals: list[Sample], solves: list[Sample], rates: dict[int,
                  reward_stds: dict[tuple[str, str], float], buffer_sizes: dict[str, int]) -> dict[str, float]:
     """Per task type and role: valid rate, solver accuracy, rewards, advantage spread, learnability,
     response lengths, buffer sizes. Means over the trained samples of each group; a group with
-    no samples reports 0 (and its count, n/<task>/<role>, says so)."""
+    no samples reports 0 (and its count, n/<task>/<role>, says so). advantage_std is the spread of
+    the group's advantages over its responses (one value each, not token-weighted): 0 when every
+    reward of the group is equal, so the group teaches nothing this step; reward_std is the
+    token-weighted spread of the rewards the advantages were whitened by."""
     m: dict[str, float] = {}
     trained = [s for s in proposals + solves if s.trained]
     for task in TASK_TYPES:
@@ -63,14 +66,23 @@ def write_samples(path, samples: list[Sample]) -> None:
 
 
 def console_line(step: int, steps: int, m: dict[str, float]) -> str:
-    """A compact block per step: per task type valid rate, accuracy and rewards, then time."""
-    rows = [f"step {step}/{steps}  {m['time/step']:.1f} s  {m['tokens_per_s']:.0f} tok/s  loss {m.get('loss', 0):+.4f}"]
+    """A compact block per step: per task type valid rate, accuracy and rewards, then time. A
+    missing metric (no loss without a loss token, say) shows as '-'."""
+    def v(key: str, spec: str) -> str:
+        value = m.get(key)
+        if not isinstance(value, (int, float)):
+            return "-".rjust(int(spec.lstrip("+").split(".")[0] or 0))
+        return format(value, spec)
+
+    rows = [f"step {step}/{steps}  {v('time/step', '.1f')} s  {v('tokens_per_s', '.0f')} tok/s  "
+            f"loss {v('loss', '+.4f')}"]
     rows.append(f"  {'task':<10} {'valid':>6} {'acc':>6} {'r_prop':>7} {'r_solve':>8} {'len_p':>6} {'len_s':>6} {'buffer':>7}")
     for task in TASK_TYPES:
-        rows.append(f"  {task:<10} {m[f'valid_rate/{task}']:>6.2f} {m[f'accuracy/{task}']:>6.2f} "
-                    f"{m[f'reward/{task}/propose']:>+7.2f} {m[f'reward/{task}/solve']:>+8.2f} "
-                    f"{m[f'response_tokens/{task}/propose']:>6.0f} {m[f'response_tokens/{task}/solve']:>6.0f} "
-                    f"{m[f'buffer_size/{task}']:>7.0f}")
-    phases = "  ".join(f"{k[5:]} {v:.1f}" for k, v in m.items() if k.startswith("time/") and k != "time/step")
+        rows.append(f"  {task:<10} {v(f'valid_rate/{task}', '6.2f')} {v(f'accuracy/{task}', '6.2f')} "
+                    f"{v(f'reward/{task}/propose', '+7.2f')} {v(f'reward/{task}/solve', '+8.2f')} "
+                    f"{v(f'response_tokens/{task}/propose', '6.0f')} {v(f'response_tokens/{task}/solve', '6.0f')} "
+                    f"{v(f'buffer_size/{task}', '7.0f')}")
+    phases = "  ".join(f"{k[5:]} {value:.1f}" for k, value in m.items()
+                       if k.startswith("time/") and k != "time/step" and isinstance(value, (int, float)))
     rows.append(f"  time (s): {phases}")
     return "\n".join(rows)

@@ -129,7 +129,7 @@ class SelfPlay:
         for s in proposals:
             if s.task == "induction":
                 parsed = parsing.induction_proposal(s.text, c.induction_min_pairs, c.max_answer_chars)
-                inputs = parsed.fields.get("input", [])[:c.induction_inputs] if parsed.ok else []
+                inputs = parsed.nonempty("input")[:c.induction_inputs] if parsed.ok else []
                 program = s.details["item"]
             else:
                 parsed = parsing.program_proposal(s.text, c.max_answer_chars)
