@@ -5,8 +5,10 @@ vs Hugging Face transformers `generate`, on the same weights and the same reques
     python bench/bench_rollout.py --device cpu --workloads uniform,azr --model qwen2.5-0.5b --layers 2 \
         --batch 2 --prompt-len 16 --new-tokens 4 --azr-prompts 2 --azr-n 2 --azr-prompt-len 8,16 \
         --azr-new-tokens 2,6 --hf-batch 2 --hf-azr-seqs 2          # CPU smoke test
+    python bench/bench_rollout.py --device cpu --workloads smollm2,selfplay --smollm2-batch 32 \
+        --new-tokens 64                                             # the CPU rows (issue 21)
 
-Workloads (--workloads, default all three), prompts of random token ids unless said otherwise:
+Workloads (--workloads, default all four), prompts of random token ids unless said otherwise:
 - uniform: preset --model (qwen2.5-1.5b, random init, --layers overrides its depth), --batch 256
   prompts of --prompt-len 256 tokens, --new-tokens 256 each, temperature 1, EOS ignored.
 - azr: an Absolute-Zero-like mix on the same model: --azr-prompts 64 x --azr-n 8 samples
@@ -19,6 +21,10 @@ Workloads (--workloads, default all three), prompts of random token ids unless s
   TTFT and bound are those of that subset.
 - smollm2: the embedded SmolLM2-135M-Instruct (real GGUF weights and tokenizer), --smollm2-batch
   64 chat prompts (a few Python tasks repeated), --new-tokens 256, EOS ignored.
+- selfplay: the shape of `python -m fastazr.train --preset cpu`'s generate calls, on the embedded
+  SmolLM2: --selfplay-seqs 8 prompts of --selfplay-prompt-len 120..320 tokens, each drawing
+  max_new_tokens in --selfplay-new-tokens 96..160, EOS ignored; transformers runs them as one
+  left-padded batch to the longest (credited each sequence's own tokens, as in azr).
 
 On CUDA the engine runs four ways side by side: as configured (decode rounds of --decode-steps
 passes, exact logprobs), with one pass per host round trip (decode_steps=1), with the split-K
@@ -61,7 +67,7 @@ from fastazr.model import Decoder, Tokenizer, load, preset_config, save_hf
 from fastazr.model.decoder import default_dtype
 from fastazr.rollout import Engine, EngineConfig, Request, SamplingParams
 
-WORKLOADS = ("uniform", "azr", "smollm2")
+WORKLOADS = ("uniform", "azr", "smollm2", "selfplay")
 TASKS = [
     "Write a Python function that returns the n-th Fibonacci number, then trace fib(7) step by step.",
     "Given f(x) = sorted(set(x))[::-1], what does f([3, 1, 3, 2]) return? Explain your reasoning.",
@@ -173,6 +179,12 @@ def build(name: str, args, device: str) -> Workload:
             for _ in range(args.azr_prompts)]
         return Workload(name, model, None, requests, args.hf_batch,
                         min(args.hf_azr_seqs, args.azr_prompts * args.azr_n))
+    if name == "selfplay":
+        model, tokenizer = load(device=device, dtype=default_dtype(device))
+        (plo, phi), (nlo, nhi) = args.selfplay_prompt_len, args.selfplay_new_tokens
+        requests = [Request(prompt(model, draw(plo, phi)), SamplingParams(
+            temperature=1.0, max_new_tokens=draw(nlo, nhi), ignore_eos=True)) for _ in range(args.selfplay_seqs)]
+        return Workload(name, model, tokenizer, requests, args.selfplay_seqs, args.selfplay_seqs)
     model, tokenizer = load(device=device, dtype=default_dtype(device))
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)
     requests = [Request(tokenizer.encode_chat([{"role": "user", "content": TASKS[i % len(TASKS)]}]), params)
@@ -334,6 +346,11 @@ def main() -> None:
     parser.add_argument("--azr-prompt-len", type=int_pair, default=(300, 1500), help="azr: LO,HI prompt tokens")
     parser.add_argument("--azr-new-tokens", type=int_pair, default=(128, 1024), help="azr: LO,HI max_new_tokens")
     parser.add_argument("--smollm2-batch", type=int, default=64)
+    parser.add_argument("--selfplay-seqs", type=int, default=8)
+    parser.add_argument("--selfplay-prompt-len", type=int_pair, default=(120, 320),
+                        help="selfplay: LO,HI prompt tokens")
+    parser.add_argument("--selfplay-new-tokens", type=int_pair, default=(96, 160),
+                        help="selfplay: LO,HI max_new_tokens")
     parser.add_argument("--skip-hf", action="store_true", help="run the engine only")
     parser.add_argument("--hf-batch", type=int, default=64, help="azr: sequences per transformers generate()")
     parser.add_argument("--hf-azr-seqs", type=int, default=64, help="azr: transformers runs the first N sequences")

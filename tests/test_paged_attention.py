@@ -2,7 +2,8 @@
 paged_attention_reference: scattered, shuffled blocks, contexts that end mid-block and mid-tile,
 GQA groups that are not powers of two, a head_dim that is not one, split-K with empty splits,
 CUDA-graph padding rows, prefill chunks that continue a cached prefix, and exact decodes whose
-key chunks are spread over programs (KEY_CHUNK made 64 on CPU, so a few tokens span chunks)."""
+key chunks are spread over programs (KEY_CHUNK made 64 on CPU, so a few tokens span chunks); and
+the rollout engine's batched CPU attention (fastazr/rollout/cpu_attention.py) at the same shapes."""
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from fastazr.kernels import attention_math
 from fastazr.kernels.paged_attention import (decode_splits, pack_block_tables, paged_decode_attention,
                                              paged_prefill_attention)
 from fastazr.kernels.paged_attention_reference import paged_attention_reference
+from fastazr.rollout.cpu_attention import StepAttention, context_mask, decode_attention, padded_tables
 
 # fp32 dots run at full precision ("ieee"); only the summation order differs from the reference.
 # fp16/bf16: the P.V product is fp32-accurate (attention_math.py), so the error is the output's
@@ -142,6 +144,29 @@ def test_split_decode_folds_chunks_to_the_same_bits(monkeypatch, dtype):
     # within one chunk; exactly one; one key into the second; 4 chunks (more than 3 programs take
     # one each); a padding row; 3 chunks, the last partial
     check_split_decode([1, 64, 65, 193, 0, 130], 9, 3, 48, dtype, "cpu")
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_step_attention_matches_reference(heads, kv_heads, head_dim, dtype):
+    # decodes (1 token, a full block, mid-block, 193) around prefill chunks: a fresh prompt, a
+    # chunk after a cached prefix; unowned slots hold +-1e4, so a padded key that leaks shows
+    q_lens = [1, 21, 1, 9, 1, 1]
+    contexts = [1, 21, 16, 39, 23, 193]
+    k, v, tables = make_cache(contexts, heads, kv_heads, head_dim, 16, dtype, "cpu", seed=3)
+    q = torch.randn(sum(q_lens), heads, head_dim).to(dtype)
+    scale = head_dim ** -0.5
+    out = StepAttention(q_lens, contexts, tables, 16, scale, q.device)(q, k, v)
+    ref = paged_attention_reference(q, k, v, q_lens, contexts, tables, scale)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=TOLERANCE[dtype][0], atol=TOLERANCE[dtype][1])
+    # decodes only, as in a decode round: tables padded to a later pass's contexts, masked to this one's
+    contexts = [37, 64, 3, 100]
+    k, v, tables = make_cache([c + 5 for c in contexts], heads, kv_heads, head_dim, 4, dtype, "cpu", seed=4)
+    q = torch.randn(len(contexts), heads, head_dim).to(dtype)
+    padded = padded_tables(tables, [c + 5 for c in contexts], 4, q.device)
+    out = decode_attention(q, k, v, padded, context_mask(torch.tensor(contexts), padded.shape[1] * 4), scale)
+    ref = paged_attention_reference(q, k, v, [1] * len(contexts), contexts, tables, scale)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=TOLERANCE[dtype][0], atol=TOLERANCE[dtype][1])
 
 
 def test_shape_errors_name_the_problem():

@@ -3,9 +3,12 @@ their torch reference: the same tokens exactly (same hash noise, same first-inde
 the same logprobs, over a vocabulary that is not a multiple of the kernel's block, mixed greedy
 and tempered rows, 64-bit seeds, banned (-inf) tokens and fp16 logits; the sampler from hidden
 states (lm_head GEMM and sampling in one kernel) over rows, hidden size and vocabulary that are
-multiples of none of its blocks, with its vocabulary in several splits."""
+multiples of none of its blocks, with its vocabulary in several splits; and the rollout engine's
+CPU sampler (int32 hash, in place), bit for bit the reference's."""
 import pytest
 import torch
+
+from fastazr.rollout.sampler import gumbel_sample_cpu, uniform_noise_cpu
 
 from fastazr.kernels.sampling import gumbel_sample, linear_gumbel_sample
 from fastazr.kernels.sampling_reference import (gumbel_noise, gumbel_sample_reference,
@@ -68,6 +71,20 @@ def assert_follows(tokens: torch.Tensor, probs: torch.Tensor, vocab: int) -> Non
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_fused_sampler_matches_reference(dtype):
     assert_matches_reference(make_rows(7, 151936, dtype, "cuda"), 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_sampler_is_the_reference_bit_for_bit(dtype):
+    # 64-bit seeds, greedy and tempered rows, -inf tokens, a vocabulary that is no power of two;
+    # then the noise of 2^16 columns x 40 rows, seed 871079's top of the hash included
+    args = make_rows(7, 5003, dtype, "cpu")
+    for got, want in zip(gumbel_sample_cpu(*args), gumbel_sample_reference(*args)):
+        assert torch.equal(got, want)
+    g = torch.Generator().manual_seed(1)
+    seeds = torch.cat([torch.randint(0, 2 ** 62, (39,), generator=g), torch.tensor([871079])])
+    samples, steps = torch.randint(0, 64, (40,), generator=g), torch.randint(0, 4096, (40,), generator=g)
+    samples[-1] = steps[-1] = 0
+    assert torch.equal(uniform_noise_cpu(seeds, samples, steps, 1 << 16), uniform_noise(seeds, samples, steps, 1 << 16))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

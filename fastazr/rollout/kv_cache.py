@@ -33,8 +33,12 @@ class KVCache:
         self.block_size = config.block_size
         self.scratch_slot = self.num_blocks * config.block_size
         shape = (c.num_layers, self.num_blocks + 1, config.block_size, c.num_kv_heads, c.head_dim)
-        self.k = torch.empty(shape, device=model.device, dtype=model.dtype)
-        self.v = torch.empty(shape, device=model.device, dtype=model.dtype)
+        # zeros on CPU: its batched decode attention (cpu_attention.py) reads the slots past each
+        # row's context with probability 0, and 0 x NaN from uninitialized memory would be NaN
+        # (the default 256 MiB: ~0.06 s a resume_memory())
+        make = torch.empty if model.device.type == "cuda" else torch.zeros
+        self.k = make(shape, device=model.device, dtype=model.dtype)
+        self.v = make(shape, device=model.device, dtype=model.dtype)
 
     @property
     def bytes(self) -> int:

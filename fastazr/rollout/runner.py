@@ -17,8 +17,9 @@ whose cuBLAS kernel gives the trainer's bits (gemm_rows.py; steps of thousands o
 gate_up with SwiGLU fused, a Triton GEMM that gives those bits at every row count); without it
 the leading one-token slices (decodes) take the faster split-K decode kernel. A step of decodes
 only (decode()) runs its passes from a static metadata buffer that the device advances between
-them, each pass replaying the CUDA graph captured for its batch-size bucket. On CPU it is the
-plain-torch reference."""
+them, each pass replaying the CUDA graph captured for its batch-size bucket. On CPU the attention
+is cpu_attention.py: every decode row of a pass at once, block tables and masks built once a
+step (or a pass) for all layers."""
 
 from __future__ import annotations
 
@@ -32,12 +33,12 @@ import torch.nn.functional as F
 from fastazr.kernels import attention_math
 from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache, swiglu_fused
 from fastazr.kernels.paged_attention import decode_splits, paged_decode_attention, paged_prefill_attention
-from fastazr.kernels.paged_attention_reference import paged_attention_reference
 from fastazr.kernels.swiglu_linear import swiglu_linear
 from fastazr.model import Decoder
 from fastazr.model.layers import rms_norm
 
 from .config import EngineConfig
+from .cpu_attention import StepAttention, context_mask, decode_attention, padded_tables
 from .gemm_rows import GemmRows
 from .kv_cache import KVCache
 from .scheduler import Work
@@ -190,10 +191,9 @@ class Runner:
         index = self._index(work)
         last = (index["cu"][1:] - 1)[[w.samples for w in work]]
         if not self.kernels:
-            def attend(q, k_cache, v_cache):
-                return paged_attention_reference(q, k_cache, v_cache, [w.count for w in work],
-                                                 index["context"].tolist(), [w.seq.blocks for w in work], self.scale)
             device = self.model.device
+            attend = StepAttention([w.count for w in work], index["context"].tolist(), [w.seq.blocks for w in work],
+                                   self.config.block_size, self.scale, device)
             hidden = self._layers(torch.from_numpy(index["ids"]).to(device), torch.from_numpy(index["positions"]).to(device),
                                   torch.from_numpy(index["slots"]).to(device), cache, attend, previous)
             return hidden[torch.from_numpy(last).to(device)]
@@ -276,7 +276,10 @@ class Runner:
         graphs = self.kernels and self.config.cuda_graphs
         bucket = next(b for b in self.buckets if b >= n) if graphs else n
         self._pack(work, cache, previous)
-        tables = None if self.kernels else [w.seq.blocks for w in work]
+        # CPU: every row's blocks up to its last pass's context, padded (the mask follows each pass)
+        tables = None if self.kernels else padded_tables([w.seq.blocks for w in work],
+                                                         [w.start + w.steps for w in work], self.config.block_size,
+                                                         self.model.device)
         splits = self._splits(bucket, max(w.start + w.steps for w in work))
         tokens, logprobs = [], []
         for i in range(max(w.steps for w in work)):
@@ -337,16 +340,17 @@ class Runner:
         context.add_(moving)
 
     def _decode_body(self, bucket: int, splits: int, cache: KVCache,
-                     tables: list[list[int]] | None = None) -> torch.Tensor:
+                     tables: torch.Tensor | None = None) -> torch.Tensor:
         rows, _ = self._decode_layout()
         ids, positions, slots, context, starts, _ = self._rows(bucket)
         flat = self._meta[_META_ROWS * rows:]
         one_each = self._arange[:bucket + 1]
+        if not self.kernels:
+            mask = context_mask(context, tables.shape[1] * self.config.block_size)
 
         def attend(q, k_cache, v_cache):
             if not self.kernels:
-                return paged_attention_reference(q, k_cache, v_cache, [1] * bucket, context.tolist(), tables,
-                                                 self.scale)
+                return decode_attention(q, k_cache, v_cache, tables, mask, self.scale)
             if self.config.exact_logprobs:
                 return paged_prefill_attention(q, k_cache, v_cache, flat, starts, one_each, context, 1,
                                                self.scale, rows=_DECODE_ROWS, splits=splits,
