@@ -427,7 +427,7 @@ def test_interrupts_anywhere_in_generate_leak_no_block():
     28 sequences whose prompts are cached make admission (prefix lookups block by block) a large
     share of a call: ~15% of these interrupts leaked. Afterwards every block must be free, the
     longest prompt must run, and the prefix cache the interrupted calls left must serve correct
-    blocks."""
+    blocks, and autograd must be on as before."""
     model = tiny_model()
     one_token_block = 2 * TINY.num_layers * TINY.num_kv_heads * TINY.head_dim * 4
     eng = Engine(model, config=EngineConfig(block_size=1, kv_cache_bytes=one_token_block * 513, decode_steps=1,
@@ -461,6 +461,8 @@ def test_interrupts_anywhere_in_generate_leak_no_block():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert interrupted >= 200, "too few calls were interrupted to test anything"
+    # an interrupt inside torch.no_grad's __enter__ left autograd off for the whole process
+    assert torch.is_grad_enabled()
     longest = prompts(1, seed=2, low=511, high=512)[0]
     (completion,), = eng.generate([Request(longest, params)])
     assert completion.finish_reason == "length" and len(completion.completion_ids) == 1

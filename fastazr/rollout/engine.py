@@ -159,6 +159,10 @@ class Engine(RolloutBackend):
         self.stats = dict(steps=0, passes=0, computed_tokens=0)
         table = _ParamTable([seq for group in groups for seq in group])
         inflight: _Launched | None = None
+        # An interrupt inside torch.no_grad's __enter__ (the runner's passes) can land after it
+        # turned gradients off and before its __exit__ is armed: the trainer would then run its
+        # next update without autograd ("element 0 of tensors does not require grad").
+        grad_enabled = torch.is_grad_enabled()
         try:
             while not scheduler.done or inflight is not None:
                 work = scheduler.schedule()
@@ -174,6 +178,7 @@ class Engine(RolloutBackend):
                             self.blocks.register(w.seq)
                 inflight = launched
         finally:
+            torch.set_grad_enabled(grad_enabled)
             self.blocks.reclaim()
         self.stats.update(cached_tokens=scheduler.cached_tokens, preemptions=scheduler.preemptions)
         return [[Completion(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.finish_reason)
