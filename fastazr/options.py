@@ -3,29 +3,37 @@ line built from it.
 
 Each dataclass field is an option; nested dataclasses are groups (`--azr.batch-size 8`,
 `--update.lr 1e-6`, `--engine.max-num-seqs 128`, `--sandbox.workers 4`), and the docstring under
-a field is its --help text. A preset fills in defaults for a kind of machine; options given on
-the command line override it."""
+a field is its --help text. A preset fills in defaults for a kind of machine; a config file
+(`--config run.toml`, the same tree as TOML tables) overrides the preset, and options given on the
+command line override both. save_config writes a built TrainConfig back as such a file."""
 
 from __future__ import annotations
 
 import argparse
 import ast
-import collections.abc
 import dataclasses
 import inspect
 import math
+import os
 import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
 
 from .azr.config import AZRConfig
+from .config_file import is_callable, read_options, read_toml, to_table
 from .rollout.config import EngineConfig
+from .runlog.config import RunConfig
 from .sandbox.config import SandboxConfig
 from .update.config import UpdateConfig
 
 PRESETS = ("auto", "cpu", "gpu")
 DEVICES = ("auto", "cpu", "cuda")
+CONFIG_NAME = "config.toml"
+"""The resolved options a run writes into its directory; `--resume DIR` reads them back."""
 
 
 @dataclass
@@ -42,7 +50,11 @@ class TrainConfig:
     """Training steps to run."""
 
     out: str = "runs/azr"
-    """Run directory: metrics.jsonl, samples/step_<n>.jsonl."""
+    """Run directory: metrics.jsonl, samples/step_<n>.jsonl, config.toml, checkpoints/, tb/."""
+
+    resume: str | None = None
+    """A run directory to continue from its newest complete checkpoint (its options are the
+    defaults; options given here override them, --steps included)."""
 
     seed: int = 0
     """Every sampling seed and every random choice of the run derives from this."""
@@ -61,6 +73,9 @@ class TrainConfig:
 
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     """The sandbox that runs model-written programs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Checkpoints, TensorBoard and progress bars."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -109,10 +124,6 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _is_callable(kind) -> bool:
-    return any(typing.get_origin(k) is collections.abc.Callable for k in (kind, *typing.get_args(kind)))
-
-
 def _options(cls, prefix: str = ""):
     """(path, field type, help) for every leaf option under cls. Fields holding functions
     (UpdateConfig.lr_schedule) have no text form: they are set from Python, not the command line."""
@@ -122,7 +133,7 @@ def _options(cls, prefix: str = ""):
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             yield from _options(kind, f"{prefix}{f.name}.")
-        elif not _is_callable(kind):
+        elif not is_callable(kind):
             yield f"{prefix}{f.name}", kind, docs.get(f.name, "")
 
 
@@ -154,8 +165,14 @@ def parse_text(text: str, kind, option: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastazr.train", description="Absolute Zero self-play: propose, validate, solve, check, "
-        "reward, update. Options of groups are --group.option; a preset sets defaults the options override.",
+        "reward, update. Options of groups are --group.option; a preset sets defaults, a --config file "
+        "overrides them and options given here override both.",
         argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help=(
+        "A TOML file of options: top-level keys for the top-level options (preset, model, steps, out, seed, "
+        "device, resume) and tables [azr], [azr.rewards], [engine], [update], [sandbox], [run] keyed by option "
+        f'name (batch_size or batch-size); "none" stands for None. Every run writes its resolved options to '
+        f"OUT/{CONFIG_NAME}, which --config reproduces. Default with --resume DIR: DIR/{CONFIG_NAME}."))
     defaults = TrainConfig()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for path, kind, doc in _options(TrainConfig):
@@ -190,16 +207,23 @@ def build_config(overrides: dict[str, object], cuda_available: bool) -> TrainCon
         raise ValueError(f"--preset must be one of {PRESETS}, got {preset!r}")
     if preset == "auto":
         preset = "gpu" if cuda_available else "cpu"
-    merged = {**PRESET_VALUES[preset], **overrides, "preset": preset}
-    # one sampling temperature: the update scores logprobs at the temperature the engine sampled
-    # at, so giving either option sets both (giving both, they must agree)
-    for given, follower in TIED:
-        if given in merged and follower not in merged:
-            merged[follower] = merged[given]
+    merged = tie({**PRESET_VALUES[preset], **overrides, "preset": preset})
     values: dict = {}
     for path, value in merged.items():
         _set(values, path, value)
     return _instantiate(TrainConfig, values)
+
+
+def tie(layer: dict[str, object]) -> dict[str, object]:
+    """The layer with each TIED follower set to the option it follows where only that one is given.
+    One sampling temperature: the update scores logprobs at the temperature the engine sampled at,
+    so giving either option sets both (giving both, they must agree). parse_args ties each layer
+    before merging them, so a command-line --azr.temperature replaces both of a file's."""
+    tied = dict(layer)
+    for given, follower in TIED:
+        if given in layer and follower not in layer:
+            tied[follower] = layer[given]
+    return tied
 
 
 def _instantiate(cls, values: dict):
@@ -214,14 +238,65 @@ def _instantiate(cls, values: dict):
 
 
 def parse_args(argv: list[str] | None, cuda_available: bool) -> TrainConfig:
+    """TrainConfig from the command line: the preset's defaults, then the --config file, then the
+    options given. `--resume DIR` without --config takes DIR/config.toml (the resumed run's
+    options) as the file, and without --out keeps writing into DIR."""
     parser = build_parser()
     namespace = vars(parser.parse_args(argv))
+    config_file = namespace.pop("config", None)
     kinds = {path: kind for path, kind, _ in _options(TrainConfig)}
     try:
-        overrides = {path: parse_text(text, kinds[path], path.replace("_", "-")) for path, text in namespace.items()}
-        return build_config(overrides, cuda_available)
+        given = {path: parse_text(text, kinds[path], path.replace("_", "-")) for path, text in namespace.items()}
+        resume = given.get("resume")
+        if resume is not None:
+            if config_file is None:
+                config_file = Path(resume) / CONFIG_NAME
+                if not config_file.is_file():
+                    raise ValueError(f"--resume {resume}: {config_file} not found, so the run's options are unknown "
+                                     f"(is {resume} a run directory?); pass them with --config FILE")
+            # the resumed run's directory, not the one its file names: the file may be from another
+            # working directory or a copied run, and a resumed run continues where its checkpoints are
+            given.setdefault("out", resume)
+        from_file = load_config_file(config_file) if config_file is not None else {}
+        if from_file.get("resume") is not None:
+            raise ValueError(f"{config_file}: resume = {from_file['resume']!r}: a run is resumed from the command line "
+                             "(--resume DIR, which reads DIR/config.toml); remove the key from the file")
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        return build_config({**tie(from_file), **tie(given)}, cuda_available)
+    except (TypeError, ValueError) as exc:  # a range or consistency check of the built tree
+        parser.error(f"{exc} (options from {config_file} and the command line)" if from_file else str(exc))
+
+
+def load_config_file(path: str | Path) -> dict[str, object]:
+    """Option path -> value for every option a TOML config file sets ('azr.batch_size' -> 8), each
+    checked against its field's type; a ValueError that names the file and the key otherwise.
+    Values are not range-checked here: build_config does that once the layers are merged."""
+    document = read_toml(path)
+    try:
+        return read_options(TrainConfig, document)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write every option of config as TOML: `--config path` rebuilds an equal TrainConfig (but for
+    `resume`, which is written as none: a run is resumed from the command line).
+    Function-valued fields (update.lr_schedule) have no text form and are left out; a header line
+    names any that was set, since a run rebuilt from the file has none."""
+    table, skipped = to_table(dataclasses.replace(config, resume=None))  # a file describes a run; --resume continues one
+    header = ["# The resolved options of a `python -m fastazr.train` run: every option, the preset's included.",
+              f"# Run it again:  python -m fastazr.train --config {path}  (options given there override it)",
+              f"# Continue it:   python -m fastazr.train --resume {config.out}  (reads {CONFIG_NAME} there)",
+              '# TOML has no null: "none" stands for None.']
+    header += [f"# {p} was set from Python and is not written: a run from this file has none." for p in skipped]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written whole or not at all: a run resumed from this directory reads it back
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(header) + "\n\n" + tomli_w.dumps(table))
+    os.replace(tmp, path)
 
 
 def as_dict(config) -> dict:

@@ -1,14 +1,19 @@
 """Absolute Zero self-play: `python -m fastazr.train [--preset cpu|gpu] [--model M] [--steps N] [--out DIR]`.
 
 Builds the model, the rollout engine on the model's own tensors, the policy update, the colocated
-memory phases and the sandbox; then each step: propose -> validate -> solve -> check -> reward
--> advantage -> update -> log. `python -m fastazr.train --help` lists every option."""
+memory phases and the sandbox (or restores them from a checkpoint with --resume); then each step:
+propose -> validate -> solve -> check -> reward -> advantage -> update -> log -> checkpoint.
+`python -m fastazr.train --help` lists every option; `--config FILE` reads them from TOML."""
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import gc
 import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,13 +26,21 @@ from fastazr.azr.report import console_line, game_metrics, write_samples
 from fastazr.model import Decoder, Tokenizer, load
 from fastazr.model.embedded import default_model_path
 from fastazr.model.gguf_file import GGUFFile
-from fastazr.options import TrainConfig, as_dict, parse_args
+from fastazr.options import TrainConfig, parse_args, save_config
 from fastazr.rollout import Engine
+from fastazr.runlog.board import Board
+from fastazr.runlog import checkpoint
+from fastazr.runlog.checkpoint import CheckpointError
+from fastazr.runlog.run_state import Checkpointer, boundary, truncate_run_files
+from fastazr.runlog.stop import Stopper, StopRequested
 from fastazr.sandbox import Sandbox
 from fastazr.tasks import TaskExecutor
 from fastazr.update import ColocatedMemory, PolicyUpdate, Rollout, Telemetry
 
-PHASES = ("generate_propose", "sandbox_validate", "generate_solve", "sandbox_check", "train", "swap", "other")
+PHASES = ("generate_propose", "sandbox_validate", "generate_solve", "sandbox_check", "train", "swap", "checkpoint",
+          "other")
+SWAP_PARTS = ("release_kv", "swap_in_issue", "swap_out", "create_kv")
+"""What the swap phase is made of (ColocatedMemory's telemetry phases)."""
 log = logging.getLogger("fastazr.train")
 
 
@@ -56,16 +69,44 @@ class Trainer:
     telemetry: Telemetry
     sandbox: Sandbox
     game: SelfPlay
+    checkpoints: Checkpointer
+    board: Board | None
+    start: int = 0
+    """Steps already done (a resumed run's checkpoint step)."""
+    stopper: Stopper | None = None
+    lock: object = None
+    """The open OUT/.lock file whose flock marks the run as taken (released when the process ends)."""
+    updating: bool = False
+    """Inside a step's update: its tensors may be half-written, so no checkpoint of them."""
 
     def close(self) -> None:
+        gc.unfreeze()  # build() froze the heap; frozen objects are never freed, and bindings complain at exit
+        self.checkpoints.wait()
+        if self.board is not None:
+            self.board.close()
         self.sandbox.close()
         self.telemetry.close()
+
+    def check_stop(self) -> None:
+        if self.stopper is not None:
+            self.stopper.check()
 
 
 def build(config: TrainConfig) -> Trainer:
     out = Path(config.out)
+    source = Path(config.resume) if config.resume else None
+    resumed_from = None
+    if source is None or source.resolve() != out.resolve():
+        if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+            raise CheckpointError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+    if source is not None:  # before anything slow is built, and before the run's config.toml changes
+        resumed_from = checkpoint.newest(checkpoint.checkpoint_root(source))
+        done = checkpoint_step(resumed_from)
+        if config.steps <= done:
+            raise CheckpointError(f"{resumed_from} is at step {done} and --steps is {config.steps}: "
+                                  f"pass --steps greater than {done} to continue")
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(as_dict(config), indent=2, default=str))
+    lock = hold_run_lock(out)
     device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     torch.manual_seed(config.seed)
@@ -76,8 +117,54 @@ def build(config: TrainConfig) -> Trainer:
     telemetry = Telemetry(device)
     memory = ColocatedMemory(engine, update.optimizer, config.update, telemetry)
     sandbox = Sandbox(config=config.sandbox)
-    game = SelfPlay(config.azr, engine, TaskExecutor(sandbox), tokenizer, config.seed)
-    return Trainer(config, out, model, update, engine, memory, telemetry, sandbox, game)
+    game = SelfPlay(config.azr, engine, TaskExecutor(sandbox), tokenizer, config.seed, progress_mode=config.run.progress)
+    checkpoints = Checkpointer(out, config.run.checkpoint_keep)
+    trainer = Trainer(config, out, model, update, engine, memory, telemetry, sandbox, game, checkpoints, None,
+                      lock=lock)
+    if resumed_from is not None:
+        trainer.start = checkpoints.restore(trainer, resumed_from)
+        carry_run_files(source, out, trainer.start)
+    # as a new run: `--config OUT/config.toml` reproduces it, `--resume OUT` continues it; a
+    # model given as a relative path is written absolute, so a resume from elsewhere finds it
+    model_path = Path(config.model)
+    saved = dataclasses.replace(config, resume=None,
+                                model=str(model_path.resolve()) if model_path.exists() else config.model)
+    save_config(saved, out / "config.toml")
+    if config.run.tensorboard:
+        trainer.board = Board(out / "tb", config.run.board_samples, purge_step=trainer.start + 1)
+    # Everything built so far lives as long as the run: out of the garbage collector's sight, a
+    # full collection (the memory phases run several a step, and Python's own thresholds more)
+    # scans only what steps allocate, not torch's and the tokenizer's hundreds of thousands of objects.
+    gc.collect()
+    gc.freeze()
+    return trainer
+
+
+def checkpoint_step(directory: Path) -> int:
+    return json.loads((directory / "state.json").read_text())["step"]
+
+
+def hold_run_lock(out: Path):
+    """An exclusive lock on OUT/.lock for the process's life: two trainers writing one run (a
+    scheduler restarting a job whose first process still lives) would interleave checkpoints
+    and metrics."""
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise CheckpointError(f"another process is training into {out} (it holds {out / '.lock'}): stop it first, "
+                              "or pick another --out") from None
+    return handle
+
+
+def carry_run_files(source: Path, out: Path, step: int) -> None:
+    """A resumed run's metrics and samples up to its checkpoint, in its (new or same) directory."""
+    if source.resolve() != out.resolve():
+        for name in ["metrics.jsonl"] + [f"samples/step_{n}.jsonl" for n in range(1, step + 1)]:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+    truncate_run_files(out, step)
 
 
 def train_step(t: Trainer, step: int) -> dict[str, float]:
@@ -87,12 +174,15 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
         prompts = game.proposer_prompts(step)
     with phase("generate_propose"):
         proposals = game.generate(prompts, step, 0)
+    t.check_stop()
     with phase("sandbox_validate"):
         game.validate(proposals, step)
     with phase("other"):
         prompts = game.solver_prompts(proposals, step)
+    t.check_stop()
     with phase("generate_solve"):
         solves = game.generate(prompts, step, 1)
+    t.check_stop()
     with phase("sandbox_check"):
         game.check(solves)
     with phase("other"):
@@ -100,14 +190,19 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
         trained = [s for s in proposals + solves if s.trained and s.completion_ids]
         reward_stds = assign_advantages(trained)
         rollouts = [Rollout(s.prompt_ids, s.completion_ids, s.advantage, s.logprobs) for s in trained]
+    t.check_stop()
+    with phase("checkpoint"):
+        t.checkpoints.wait()  # the last checkpoint's tensors are on disk before the update changes them
     update_metrics = {}
     if rollouts:  # every response empty (say, every prompt too long): nothing to train on, no step
+        t.updating = True
         with phase("swap"):
             t.memory.to_training()
         with phase("train"):
             update_metrics = t.update(rollouts)
         with phase("swap"):
             t.memory.to_generation()
+        t.updating = False
     with phase("other"):
         metrics = {"step": step, **game_metrics(proposals, solves, rates, reward_stds, game.buffers.sizes()),
                    **update_metrics}
@@ -115,21 +210,65 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
     metrics.update(timing(t.telemetry, time.perf_counter() - started, proposals + solves))
     with open(t.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
+    if t.board is not None:
+        t.board.step(step, metrics, proposals + solves)
     return metrics
 
 
 def run(config: TrainConfig) -> Path:
+    """Train config.steps steps (continuing a resumed run's count), checkpointing every
+    run.checkpoint_every steps and at the end. SIGINT/SIGTERM stop at the next phase boundary
+    with a checkpoint (fastazr/runlog/stop.py); the process then exits with 128 + the signal."""
     trainer = build(config)
-    try:
-        if config.azr.seed_tasks:
-            rounds = trainer.game.seed_buffers()
-            print(f"seeding: {rounds} proposal rounds, buffers {trainer.game.buffers.sizes()}", flush=True)
-        for step in range(1, config.steps + 1):
-            metrics = train_step(trainer, step)
-            print(console_line(step, config.steps, metrics), flush=True)
-    finally:
-        trainer.close()
+    every = config.run.checkpoint_every
+    with Stopper() as stopper:
+        trainer.stopper = stopper
+        try:
+            if config.azr.seed_tasks and not config.resume:  # a resumed run's buffers are the checkpoint's
+                rounds = trainer.game.seed_buffers()
+                print(f"seeding: {rounds} proposal rounds, buffers {trainer.game.buffers.sizes()}", flush=True)
+            at = boundary(trainer, trainer.start)
+            for step in range(trainer.start + 1, config.steps + 1):
+                try:
+                    metrics = train_step(trainer, step)
+                except StopRequested:
+                    break  # the step is abandoned before its update: `at` is still the state
+                except torch.OutOfMemoryError as exc:
+                    saved = not trainer.updating
+                    if saved:
+                        trainer.checkpoints.save(trainer, at, background=False)
+                    raise SystemExit(out_of_memory_message(exc, at.step, saved)) from None
+                print(console_line(step, config.steps, metrics), flush=True)
+                at = boundary(trainer, step)
+                if stopper.signum is not None:
+                    break
+                if step == config.steps or (every and step % every == 0):
+                    trainer.checkpoints.save(trainer, at, background=step != config.steps)
+            if stopper.signum is not None:
+                trainer.checkpoints.save(trainer, at, background=False)  # nothing new if this step is saved
+            if stopper.signum is not None and at.step < config.steps:
+                print(f"stopped after step {at.step}; continue with --resume {trainer.out}", file=sys.stderr,
+                      flush=True)
+                raise SystemExit(stopper.exit_status)
+        finally:
+            trainer.close()
     return trainer.out
+
+
+def out_of_memory_message(exc: BaseException, step: int | None, saved: bool) -> str:
+    """What ran out, what was saved, and the options that give each phase less memory. step is
+    the last complete step (None: outside the loop, while building or between steps)."""
+    first = (str(exc) or "torch.OutOfMemoryError").splitlines()[0]
+    if step is None:
+        when, where = "", "No checkpoint was written by this error (the newest periodic one stands)"
+    else:
+        when = f" in step {step + 1}"
+        where = (f"A checkpoint of step {step} was written" if saved else
+                 "It happened inside the update, whose tensors cannot be saved half-written: the newest periodic "
+                 "checkpoint stands")
+    return (f"fastazr: out of memory{when} ({first}). {where}; resume with --resume and less memory "
+            "per phase: --engine.kv-memory-fraction (generation: a smaller KV cache leaves room for activations), "
+            "--engine.max-num-seqs, --update.micro-batch-tokens (training), or --azr.batch-size.")
 
 
 def timing(telemetry: Telemetry, seconds: float, samples) -> dict[str, float]:
@@ -142,6 +281,8 @@ def timing(telemetry: Telemetry, seconds: float, samples) -> dict[str, float]:
     m["tokens/generate_solve"] = sum(len(s.completion_ids) for s in samples if s.role == "solve")
     generated = m["tokens/generate_propose"] + m["tokens/generate_solve"]
     m["tokens_per_s"] = generated / max(m["time/generate_propose"] + m["time/generate_solve"], 1e-9)
+    for part in SWAP_PARTS:
+        m[f"swap/{part}_s"] = timeline.get(f"{part}/seconds", 0.0)
     peaks = [v for k, v in timeline.items() if k.endswith("/peak_allocated_gib")]
     m["gpu_memory_gib"] = max(peaks, default=0.0)  # 0 on the CPU
     m["host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -151,7 +292,14 @@ def timing(telemetry: Telemetry, seconds: float, samples) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = parse_args(argv, torch.cuda.is_available())
-    out = run(config)
+    try:
+        out = run(config)
+    except CheckpointError as exc:
+        print(f"fastazr: {exc}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as exc:  # outside a step: building, or the KV cache after an update
+        print(out_of_memory_message(exc, None, saved=False), file=sys.stderr)
+        return 1
     print(f"wrote {out / 'metrics.jsonl'} and {out / 'samples'}/", flush=True)
     return 0
 

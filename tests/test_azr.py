@@ -42,12 +42,14 @@ class ScriptedPolicy(RolloutBackend):
     def __init__(self, script):
         self.script, self.requests = script, []
 
-    def generate(self, requests):
+    def generate(self, requests, progress=None):
         self.requests.append(requests)
         out = []
         for r in requests:
             prompt = "".join(map(chr, r.prompt_ids))
             out.append([self._completion(r, self.script(prompt, i)) for i in range(r.n)])
+            if progress is not None:
+                progress(sum(len(c.completion_ids) for c in out[-1]))
         return out
 
     @staticmethod
@@ -364,7 +366,7 @@ def test_fence_parsing_is_linear_and_reads_what_the_regex_read():
 class EmptyPolicy(ScriptedPolicy):
     """The engine's answer to prompts that do not fit: no tokens, finish reason 'prompt_too_long'."""
 
-    def generate(self, requests):
+    def generate(self, requests, progress=None):
         self.requests.append(requests)
         return [[Completion(list(r.prompt_ids), [], [], "prompt_too_long") for _ in range(r.n)] for r in requests]
 
@@ -389,7 +391,8 @@ def test_a_step_with_no_response_tokens_completes_and_reports_every_metric(execu
                            learnability_rollouts=2), EmptyPolicy(None), executor, CharTokenizer(), seed=7)
     (tmp_path / "samples").mkdir()
     trainer = SimpleNamespace(game=g, telemetry=Telemetry("cpu"), memory=Untouchable(), update=Untouchable(),
-                              out=tmp_path, config=SimpleNamespace(azr=g.config))
+                              out=tmp_path, config=SimpleNamespace(azr=g.config), check_stop=lambda: None,
+                              checkpoints=SimpleNamespace(wait=lambda: None), board=None)
     metrics = train_step(trainer, 1)
     required = (["step", "tokens_per_s", "gpu_memory_gib"] + [f"time/{p}" for p in PHASES]
                 + [f"{m}/{t}" for t in ("deduction", "abduction", "induction")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 from collections import OrderedDict
+from dataclasses import asdict
 
 import numpy as np
 
@@ -85,6 +86,30 @@ class TaskBuffers:
 
     def __getitem__(self, task: str) -> TaskBuffer:
         return self.by_task[task]
+
+    def snapshot(self) -> dict[str, list[Triplet | InductionTask]]:
+        """Every buffer's tasks, oldest first: a cheap copy (tasks are immutable) that state() can
+        encode later, after the buffers moved on."""
+        return {t: self.by_task[t].items() for t in TASK_TYPES}
+
+    @staticmethod
+    def state(snapshot: dict[str, list[Triplet | InductionTask]]) -> dict[str, list[dict]]:
+        """A snapshot as JSON-ready dicts (checkpoints)."""
+        return {t: [asdict(item) for item in items] for t, items in snapshot.items()}
+
+    def load_state(self, state: dict[str, list[dict]]) -> None:
+        """Replace every buffer's tasks by a state(), in its order. Keys are recomputed as add()
+        makes them, so deduplication continues exactly as before the checkpoint."""
+        for task in TASK_TYPES:
+            buffer = self.by_task[task]
+            buffer._items.clear()
+            for record in state[task]:
+                if task == "induction":
+                    record = {**record, "shown": tuple(map(tuple, record["shown"])),
+                              "hidden": tuple(map(tuple, record["hidden"]))}
+                    buffer.add(InductionTask(**record))
+                else:
+                    buffer.add(Triplet(**record))
 
     def sizes(self) -> dict[str, int]:
         return {t: len(self.by_task[t]) for t in TASK_TYPES}

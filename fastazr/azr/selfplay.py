@@ -22,6 +22,7 @@ import numpy as np
 
 from fastazr.rollout.backend import RolloutBackend
 from fastazr.rollout.request import Request, SamplingParams
+from fastazr.runlog.progress import progress_bar, shown
 from fastazr.tasks import TaskExecutor
 from fastazr.tasks.executor import literal_arguments
 
@@ -33,6 +34,8 @@ from .rewards import RewardScale, proposer_reward, solver_reward
 from .tasks import TASK_TYPES, InductionTask, Sample, Triplet
 
 SEED_SPACE = 2 ** 62
+# The bar of each generate() phase.
+PHASE_NAMES = ("propose", "solve")
 
 
 def derived_seed(*parts: int | str) -> int:
@@ -58,8 +61,13 @@ class Prompt:
 
 
 class SelfPlay:
-    def __init__(self, config: AZRConfig, backend: RolloutBackend, executor: TaskExecutor, tokenizer, seed: int):
+    def __init__(self, config: AZRConfig, backend: RolloutBackend, executor: TaskExecutor, tokenizer, seed: int,
+                 progress_mode: str = "off"):
+        """progress_mode: RunConfig.progress ('auto', 'on' or 'off'): a bar per generate (tokens),
+        validate and check (sandbox jobs) call."""
+        shown(progress_mode)  # a bad mode fails here, not a step later
         self.config, self.backend, self.executor, self.tokenizer, self.seed = config, backend, executor, tokenizer, seed
+        self.progress_mode = progress_mode
         self.buffers = TaskBuffers(config.buffer_capacity)
         template = config.prompt_format
         if template == "auto":
@@ -106,8 +114,10 @@ class SelfPlay:
                                     seed=derived_seed(self.seed, step, phase, k))
             requests.append(Request(p.ids, params, n=p.n))
         self.last_requests[phase] = requests
+        with progress_bar(PHASE_NAMES[phase], unit="tok", mode=self.progress_mode) as bar:
+            generated = self.backend.generate(requests, progress=bar.update)
         samples = []
-        for p, completions in zip(batch, self.backend.generate(requests)):
+        for p, completions in zip(batch, generated):
             for completion in completions:
                 text = self.tokenizer.decode(completion.completion_ids, skip_special_tokens=True)
                 sample = Sample(p.task, p.role, completion.prompt_ids, completion.completion_ids, completion.logprobs,
@@ -141,7 +151,10 @@ class SelfPlay:
             s.details.update(program=program, inputs=inputs, message=(parsed.first("message") or "").strip())
             plans.append((s, list(range(len(jobs), len(jobs) + len(inputs))), inputs))
             jobs.extend((program, given) for given in inputs)
-        outcomes = self.executor.validate_proposals(jobs) if jobs else []
+        outcomes = []
+        if jobs:
+            with progress_bar("validate", 2 * len(jobs), "job", self.progress_mode) as bar:
+                outcomes = self.executor.validate_proposals(jobs, progress=bar.update)
         for s, where, inputs in plans:
             runs = [(literal_arguments(given), outcomes[j]) for j, given in zip(where, inputs)]
             if s.task == "induction":
@@ -227,10 +240,13 @@ class SelfPlay:
             answer = parsed.first(parsing.SOLVER_FIELD[s.task])
             s.details["answer"] = answer
             by_task[s.task].append((s, answer))
-        deduction, abduction, induction = self.executor.check_answers(
-            [(s.details["item"].output, a) for s, a in by_task["deduction"]],
-            [(s.details["item"].program, s.details["item"].output, a) for s, a in by_task["abduction"]],
-            [(a, list(s.details["item"].hidden)) for s, a in by_task["induction"]])
+        abduction_items = [(s.details["item"].program, s.details["item"].output, a) for s, a in by_task["abduction"]]
+        induction_items = [(a, list(s.details["item"].hidden)) for s, a in by_task["induction"]]
+        total = self.executor.check_jobs(abduction_items, induction_items)
+        with progress_bar("check", total, "job", self.progress_mode) as bar:
+            deduction, abduction, induction = self.executor.check_answers(
+                [(s.details["item"].output, a) for s, a in by_task["deduction"]], abduction_items, induction_items,
+                progress=bar.update)
         verdicts = {"deduction": deduction, "abduction": abduction, "induction": induction}
         for task, judged in by_task.items():
             for (s, _), ok in zip(judged, verdicts[task]):

@@ -10,9 +10,14 @@ from .request import Completion, Request
 
 class RolloutBackend(ABC):
     @abstractmethod
-    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+    def generate(self, requests: list[Request], progress=None) -> list[list[Completion]]:
         """Every request of a phase together (any mix of roles and task types); result i holds
-        request i's n completions, in sample order."""
+        request i's n completions, in sample order.
+
+        progress: None, or a callable progress(n) the backend calls as completion tokens come
+        in, n the tokens since its last call; the calls sum to the completions' total length.
+        A backend calls it per step or chunk of tokens, never per token of each sequence, so a
+        progress bar costs nothing measurable. It must not change the results."""
 
     @abstractmethod
     def release_memory(self) -> None:

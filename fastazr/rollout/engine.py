@@ -122,6 +122,13 @@ class Engine(RolloutBackend):
         if self.blocks is not None:
             self.blocks.forget()
 
+    def seed_state(self) -> tuple:
+        """The generator of unseeded requests' seeds, for checkpoints (set_seed_state restores it)."""
+        return self._seeds.getstate()
+
+    def set_seed_state(self, state: tuple) -> None:
+        self._seeds.setstate(state)
+
     @property
     def max_len(self) -> int:
         """Longest sequence: the model's context, the configured limit and the whole cache."""
@@ -133,7 +140,13 @@ class Engine(RolloutBackend):
 
     # generation
 
-    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+    def generate(self, requests: list[Request], progress=None) -> list[list[Completion]]:
+        """See RolloutBackend.generate. `progress(n)` is called once per step whose tokens were
+        read back, with the completion tokens it added (stop-trimmed: the calls sum to the
+        completions' lengths)."""
+        if progress is not None and not callable(progress):
+            raise TypeError(f"Engine.generate()'s progress must be a callable taking a token count "
+                            f"(a bar's update method), got {type(progress).__name__}")
         if self.cache is None:
             raise RuntimeError("Engine.generate() after release_memory(): call resume_memory() first")
         self._check(requests)
@@ -170,7 +183,9 @@ class Engine(RolloutBackend):
                     raise RuntimeError("the scheduler found nothing to run: a bug, please report it")
                 launched = self._launch(work, inflight, table) if work else None
                 if inflight is not None:
-                    self._resolve(inflight, scheduler)
+                    added = self._resolve(inflight, scheduler)
+                    if progress is not None and added:
+                        progress(added)
                 if launched is not None:
                     # the prefix cache hashes token values: blocks of tokens read back so far
                     for w in launched.work:
@@ -233,12 +248,13 @@ class Engine(RolloutBackend):
         return _Launched(work, [w.seq for w in sampling], positions, steps, tokens.reshape(-1), host,
                          self.staging.end_step())
 
-    def _resolve(self, step: _Launched, scheduler: Scheduler) -> None:
-        """Wait for a step's tokens, put them in place of their placeholders and check stops."""
+    def _resolve(self, step: _Launched, scheduler: Scheduler) -> int:
+        """Wait for a step's tokens, put them in place of their placeholders and check stops.
+        Returns how many completion tokens the sequences kept."""
         if step.ready is not None:
             step.ready.synchronize()
         columns, logprob_columns = (t.t().tolist() for t in step.host)
-        max_len = self.max_len
+        max_len, kept = self.max_len, 0
         for seq, pos, steps, tokens, logprobs in zip(step.seqs, step.positions, step.steps, columns, logprob_columns):
             if seq.finish_reason is not None:  # stopped a step earlier: these rows were extra
                 continue
@@ -253,6 +269,8 @@ class Engine(RolloutBackend):
                 del seq.logprobs[end - seq.num_prompt:]
                 seq.num_known = end
                 scheduler.finish(seq)
+            kept += seq.num_known - pos
+        return kept
 
     def _sampling_batch(self, seqs: list[Sequence], table: _ParamTable) -> SamplingBatch:
         rows = np.fromiter((table.row[id(s)] for s in seqs), np.int64, len(seqs))

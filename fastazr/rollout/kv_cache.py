@@ -37,8 +37,15 @@ class KVCache:
         # row's context with probability 0, and 0 x NaN from uninitialized memory would be NaN
         # (the default 256 MiB: ~0.06 s a resume_memory())
         make = torch.empty if model.device.type == "cuda" else torch.zeros
-        self.k = make(shape, device=model.device, dtype=model.dtype)
-        self.v = make(shape, device=model.device, dtype=model.dtype)
+        try:
+            self.k = make(shape, device=model.device, dtype=model.dtype)
+            self.v = make(shape, device=model.device, dtype=model.dtype)
+        except torch.OutOfMemoryError as exc:
+            self.k = self.v = None
+            raise torch.OutOfMemoryError(
+                f"the KV cache ({budget / 2**30:.2f} GiB: EngineConfig.kv_memory_fraction x the free memory, or "
+                "kv_cache_bytes) could not be allocated: lower kv_memory_fraction (--engine.kv-memory-fraction) "
+                f"or set kv_cache_bytes ({str(exc).splitlines()[0]})") from exc
 
     @property
     def bytes(self) -> int:

@@ -5,7 +5,9 @@
         printed = sb.exec_many(["print(sum(range(10)))"])
 
 Jobs are spread over the zygotes as they free up; results come back in input order, and one
-job's failure never affects another's. Every job runs at one canonical hash seed
+job's failure never affects another's. A zygote lost mid-batch (killed, crashed or silent past
+its deadline) is replaced and its batch's jobs run again once, each alone; a job that loses a
+zygote on that second try too gets an error. Every job runs at one canonical hash seed
 (SandboxConfig.hash_seed), except those a call pins to group 1: a determinism check's second
 run, on zygotes of a second seed that share each worker's CPU with the canonical ones."""
 
@@ -267,23 +269,31 @@ class Sandbox:
 
     # ---- running jobs ----
 
-    def call_many(self, calls, timeout_s: float | None = None, groups=None) -> list[Result]:
+    def call_many(self, calls, timeout_s: float | None = None, groups=None, progress=None) -> list[Result]:
         """Run `entry(*args)` after executing `program`, for each (program, entry, args_source).
 
         args_source is Python source for the arguments ("[1, 2], 'x'"), evaluated inside the
         child. Jobs run at the canonical str/bytes hash seed (hash_seeds[0]); groups, if given,
         sends job i to hash_seeds[groups[i]] (0 or 1; None is 0): the second run of a
-        determinism check goes to group 1, so a program whose value follows the seed is seen."""
+        determinism check goes to group 1, so a program whose value follows the seed is seen.
+
+        progress, if given, is called as results come in: progress(n), n the jobs just
+        finished (once per zygote reply, so up to MAX_BATCH at a time); the calls sum to the
+        number of jobs."""
         jobs = [{"kind": "call", "program": p, "entry": e, "args": a} for p, e, a in calls]
-        return self._run(jobs, timeout_s, groups)
+        return self._run(jobs, timeout_s, groups, progress)
 
-    def exec_many(self, sources, timeout_s: float | None = None) -> list[Result]:
-        """Execute whole programs; each Result carries status and captured stdout/stderr."""
-        return self._run([{"kind": "exec", "program": s} for s in sources], timeout_s, None)
+    def exec_many(self, sources, timeout_s: float | None = None, progress=None) -> list[Result]:
+        """Execute whole programs; each Result carries status and captured stdout/stderr.
+        progress: as in call_many."""
+        return self._run([{"kind": "exec", "program": s} for s in sources], timeout_s, None, progress)
 
-    def _run(self, jobs: list[dict], timeout_s: float | None, groups) -> list[Result]:
+    def _run(self, jobs: list[dict], timeout_s: float | None, groups, progress) -> list[Result]:
         if not self._zygotes:
             raise SandboxError("this Sandbox is closed")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"the sandbox's progress must be a callable taking a job count (a bar's update "
+                            f"method), got {type(progress).__name__}")
         self._repair()
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         results: list[Result | None] = [None] * len(jobs)
@@ -293,22 +303,27 @@ class Sandbox:
             if len(job["program"]) + len(job.get("args", "")) > self.config.max_program_chars:
                 results[i] = Result("error", error=f"the program and its input exceed max_program_chars="
                                                    f"{self.config.max_program_chars}")
+        progress = _ignore if progress is None else progress
         pending = [i for i, r in enumerate(results) if r is None]
+        if len(pending) < len(jobs):
+            progress(len(jobs) - len(pending))  # refused unrun: finished already
         queues = (deque(i for i in pending if not groups or groups[i] != 1),
                   deque(i for i in pending if groups and groups[i] == 1))
         if queues[1] and not self._alternates:
             self._alternates = self._start(1)
-        self._dispatch(queues, jobs, timeout, results)
+        self._dispatch(queues, jobs, timeout, results, progress)
         return results  # type: ignore[return-value]
 
-    def _dispatch(self, queues: tuple[deque, deque], jobs: list[dict], timeout: float, results: list) -> None:
+    def _dispatch(self, queues: tuple[deque, deque], jobs: list[dict], timeout: float, results: list,
+                  progress) -> None:
         """Run the jobs queued per hash-seed group. A worker runs one batch at a time, on its
         zygote of that batch's group (both sit on the worker's CPU)."""
         idle, busy = list(range(len(self._zygotes))), set()
+        retried: set[int] = set()  # jobs already re-queued once after their zygote was lost
         try:
             while any(queues) or busy:
                 for worker in list(idle):
-                    group, batch = self._next_batch(queues)
+                    group, batch = self._next_batch(queues, retried)
                     if not batch:
                         break
                     z = (self._alternates if group else self._zygotes)[worker]
@@ -332,16 +347,20 @@ class Sandbox:
                         continue
                     busy.discard(z)
                     if messages is None:
-                        self._fail_batch(z, results, f"sandbox worker died: {z.stderr_tail()}")
+                        progress(self._lost(z, queues, retried, results, f"died ({z.stderr_tail()})"))
                         self._replace(z)
                     else:
                         for i, reply in zip(z.batch, messages[0]):
                             results[i] = result_from(marshal.loads(reply))
+                        progress(len(z.batch))
                     idle.append(z.index)
                 now = time.monotonic()
                 for z in [z for z in busy if now > z.deadline]:
-                    self._fail_batch(z, results, "sandbox worker stopped answering and was replaced")
                     busy.discard(z)
+                    # Killed before _replace closes it: a stopped zygote would not exit on end of
+                    # file, and close() would wait 2 s for it.
+                    z.kill()
+                    progress(self._lost(z, queues, retried, results, "stopped answering and was killed"))
                     self._replace(z)
                     idle.append(z.index)
         except BaseException:
@@ -353,18 +372,39 @@ class Sandbox:
             raise
 
     @staticmethod
-    def _fail_batch(z: Zygote, results: list, error: str) -> None:
-        for i in z.batch:
-            results[i] = Result("error", error=error)
+    def _lost(z: Zygote, queues: tuple[deque, deque], retried: set[int], results: list, why: str) -> int:
+        """z was lost mid-batch, before its one reply, so none of its jobs has a result. Each job
+        on its first try goes back to the front of its group's queue (the same hash seed), to
+        run alone (see _next_batch); one that was already retried gets an error. Returns how
+        many jobs that finished (as errors), for progress."""
+        again = [i for i in z.batch if i in retried]
+        for i in again:
+            results[i] = Result("error", error=f"sandbox worker died twice with this job in its batch: its retry "
+                                               f"ran alone on a fresh zygote, which {why}. A job is retried once "
+                                               "only; if many jobs report this, look for what kills the zygotes "
+                                               "(the kernel's out-of-memory killer: dmesg)")
+        first = [i for i in z.batch if i not in retried]
+        retried.update(first)
+        queues[z.group].extendleft(reversed(first))
+        return len(again)
 
-    def _next_batch(self, queues: tuple[deque, deque]) -> tuple[int, list[int]]:
+    def _next_batch(self, queues: tuple[deque, deque], retried: set[int]) -> tuple[int, list[int]]:
         """(group, up to MAX_BATCH jobs of it), canonical jobs first. Batches shrink as a queue
         drains (a quarter of each worker's fair share), so the last jobs still spread over all
-        workers."""
+        workers. A retried job runs in a batch of its own: if it is what kills zygotes, its
+        second loss takes no other job down with it (one round trip per retried job, paid
+        only after a loss)."""
         group = 0 if queues[0] else 1
         queue = queues[group]
+        if not queue:
+            return group, []
+        if queue[0] in retried:
+            return group, [queue.popleft()]
         size = min(MAX_BATCH, max(1, len(queue) // (4 * len(self._zygotes))))
-        return group, [queue.popleft() for _ in range(min(size, len(queue)))]
+        batch = []
+        while queue and len(batch) < size and queue[0] not in retried:
+            batch.append(queue.popleft())
+        return group, batch
 
     def _replace(self, z: Zygote) -> None:
         """A fresh zygote in z's place. Until it has said hello, z's place stays in _broken,
@@ -418,6 +458,10 @@ class Sandbox:
     def __del__(self) -> None:
         if getattr(self, "_zygotes", None):
             self.close()
+
+
+def _ignore(n: int) -> None:
+    """The progress callback of a call that passed none."""
 
 
 def result_from(message: dict) -> Result:

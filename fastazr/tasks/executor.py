@@ -84,12 +84,15 @@ class TaskExecutor:
             return replace(result, status="error", value=None, error=f"output is not a literal value ({exc})")
         return result
 
-    def validate_proposals(self, items: list[tuple[str, str]]) -> list[ProgramOutput]:
+    def validate_proposals(self, items: list[tuple[str, str]], progress=None) -> list[ProgramOutput]:
         """Static checks, an input of literal values, then f(input) twice in separate children,
         at the canonical hash seed and at another: a proposal is valid when both runs succeed
         with the same value, a literal of at most max_output_chars (longer outputs are rejected,
         never truncated). Its output is the canonical run's repr, which every later run at
-        that seed reproduces."""
+        that seed reproduces.
+
+        progress(n), if given, counts sandbox jobs as they finish: two per item (so a bar's
+        total is 2 * len(items)), the two of an item the checks rejected counted at once."""
         outcomes: list[ProgramOutput | None] = [None] * len(items)
         runnable, arguments = [], []
         for k, (program, given) in enumerate(items):
@@ -104,7 +107,9 @@ class TaskExecutor:
                 arguments.append(args)
         calls = [(items[k][0], ENTRY, args) for k, args in zip(runnable, arguments)]
         n = len(calls)
-        results = self.sandbox.call_many(calls + calls, groups=[0] * n + [1] * n)
+        if progress is not None and n < len(items):
+            progress(2 * (len(items) - n))
+        results = self.sandbox.call_many(calls + calls, groups=[0] * n + [1] * n, progress=progress)
         for j, k in enumerate(runnable):
             outcomes[k] = self._judge_twice(results[j], results[n + j])
         return outcomes  # type: ignore[return-value]
@@ -150,14 +155,28 @@ class TaskExecutor:
         return self._judge(plan, self.sandbox.call_many(plan[1]))
 
     def check_answers(self, deduction: list[tuple[str, str]], abduction: list[tuple[str, str, str]],
-                      induction: list[tuple[str, list[tuple[str, str]]]]) -> tuple[list[bool], list[bool], list[bool]]:
+                      induction: list[tuple[str, list[tuple[str, str]]]],
+                      progress=None) -> tuple[list[bool], list[bool], list[bool]]:
         """The three checks above in one sandbox batch: a self-play step's answers of every task
-        type spread over all zygotes at once, with no barrier between task types."""
+        type spread over all zygotes at once, with no barrier between task types.
+
+        progress(n), if given, counts sandbox jobs as they finish: one per abduction answer and
+        one per held-out pair of each induction answer (check_jobs gives the total), those of
+        an answer rejected unrun counted at once. Deduction answers run nothing."""
         abd, ind = self._plan_abduction(abduction), self._plan_induction(induction)
-        results = self.sandbox.call_many(abd[1] + ind[1])
+        unrun = self.check_jobs(abduction, induction) - len(abd[1]) - len(ind[1])
+        if progress is not None and unrun:
+            progress(unrun)
+        results = self.sandbox.call_many(abd[1] + ind[1], progress=progress)
         split = len(abd[1])
         return (self.check_deduction(deduction), self._judge(abd, results[:split]),
                 self._judge(ind, results[split:]))
+
+    @staticmethod
+    def check_jobs(abduction: list[tuple[str, str, str]], induction: list[tuple[str, list[tuple[str, str]]]]) -> int:
+        """The jobs check_answers counts in its progress: one per abduction answer, one per
+        held-out pair of each induction answer."""
+        return len(abduction) + sum(len(pairs) for _, pairs in induction)
 
     def _plan_abduction(self, items):
         """(verdicts so far, sandbox calls, (item, gold) each call is judged against)."""

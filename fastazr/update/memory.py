@@ -44,6 +44,7 @@ class ColocatedMemory:
         self.offload = offloads(optimizer, config)
         self.telemetry = telemetry or Telemetry(optimizer.device)
         self.phase = "training"
+        self._kv_held = True
         self.to_generation()  # the engine's KV cache was sized before the state left: size it again
 
     def _empty_cache(self) -> None:
@@ -57,8 +58,8 @@ class ColocatedMemory:
         if self.phase == "training":
             return
         with self.telemetry.phase("release_kv"):
-            self.engine.release_memory()
-            self._empty_cache()
+            self.engine.release_memory()  # collects garbage and empties torch's cache itself
+        self._kv_held = False
         # the copies run on a side stream and the first optimizer step waits for them: the phase
         # times only their queueing, so that they overlap the first micro-batches
         with self.telemetry.phase("swap_in_issue", sync=False):
@@ -71,8 +72,10 @@ class ColocatedMemory:
         with self.telemetry.phase("swap_out"):
             self.optimizer.offload(state=self.offload)
         with self.telemetry.phase("create_kv"):
-            self.engine.release_memory()
+            if self._kv_held:  # only when built: to_training released it otherwise
+                self.engine.release_memory()
             self._empty_cache()
             self.engine.resume_memory()
             self.engine.weights_updated()
+        self._kv_held = True
         self.phase = "generation"

@@ -48,10 +48,10 @@ class PolicyUpdate:
         they become the fp32 master; Adam's moments and step count stay."""
         self.optimizer.load_from_model()
 
-    def state_dict(self) -> dict:
-        """The optimizer's state (MasterOptimizer.state_dict): all an exact resume needs besides
-        the UpdateConfig, which the caller rebuilds."""
-        return self.optimizer.state_dict()
+    def state_dict(self, copy: bool = True) -> dict:
+        """The optimizer's state (MasterOptimizer.state_dict, copy=False: its live tensors): all
+        an exact resume needs besides the UpdateConfig, which the caller rebuilds."""
+        return self.optimizer.state_dict(copy)
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from state_dict(): the master, Adam's state and step counts, and the model's

@@ -1,0 +1,37 @@
+"""RunConfig: what a run keeps and shows besides its metrics: checkpoints, TensorBoard, progress bars."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROGRESS = ("auto", "on", "off")
+
+
+@dataclass
+class RunConfig:
+    checkpoint_every: int = 50
+    """Write a checkpoint every this many steps (0: only at the end of the run and on
+    SIGINT/SIGTERM)."""
+
+    checkpoint_keep: int = 2
+    """Newest complete checkpoints kept; older ones are deleted once a newer one is on disk."""
+
+    tensorboard: bool = True
+    """Write every metric, and a few tasks and answers per step, to OUT/tb for TensorBoard."""
+
+    board_samples: int = 3
+    """Proposed tasks and solver answers per task type shown as text in TensorBoard each step."""
+
+    progress: str = "auto"
+    """Progress bars for generation and sandbox phases: 'on', 'off', or 'auto' (on when
+    stdout is a terminal, so logs stay readable)."""
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("checkpoint_every", 0), ("checkpoint_keep", 1), ("board_samples", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"--run.{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        if not isinstance(self.tensorboard, bool):
+            raise ValueError(f"--run.tensorboard takes true or false, got {self.tensorboard!r}")
+        if self.progress not in PROGRESS:
+            raise ValueError(f"--run.progress must be one of {PROGRESS}, got {self.progress!r}")

@@ -1,0 +1,60 @@
+"""`python tests/resume_driver.py FAULT [train options]`: python -m fastazr.train with one fault
+injected at a point the test chooses (tests/test_resume.py).
+
+    none                    no fault
+    kill-in-checkpoint-N    SIGKILL while checkpoint N's files are being summed (mid-write)
+    sigint-in-validate-N    SIGINT while step N validates its proposals
+    oom-in-solve-N          torch.OutOfMemoryError from step N's solver generation"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+from fastazr.azr.selfplay import SelfPlay
+from fastazr.runlog import checkpoint
+from fastazr.train import main
+
+
+def inject(fault: str) -> None:
+    if fault == "none":
+        return
+    kind, _, number = fault.rpartition("-")
+    n = int(number)
+    if kind == "kill-in-checkpoint":
+        real_crc32 = checkpoint.crc32
+
+        def crc32(path):
+            if f".step_{n:08d}.partial" in str(path):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_crc32(path)
+
+        checkpoint.crc32 = crc32
+    elif kind == "sigint-in-validate":
+        real_validate = SelfPlay.validate
+
+        def validate(self, proposals, step):
+            if step == n:
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs now: mid-phase
+            return real_validate(self, proposals, step)
+
+        SelfPlay.validate = validate
+    elif kind == "oom-in-solve":
+        real_generate = SelfPlay.generate
+
+        def generate(self, batch, step, phase):
+            if step == n and phase == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            return real_generate(self, batch, step, phase)
+
+        SelfPlay.generate = generate
+    else:
+        raise SystemExit(f"unknown fault {fault!r}")
+
+
+if __name__ == "__main__":
+    inject(sys.argv[1])
+    sys.exit(main(sys.argv[2:]))
