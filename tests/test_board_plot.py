@@ -212,3 +212,13 @@ def test_plot_command_exit_status(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastazr.plot", str(tmp_path / "missing")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "metrics.jsonl" in done.stderr and done.stdout == ""
+
+
+def test_plot_draws_the_evaluations_of_the_steps_that_had_them(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [metrics_record(s) for s in range(1, 7)]
+    for r in records[1::2]:  # --run.eval-every 2
+        r.update({"eval/humaneval/trainer/greedy_pass@1": 0.05 * r["step"], "eval/output_prediction/plain": 0.2})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    check_pngs(plot_run(run), run / "plots", PLOTS | {"eval.png"})

@@ -193,3 +193,17 @@ def test_a_run_directory_takes_one_trainer_at_a_time(tmp_path):
         hold_run_lock(tmp_path)
     first.close()
     hold_run_lock(tmp_path).close()
+
+
+def test_evaluation_during_training_is_logged_with_the_step(model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "2", "--run.eval-every", "2", "--run.eval-limit", "3", "--run.eval-max-tokens", "8",
+          model=model_dir)
+    lines = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert not [k for k in lines[1] if k.startswith("eval/")], "step 1 is not a multiple of 2"
+    scores = {k: v for k, v in lines[2].items() if k.startswith("eval/")}
+    assert {"eval/humaneval/trainer/greedy_pass@1", "eval/humaneval/plain/greedy_pass@1",
+            "eval/output_prediction/trainer", "eval/input_prediction/plain"} <= set(scores)
+    assert all(0 <= v <= 1 for v in scores.values()) and lines[2]["time/eval"] > 0
+    records = [json.loads(x) for x in (out / "eval" / "step_2.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r["bench"] == "humaneval"]) == 6

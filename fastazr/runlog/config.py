@@ -22,12 +22,23 @@ class RunConfig:
     board_samples: int = 3
     """Proposed tasks and solver answers per task type shown as text in TensorBoard each step."""
 
+    eval_every: int = 0
+    """Evaluate every this many steps (0: never): HumanEval and code reasoning on a fixed subset,
+    greedy, both prompt formats, logged as eval/... metrics of that step."""
+
+    eval_limit: int = 20
+    """HumanEval problems (and the reasoning tasks built from them) each evaluation uses."""
+
+    eval_max_tokens: int = 512
+    """Longest response of an evaluation."""
+
     progress: str = "auto"
     """Progress bars for generation and sandbox phases: 'on', 'off', or 'auto' (on when
     stdout is a terminal, so logs stay readable)."""
 
     def __post_init__(self) -> None:
-        for name, minimum in (("checkpoint_every", 0), ("checkpoint_keep", 1), ("board_samples", 0)):
+        for name, minimum in (("checkpoint_every", 0), ("checkpoint_keep", 1), ("board_samples", 0), ("eval_every", 0),
+                              ("eval_limit", 1), ("eval_max_tokens", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"--run.{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,71 @@
+"""Every text an evaluated model reads, in two formats, and reading its answers back.
+
+- 'trainer': the prompts self-play trains on. Code reasoning *is* the AZR solver's deduction
+  (program + input -> output) and abduction (program + output -> an input) task, so those are
+  the trainer's own solver prompts; a HumanEval problem gets the same <think>/<answer> wrapper.
+  Answers are read by the trainer's parser (the last <answer> block, then its fenced blocks).
+- 'plain': a short instruction and one fenced block back, as evaluation harnesses ask; what a
+  model that never saw the trainer's format can follow. The last fenced block is the answer.
+
+Both go through the tokenizer's chat template when it has one, as self-play prompts do."""
+
+from __future__ import annotations
+
+from fastazr.azr import parsing, prompts
+from fastazr.azr.tasks import Triplet
+
+FORMATS = ("trainer", "plain")
+
+
+def _fence(kind: str, body: str) -> str:
+    return f"```{kind}\n{body.rstrip()}\n```"
+
+
+def humaneval(problem, fmt: str) -> str:
+    if fmt == "trainer":
+        return (f"Complete this Python function so that it does what its docstring says.\n"
+                f"{_fence('python', problem.prompt)}\n\n{prompts.FORMAT} Write the complete function, its signature "
+                f"and imports included:\n{_fence('python', '...')}")
+    return (f"Complete this Python function so that it does what its docstring says. Reply with the complete "
+            f"function, its signature and imports included, in one ```python block.\n{_fence('python', problem.prompt)}")
+
+
+def output_prediction(task, fmt: str) -> str:
+    if fmt == "trainer":
+        return prompts.solve_deduction(Triplet(task.program, task.input, task.output))
+    return (f"What does `f({task.input})` return? Reply with the value as a Python literal, exactly as repr() "
+            f"would print it, in one ```python block.\n{_fence('python', task.program)}")
+
+
+def input_prediction(task, fmt: str) -> str:
+    if fmt == "trainer":
+        return prompts.solve_abduction(Triplet(task.program, task.input, task.output))
+    return (f"Find arguments for which `f` returns `{task.output}`. Reply with the arguments of one call as "
+            f"Python literals (for example: [3, 1], 'a') in one ```python block.\n{_fence('python', task.program)}")
+
+
+def encode(text: str, fmt: str, tokenizer) -> list[int]:
+    """Token ids: the trainer format exactly as self-play wraps its prompts; the plain format as
+    the chat template's user turn (or the bare text for a model without one)."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    if fmt == "trainer":
+        return prompts.wrap(text, "chat" if chat else "plain", tokenizer)
+    if chat:
+        return tokenizer.encode_chat([{"role": "user", "content": text}])
+    return tokenizer.encode(f"{text}\n")
+
+
+def answer(task_kind: str, text: str, fmt: str, max_chars: int = 20_000) -> str | None:
+    """The answer a code-reasoning response gives: an output literal ('deduction') or an input
+    ('abduction'); None when it gives none. Never raises on model text. (HumanEval responses
+    are read by humaneval.extract_program, which knows the problem's signature.)"""
+    if fmt == "trainer":
+        parsed = parsing.solver_answer(task_kind, text, max_chars)
+        return parsed.first(parsing.SOLVER_FIELD[task_kind]) if parsed.ok else None
+    if not isinstance(text, str) or len(text) > max_chars:
+        return None
+    blocks = parsing.fenced_blocks(text)
+    for kind in ("python", "", *blocks):  # the block asked for, then an untagged one, then any
+        if blocks.get(kind):
+            return blocks[kind][-1].strip() or None
+    return text.strip() or None
