@@ -4,10 +4,12 @@ injected at a point the test chooses (tests/test_resume.py).
     none                    no fault
     kill-in-checkpoint-N    SIGKILL while checkpoint N's files are being summed (mid-write)
     sigint-in-validate-N    SIGINT while step N validates its proposals
-    oom-in-solve-N          torch.OutOfMemoryError from step N's solver generation"""
+    oom-in-solve-N          torch.OutOfMemoryError from step N's solver generation
+    enospc-in-checkpoint-N  a full disk (ENOSPC) while checkpoint N is fsynced"""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -51,6 +53,15 @@ def inject(fault: str) -> None:
             return real_generate(self, batch, step, phase)
 
         SelfPlay.generate = generate
+    elif kind == "enospc-in-checkpoint":
+        real_sum = checkpoint._sum_and_sync
+
+        def full_disk(path):
+            if f".step_{n:08d}.partial" in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_sum(path)
+
+        checkpoint._sum_and_sync = full_disk
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 

@@ -207,3 +207,13 @@ def test_evaluation_during_training_is_logged_with_the_step(model_dir, tmp_path)
     assert all(0 <= v <= 1 for v in scores.values()) and lines[2]["time/eval"] > 0
     records = [json.loads(x) for x in (out / "eval" / "step_2.jsonl").read_text().splitlines()]
     assert len([r for r in records if r["bench"] == "humaneval"]) == 6
+
+
+def test_a_full_disk_during_a_background_checkpoint_is_reported_and_the_run_goes_on(reference, model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = train(out, "--steps", "4", "--run.checkpoint-every", "1", model=model_dir, fault="enospc-in-checkpoint-2")
+    assert "writing checkpoint" in proc.stderr and "No space left on device" in proc.stderr
+    assert "previous checkpoints are intact" in proc.stderr
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_00000003", "step_00000004"], names
+    assert_same_run(out, reference, range(1, 5))
