@@ -83,7 +83,8 @@ class Trainer:
     lock: object = None
     """The open OUT/.lock file whose flock marks the run as taken (released when the process ends)."""
     updating: bool = False
-    """Inside a step's update: its tensors may be half-written, so no checkpoint of them."""
+    """From a step's update until its boundary is taken: the tensors are past the last boundary
+    (or half-written), so no checkpoint of that boundary may be written from them."""
 
     def close(self) -> None:
         gc.unfreeze()  # build() froze the heap; frozen objects are never freed, and bindings complain at exit
@@ -142,7 +143,8 @@ def build(config: TrainConfig) -> Trainer:
         trainer.eval_sandbox = Sandbox(config=eval_sandbox_config(config.sandbox.workers))
         trainer.evaluator = Evaluator(engine, tokenizer, trainer.eval_sandbox, TaskExecutor(trainer.eval_sandbox),
                                       EvalConfig(formats=FORMATS, limit=config.run.eval_limit,
-                                                 max_tokens=config.run.eval_max_tokens, seed=config.seed))
+                                                 max_tokens=config.run.eval_max_tokens, seed=config.seed,
+                                                 template=game.template))
     if config.run.tensorboard:
         trainer.board = Board(out / "tb", config.run.board_samples, purge_step=trainer.start + 1)
     # Everything built so far lives as long as the run: out of the garbage collector's sight, a
@@ -151,6 +153,21 @@ def build(config: TrainConfig) -> Trainer:
     gc.collect()
     gc.freeze()
     return trainer
+
+
+def evaluate(t: Trainer, step: int) -> dict[str, float]:
+    """The evaluation of this step's weights; out of memory, the step goes on without it
+    (evaluation is optional, and the training state must not be blamed for it)."""
+    try:
+        metrics, records = t.evaluator.run(step)
+    except torch.OutOfMemoryError as exc:
+        log.warning("evaluation at step %d ran out of memory (%s): skipped; lower --run.eval-max-tokens or "
+                    "--engine.kv-memory-fraction", step, str(exc).splitlines()[0] if str(exc) else "")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {}
+    write_records(t.out / "eval" / f"step_{step}.jsonl", records)
+    return metrics
 
 
 def write_records(path: Path, records: list[dict]) -> None:
@@ -181,7 +198,9 @@ def hold_run_lock(out: Path):
 def carry_run_files(source: Path, out: Path, step: int) -> None:
     """A resumed run's metrics and samples up to its checkpoint, in its (new or same) directory."""
     if source.resolve() != out.resolve():
-        for name in ["metrics.jsonl"] + [f"samples/step_{n}.jsonl" for n in range(1, step + 1)]:
+        (out / "eval").mkdir(exist_ok=True)
+        for name in ["metrics.jsonl"] + [f"{kind}/step_{n}.jsonl" for kind in ("samples", "eval")
+                                         for n in range(1, step + 1)]:
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)
     truncate_run_files(out, step)
@@ -222,12 +241,10 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
             update_metrics = t.update(rollouts)
         with phase("swap"):
             t.memory.to_generation()
-        t.updating = False
     evaluated = {}
-    if t.evaluator is not None and step % t.config.run.eval_every == 0:
+    if t.evaluator is not None and (step % t.config.run.eval_every == 0 or step == t.config.steps):
         with phase("eval"):
-            evaluated, records = t.evaluator.run(step)
-            write_records(t.out / "eval" / f"step_{step}.jsonl", records)
+            evaluated = evaluate(t, step)
     with phase("other"):
         metrics = {"step": step, **game_metrics(proposals, solves, rates, reward_stds, game.buffers.sizes()),
                    **update_metrics, **{f"eval/{k}": v for k, v in evaluated.items()}}
@@ -265,6 +282,7 @@ def run(config: TrainConfig) -> Path:
                     raise SystemExit(out_of_memory_message(exc, at.step, saved)) from None
                 print(console_line(step, config.steps, metrics), flush=True)
                 at = boundary(trainer, step)
+                trainer.updating = False  # the tensors are `at`'s again: a checkpoint of them is consistent
                 if stopper.signum is not None:
                     break
                 if step == config.steps or (every and step % every == 0):

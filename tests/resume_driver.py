@@ -5,7 +5,8 @@ injected at a point the test chooses (tests/test_resume.py).
     kill-in-checkpoint-N    SIGKILL while checkpoint N's files are being summed (mid-write)
     sigint-in-validate-N    SIGINT while step N validates its proposals
     oom-in-solve-N          torch.OutOfMemoryError from step N's solver generation
-    enospc-in-checkpoint-N  a full disk (ENOSPC) while checkpoint N is fsynced"""
+    enospc-in-checkpoint-N  a full disk (ENOSPC) while checkpoint N is fsynced
+    oom-in-eval-N           torch.OutOfMemoryError from the evaluation after step N's update"""
 
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def inject(fault: str) -> None:
             return real_generate(self, batch, step, phase)
 
         SelfPlay.generate = generate
+    elif kind == "oom-in-eval":
+        from fastazr.eval.evaluate import Evaluator
+        real_run = Evaluator.run
+
+        def run(self, round_=0):
+            if round_ == n:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected in evaluation)")
+            return real_run(self, round_)
+
+        Evaluator.run = run
     elif kind == "enospc-in-checkpoint":
         real_sum = checkpoint._sum_and_sync
 

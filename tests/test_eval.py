@@ -91,3 +91,17 @@ def test_eval_command_with_the_embedded_model_on_ten_problems(tmp_path):
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in result["metrics"].values())
     assert len([r for r in result["records"] if r["bench"] == "humaneval"]) == 20
     assert "greedy_pass@1" in proc.stdout
+
+
+def test_plain_answers_are_the_last_fenced_block_and_trainer_prompts_follow_the_template():
+    from fastazr.eval import prompts
+
+    traced = "Tracing:\n```python\nf(3)\n```\nResult:\n```\n5\n```\n"
+    assert prompts.answer("deduction", traced, "plain") == "5"
+    assert prompts.answer("deduction", "```python\n7\n```\n```python\n   \n```", "plain") == "7"
+    assert prompts.answer("deduction", "it is 9", "plain") == "it is 9"
+    assert prompts.answer("deduction", "<think>x</think><answer>5</answer>", "trainer") == "5"
+    tok = CharTokenizer()
+    plain = "".join(map(chr, prompts.encode("q", "trainer", tok, "plain")))
+    chat = "".join(map(chr, prompts.encode("q", "trainer", tok, "chat")))
+    assert plain.endswith("Assistant: <think>") and chat.startswith("<user>")

@@ -256,3 +256,12 @@ def test_unusable_responses_give_none(problems, text):
 def test_extract_program_rejects_a_non_problem():
     with pytest.raises(TypeError, match="Problem"):
         extract_program({"prompt": ""}, "x")
+
+
+def test_a_main_block_in_a_right_program_does_not_run(problems, sb):
+    """Instruct models often end with a demo under `if __name__ == "__main__":`; the reference
+    harness never runs it, and a doctest.testmod() or sys.exit() there made a right program fail."""
+    p = problems[2]
+    demos = ["    import sys\n    sys.exit(0)\n", "    import doctest\n    doctest.testmod()\n", "    input()\n"]
+    programs = [[p.prompt + p.canonical_solution + "\n\nif __name__ == '__main__':\n" + demo] for demo in demos]
+    assert check_programs(sb, [p] * len(demos), programs) == [[True]] * len(demos)

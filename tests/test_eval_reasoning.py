@@ -214,3 +214,14 @@ def test_length_mismatch_is_a_caller_error(ex, by_id):
     with pytest.raises(ValueError):
         check_output_predictions(ex, [by_id["HumanEval/0"]], [])
     assert check_output_predictions(ex, [], []) == [] and check_input_predictions(ex, [], []) == []
+
+
+def test_task_programs_carry_no_docstrings(tasks):
+    """HumanEval's docstrings hold example calls with their results: copying one solved a third of
+    the input-prediction tasks."""
+    import ast
+    for task in tasks:
+        tree = ast.parse(task.program)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Module)):
+                assert ast.get_docstring(node) is None, task.task_id

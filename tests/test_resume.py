@@ -217,3 +217,17 @@ def test_a_full_disk_during_a_background_checkpoint_is_reported_and_the_run_goes
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step_00000003", "step_00000004"], names
     assert_same_run(out, reference, range(1, 5))
+
+
+def test_out_of_memory_in_an_evaluation_skips_it_and_training_goes_on(reference, model_dir, tmp_path):
+    """The evaluation runs after the update: a checkpoint written then would pair the step before's
+    boundary with this step's weights. It is skipped instead, and the run matches the reference."""
+    out = tmp_path / "run"
+    proc = train(out, "--steps", "4", "--run.checkpoint-every", "1", "--run.eval-every", "2", "--run.eval-limit", "2",
+                 "--run.eval-max-tokens", "4", model=model_dir, fault="oom-in-eval-2")
+    assert "evaluation at step 2 ran out of memory" in proc.stderr
+    lines = {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert not [k for k in lines[2] if k.startswith("eval/")] and [k for k in lines[4] if k.startswith("eval/")]
+    tensors, state = final_state(out)
+    ref_tensors, ref_state = final_state(reference)
+    assert state["step"] == 4 and all(tensors[k].equal(v) for k, v in ref_tensors.items())

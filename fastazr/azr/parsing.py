@@ -53,11 +53,20 @@ def answer_block(text: str, max_chars: int) -> tuple[str | None, str]:
 
 
 def fenced_blocks(content: str) -> dict[str, list[str]]:
-    """```kind<rest of the line>\n body ``` blocks, by kind. One linear scan: a block opens at a
-    fence mark, its kind is the word starting the info line, its body runs from the next line to
-    the next fence mark (the regex r"```[ \\t]*(\\w*)[^\\n]*\\n(.*?)```" would read the same
-    blocks, but backtracks quadratically on a long line of text after an unclosed fence)."""
+    """```kind<rest of the line>\n body ``` blocks, by kind (fenced_list's, grouped)."""
     blocks: dict[str, list[str]] = {}
+    for kind, body in fenced_list(content):
+        blocks.setdefault(kind, []).append(body)
+    return blocks
+
+
+def fenced_list(content: str) -> list[tuple[str, str]]:
+    """(kind, body) of every ```kind<rest of the line>\n body ``` block, in order. One linear scan:
+    a block opens at a fence mark, its kind is the word starting the info line, its body runs
+    from the next line to the next fence mark (the regex r"```[ \\t]*(\\w*)[^\\n]*\\n(.*?)```"
+    would read the same blocks, but backtracks quadratically on a long line of text after an
+    unclosed fence)."""
+    blocks: list[tuple[str, str]] = []
     at = 0
     while True:
         start = content.find(FENCE_MARK, at)
@@ -70,7 +79,7 @@ def fenced_blocks(content: str) -> dict[str, list[str]]:
         if end < 0:  # never closed: neither is any later fence
             break
         kind = FENCE_KIND.match(content, start + len(FENCE_MARK), newline).group(1)
-        blocks.setdefault(kind.lower(), []).append(content[newline + 1:end].strip("\n"))
+        blocks.append((kind.lower(), content[newline + 1:end].strip("\n")))
         at = end + len(FENCE_MARK)
     return blocks
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from fastazr.model import load
+from fastazr.model import ModelError, load, preset_names
 from fastazr.rollout import Engine
 from fastazr.rollout.config import EngineConfig
 from fastazr.runlog import checkpoint
+from fastazr.runlog.checkpoint import CheckpointError
 from fastazr.sandbox import Sandbox
 from fastazr.tasks import TaskExecutor
 
@@ -34,10 +35,11 @@ def resolve_model(text: str) -> str:
     path = Path(text)
     if (path / "checkpoints").is_dir():
         return str(checkpoint.newest(path / "checkpoints") / "model")
-    if (path / checkpoint.MANIFEST).is_file() and (path / "model").is_dir():
+    if (path / "model").is_dir() and (path / "state.json").exists() or (path / checkpoint.MANIFEST).is_file():
         problem = checkpoint.verify(path)
         if problem is not None:
-            raise SystemExit(f"fastazr.eval: checkpoint {path} is unusable: {problem}")
+            raise CheckpointError(f"checkpoint {path} is unusable: {problem}; pass an earlier checkpoint or the run "
+                                  "directory (its newest good one is taken)")
         return str(path / "model")
     return text
 
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=512, help="longest response")
     parser.add_argument("--limit", type=int, help="evaluate the first n HumanEval problems only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "plain"),
+                        help="how the trainer format is wrapped: the --azr.prompt-format the model trained with")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--workers", type=int, help="sandbox workers (default: the usable cores)")
     parser.add_argument("--out", help="JSON file of scores and per-response outcomes (default: print only)")
@@ -64,22 +68,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = EvalConfig(benches=args.bench, formats=args.formats, samples=args.samples,
-                            temperature=args.temperature, max_tokens=args.max_tokens, limit=args.limit, seed=args.seed)
-    except ValueError as exc:
-        print(f"fastazr.eval: {exc}", file=sys.stderr)
+                            temperature=args.temperature, max_tokens=args.max_tokens, limit=args.limit, seed=args.seed,
+                            template=args.prompt_format)
+        sandbox_config = eval_sandbox_config(args.workers)
+        source = resolve_model(args.model)
+    except (ValueError, CheckpointError) as exc:  # EvalConfig.<name> is the option --<name>
+        print(f"fastazr.eval: {str(exc).replace('EvalConfig.', '--')}", file=sys.stderr)
         return 2
+    if args.model.lower() in preset_names():
+        print(f"fastazr.eval: {args.model} has random weights: every response runs to --max-tokens and scores 0 "
+              "(presets are for timing)", file=sys.stderr)
     from fastazr.train import text_tokenizer  # the borrowed tokenizer of random-init presets
 
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     started = time.perf_counter()
-    model, tokenizer = load(resolve_model(args.model), device=device, seed=args.seed)
+    try:
+        model, tokenizer = load(source, device=device, seed=args.seed)
+    except ModelError as exc:
+        print(f"fastazr.eval: {exc}", file=sys.stderr)
+        return 2
     tokenizer = text_tokenizer(tokenizer, model.config.vocab_size)
     engine = Engine(model, tokenizer, EngineConfig(), seed=args.seed)
-    with Sandbox(config=eval_sandbox_config(args.workers)) as sandbox:
+    with Sandbox(config=sandbox_config) as sandbox:
         evaluator = Evaluator(engine, tokenizer, sandbox, TaskExecutor(sandbox), config)
         built = time.perf_counter()
         metrics, records = evaluator.run()
     seconds = time.perf_counter() - built
+    if not metrics:
+        print("fastazr.eval: nothing was evaluated (no reasoning task could be built from these problems)",
+              file=sys.stderr)
+        return 1
     print(f"# {args.model}: {len(evaluator.problems)} HumanEval problems, {len(evaluator.tasks)} reasoning tasks; "
           f"{seconds:.1f} s to evaluate ({built - started:.1f} s to load and build)")
     width = max(len(k) for k in metrics)

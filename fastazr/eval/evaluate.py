@@ -44,6 +44,10 @@ class EvalConfig:
     seed: int = 0
     """Seeds every sampled completion."""
 
+    template: str = "auto"
+    """How the trainer format is wrapped: self-play's --azr.prompt-format ('chat', 'plain', or
+    'auto': chat when the tokenizer has a template)."""
+
     def __post_init__(self) -> None:
         for name, allowed in (("benches", BENCHES), ("formats", prompts.FORMATS)):
             values = getattr(self, name)
@@ -59,6 +63,8 @@ class EvalConfig:
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
                                        or self.limit < 1):
             raise ValueError(f"EvalConfig.limit must be an integer >= 1 or None, got {self.limit!r}")
+        if self.template not in ("auto", "chat", "plain"):
+            raise ValueError(f"EvalConfig.template must be 'auto', 'chat' or 'plain', got {self.template!r}")
         if (isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float))
                 or not math.isfinite(self.temperature) or self.temperature < MIN_TEMPERATURE):
             raise ValueError(f"EvalConfig.temperature must be a number >= {MIN_TEMPERATURE}, got {self.temperature!r}")
@@ -101,7 +107,7 @@ class Evaluator:
         plan, requests = [], []
         for fmt in c.formats:
             for i, problem in enumerate(self.problems):
-                ids = prompts.encode(prompts.humaneval(problem, fmt), fmt, self.tokenizer)
+                ids = prompts.encode(prompts.humaneval(problem, fmt), fmt, self.tokenizer, c.template)
                 requests.append(Request(ids, self._params(fmt, True, 0)))
                 plan.append((fmt, i, "greedy"))
                 if k > 1:
@@ -132,7 +138,7 @@ class Evaluator:
         for fmt in c.formats:
             for kind, build in builders.items():
                 for j, task in enumerate(self.tasks):
-                    requests.append(Request(prompts.encode(build(task, fmt), fmt, self.tokenizer),
+                    requests.append(Request(prompts.encode(build(task, fmt), fmt, self.tokenizer, c.template),
                                             self._params(fmt, True, 0)))
                     plan.append((fmt, kind, j))
         texts = [self._texts(group)[0] for group in self.backend.generate(requests)]

@@ -62,7 +62,7 @@ def humaneval_job():
     exec_(TEST, tests)
     check = tests["check"]
 
-    program = {"__name__": "__main__"}
+    program = {"__name__": "candidate"}  # not __main__: a model's `if __name__ == "__main__":` demo must not run
     exec_(PROGRAM, program)
     candidate = program.get(ENTRY_POINT)
     if not callable_(candidate):

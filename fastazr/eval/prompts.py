@@ -44,12 +44,13 @@ def input_prediction(task, fmt: str) -> str:
             f"Python literals (for example: [3, 1], 'a') in one ```python block.\n{_fence('python', task.program)}")
 
 
-def encode(text: str, fmt: str, tokenizer) -> list[int]:
-    """Token ids: the trainer format exactly as self-play wraps its prompts; the plain format as
-    the chat template's user turn (or the bare text for a model without one)."""
+def encode(text: str, fmt: str, tokenizer, template: str = "auto") -> list[int]:
+    """Token ids: the trainer format exactly as self-play wraps its prompts (template: its
+    --azr.prompt-format, 'chat', 'plain' or 'auto'); the plain format as the chat template's user
+    turn (or the bare text for a model without one)."""
     chat = bool(getattr(tokenizer, "chat_template", None))
     if fmt == "trainer":
-        return prompts.wrap(text, "chat" if chat else "plain", tokenizer)
+        return prompts.wrap(text, ("chat" if chat else "plain") if template == "auto" else template, tokenizer)
     if chat:
         return tokenizer.encode_chat([{"role": "user", "content": text}])
     return tokenizer.encode(f"{text}\n")
@@ -64,8 +65,7 @@ def answer(task_kind: str, text: str, fmt: str, max_chars: int = 20_000) -> str 
         return parsed.first(parsing.SOLVER_FIELD[task_kind]) if parsed.ok else None
     if not isinstance(text, str) or len(text) > max_chars:
         return None
-    blocks = parsing.fenced_blocks(text)
-    for kind in ("python", "", *blocks):  # the block asked for, then an untagged one, then any
-        if blocks.get(kind):
-            return blocks[kind][-1].strip() or None
+    blocks = [body.strip() for _, body in parsing.fenced_list(text) if body.strip()]
+    if blocks:
+        return blocks[-1]  # the last fenced block of any kind: models trace in blocks, then answer
     return text.strip() or None

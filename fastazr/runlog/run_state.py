@@ -209,7 +209,7 @@ def _seed_state(saved: list) -> tuple:
 
 def truncate_run_files(out: Path, step: int) -> None:
     """Forget what a run wrote after checkpoint `step`: later metrics lines (and a partial last
-    line) and later steps' sample files, which the resumed run writes again."""
+    line) and later steps' sample and evaluation files, which the resumed run writes again."""
     metrics = out / "metrics.jsonl"
     if metrics.is_file():
         kept = []
@@ -221,7 +221,7 @@ def truncate_run_files(out: Path, step: int) -> None:
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line)
         metrics.write_text("".join(line + "\n" for line in kept))
-    for path in (out / "samples").glob("step_*.jsonl"):
+    for path in [*(out / "samples").glob("step_*.jsonl"), *(out / "eval").glob("step_*.jsonl")]:
         number = path.stem.removeprefix("step_")
         if number.lstrip("-").isdigit() and int(number) > step:
             path.unlink()
