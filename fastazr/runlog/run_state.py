@@ -63,8 +63,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
+    random.setstate(_random_state(state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_tensor(state["torch"]))
@@ -97,8 +96,6 @@ class Checkpointer:
         self.keep = keep
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.seconds = 0.0
-        """Wall time of the last write (in the background it overlaps generation)."""
         self.saved_step: int | None = None
         """The step of the newest checkpoint on disk that this run wrote or resumed from."""
 
@@ -135,8 +132,7 @@ class Checkpointer:
                 path = checkpoint.write(self.root, at.step, fill)
                 self.saved_step = at.step
                 checkpoint.prune(self.root, self.keep)
-                self.seconds = time.perf_counter() - started
-                log.info("checkpoint %s written in %.1f s", path, self.seconds)
+                log.info("checkpoint %s written in %.1f s", path, time.perf_counter() - started)
             except BaseException as exc:  # reported by wait() on the training thread
                 self._error = exc
 
@@ -189,7 +185,7 @@ class Checkpointer:
         trainer.engine.weights_updated()
         trainer.game.buffers.load_state(state["buffers"])
         set_rng_state(state["rng"])
-        trainer.engine.set_seed_state(_seed_state(state["engine_seeds"]))
+        trainer.engine.set_seed_state(_random_state(state["engine_seeds"]))
         log.info("resumed from %s (step %d)", directory, state["step"])
         self.saved_step = state["step"]
         return state["step"]
@@ -201,7 +197,7 @@ def _master_from_model(directory: Path, state: dict) -> torch.Tensor:
     return torch.cat([weights[name].detach().reshape(-1) for name, _ in state["optimizer"]["layout"]])
 
 
-def _seed_state(saved: list) -> tuple:
+def _random_state(saved: list) -> tuple:
     """random.Random.getstate() after a JSON round trip (lists back to tuples)."""
     version, keys, gauss = saved
     return version, tuple(keys), gauss

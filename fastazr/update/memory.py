@@ -44,8 +44,9 @@ class ColocatedMemory:
         self.offload = offloads(optimizer, config)
         self.telemetry = telemetry or Telemetry(optimizer.device)
         self.phase = "training"
-        self._kv_held = True
-        self.to_generation()  # the engine's KV cache was sized before the state left: size it again
+        # the engine's KV cache was sized before the state left: release it and size it again
+        self.engine.release_memory()
+        self.to_generation()
 
     def _empty_cache(self) -> None:
         # Freed blocks go back to the driver: the KV cache is sized from the driver's free memory,
@@ -59,7 +60,6 @@ class ColocatedMemory:
             return
         with self.telemetry.phase("release_kv"):
             self.engine.release_memory()  # collects garbage and empties torch's cache itself
-        self._kv_held = False
         # the copies run on a side stream and the first optimizer step waits for them: the phase
         # times only their queueing, so that they overlap the first micro-batches
         with self.telemetry.phase("swap_in_issue", sync=False):
@@ -72,10 +72,7 @@ class ColocatedMemory:
         with self.telemetry.phase("swap_out"):
             self.optimizer.offload(state=self.offload)
         with self.telemetry.phase("create_kv"):
-            if self._kv_held:  # only when built: to_training released it otherwise
-                self.engine.release_memory()
-            self._empty_cache()
+            self._empty_cache()  # the training's cached blocks: the KV cache is sized from what is free
             self.engine.resume_memory()
             self.engine.weights_updated()
-        self._kv_held = True
         self.phase = "generation"
