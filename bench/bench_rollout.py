@@ -26,6 +26,10 @@ Workloads (--workloads, default all four), prompts of random token ids unless sa
   max_new_tokens in --selfplay-new-tokens 96..160, EOS ignored; transformers runs them as one
   left-padded batch to the longest (credited each sequence's own tokens, as in azr).
 
+`--backend sglang` runs SGLang's offline engine instead of the embedded one, behind the same
+interface (fastazr.rollout.SGLangBackend: token ids in and out, the model's weights pushed into it,
+its prefix cache flushed before each timed run); it needs CUDA and `pip install "fastazr[sglang]"`.
+
 On CUDA the engine runs four ways side by side: as configured (decode rounds of --decode-steps
 passes, exact logprobs), with one pass per host round trip (decode_steps=1), with the split-K
 decode kernel (exact_logprobs=False), and with sample_in_lm_head flipped (sampling inside the
@@ -65,7 +69,8 @@ import torch
 from common import json_line, machine, median, print_table, profiled
 from fastazr.model import Decoder, Tokenizer, load, preset_config, save_hf
 from fastazr.model.decoder import default_dtype
-from fastazr.rollout import Engine, EngineConfig, Request, SamplingParams
+from fastazr.rollout import Engine, EngineConfig, Request, RolloutBackend, SamplingParams, SGLangBackend, SGLangConfig
+from fastazr.rollout.sglang_config import SGLANG_VERSION
 
 WORKLOADS = ("uniform", "azr", "smollm2", "selfplay")
 TASKS = [
@@ -209,9 +214,35 @@ def with_new_tokens(requests: list[Request], new_tokens: int) -> list[Request]:
 
 def run_engine(w: Workload, config: EngineConfig, args, device: str, label: str = "fastazr engine") -> dict:
     engine = Engine(w.model, w.tokenizer, config, seed=args.seed)
+    result = run_backend(w, engine, args, device, label)
+    result.update(stats=dict(engine.stats), kv_cache_gib=engine.cache.bytes / 2**30)
+    engine.release_memory()
+    return result
+
+
+def run_sglang(w: Workload, args, device: str) -> dict:
+    """SGLang's offline engine behind the same interface (fastazr.rollout.SGLangBackend): its weights
+    pushed from the model, its KV pool --kv-fraction of the free memory (mem_fraction_static), at
+    most --max-num-seqs sequences at once. Its peak memory is its own process's: not measured here."""
+    if not device.startswith("cuda"):
+        raise SystemExit("--backend sglang runs on a CUDA GPU: pass --device cuda")
+    backend = SGLangBackend(w.model, w.tokenizer, SGLangConfig(mem_fraction_static=args.kv_fraction,
+                                                               max_running_requests=args.max_num_seqs), seed=args.seed)
+    try:
+        result = run_backend(w, backend, args, device, f"SGLang {SGLANG_VERSION} (SGLangBackend)")
+        result.update(stats=dict(backend.stats), peak_gib=None)
+    finally:
+        backend.close()
+    return result
+
+
+def run_backend(w: Workload, engine: RolloutBackend, args, device: str, label: str) -> dict:
+    """The workload on a rollout backend: warm-up, TTFT, then --rounds timed runs (median)."""
 
     def go(requests):
-        engine.weights_updated()  # drops the prefix cache: otherwise a repeat run skips its prefill
+        # drops the prefix cache (SGLang's: the weights pushed again, flush with the last bucket):
+        # otherwise a repeat run skips its prefill
+        engine.weights_updated()
         return timed(device, lambda: engine.generate(requests))
 
     # The whole workload once, untimed: EOS is ignored, so the timed run meets the same batch
@@ -230,12 +261,8 @@ def run_engine(w: Workload, config: EngineConfig, args, device: str, label: str 
                 s, out = go(w.requests)
             seconds.append(s)
     lengths = [(len(c.prompt_ids), len(c.completion_ids)) for group in out for c in group]
-    result = dict(contender=label, lengths=lengths, tokens=sum(n for _, n in lengths),
-                  seconds=median(seconds), round_seconds=seconds, ttft_s=ttft, peak_gib=peak_gib(device),
-                  stats=dict(engine.stats),
-                  kv_cache_gib=engine.cache.bytes / 2**30)
-    engine.release_memory()
-    return result
+    return dict(contender=label, lengths=lengths, tokens=sum(n for _, n in lengths),
+                seconds=median(seconds), round_seconds=seconds, ttft_s=ttft, peak_gib=peak_gib(device))
 
 
 def run_hf(w: Workload, directory: Path, dtype: torch.dtype, args, device: str) -> dict:
@@ -292,20 +319,10 @@ def measure(w: Workload, config: EngineConfig, bandwidth: float | None, workdir:
           f"{max(len(p) for p, _ in seqs)} tokens, new tokens {min(n for _, n in seqs)}..{max(n for _, n in seqs)}")
     if not args.skip_hf:
         save_hf(w.model, workdir / w.name)
-    runs = [run_engine(w, config, args, device)]
-    if device == "cuda" and config.decode_steps > 1:
-        # what decode rounds buy: the host's bookkeeping once per token instead of per round
-        runs.append(run_engine(w, replace(config, decode_steps=1), args, device,
-                               label="fastazr engine, decode_steps=1"))
-    if device == "cuda" and config.exact_logprobs:
-        # what exact logprobs cost: the split-K decode kernel, whose rounding is not the trainer's
-        runs.append(run_engine(w, replace(config, exact_logprobs=False), args, device,
-                               label="fastazr engine, split-K decode (inexact logprobs)"))
-    if device == "cuda":
-        # what sampling inside the lm_head GEMM buys, against cuBLAS's fp32 logits and the sampler over them
-        other = not config.sample_in_lm_head
-        runs.append(run_engine(w, replace(config, sample_in_lm_head=other), args, device,
-                               label=f"fastazr engine, sample_in_lm_head={other}"))
+    if args.backend == "sglang":
+        runs = [run_sglang(w, args, device)]
+    else:
+        runs = engine_runs(w, config, args, device)
     w.model = None  # transformers' peak memory must not include fastazr's copy of the weights
     free(device)
     if not args.skip_hf:
@@ -323,6 +340,24 @@ def measure(w: Workload, config: EngineConfig, bandwidth: float | None, workdir:
     return runs
 
 
+def engine_runs(w: Workload, config: EngineConfig, args, device: str) -> list:
+    runs = [run_engine(w, config, args, device)]
+    if device == "cuda" and config.decode_steps > 1:
+        # what decode rounds buy: the host's bookkeeping once per token instead of per round
+        runs.append(run_engine(w, replace(config, decode_steps=1), args, device,
+                               label="fastazr engine, decode_steps=1"))
+    if device == "cuda" and config.exact_logprobs:
+        # what exact logprobs cost: the split-K decode kernel, whose rounding is not the trainer's
+        runs.append(run_engine(w, replace(config, exact_logprobs=False), args, device,
+                               label="fastazr engine, split-K decode (inexact logprobs)"))
+    if device == "cuda":
+        # what sampling inside the lm_head GEMM buys, against cuBLAS's fp32 logits and the sampler over them
+        other = not config.sample_in_lm_head
+        runs.append(run_engine(w, replace(config, sample_in_lm_head=other), args, device,
+                               label=f"fastazr engine, sample_in_lm_head={other}"))
+    return runs
+
+
 def int_pair(text: str) -> tuple[int, int]:
     lo, hi = (int(v) for v in text.split(","))
     return lo, hi
@@ -335,6 +370,9 @@ def cell(value, spec: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--backend", choices=("embedded", "sglang"), default="embedded",
+                        help="embedded: fastazr's engine, four ways on CUDA; sglang: SGLang's offline engine "
+                             '(fastazr.rollout.SGLangBackend, pip install "fastazr[sglang]")')
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="qwen2.5-1.5b", help="preset of the uniform and azr workloads")
     parser.add_argument("--layers", type=int, help="override the preset's num_layers (fast CPU smoke tests)")
@@ -398,7 +436,8 @@ def main() -> None:
 
     print_table(["workload", "contender", "new tokens", "gen s", "tokens/s", "rounds min-max", "TTFT s", "peak GiB",
                  "bound tok/s", "of bound", "vs HF"], rows)
-    json_line({"bench": "rollout", "device": device, "gpu": gpu, "copy_bytes_per_s": bandwidth, "model": args.model,
+    json_line({"bench": "rollout", "backend": args.backend, "device": device, "gpu": gpu, "copy_bytes_per_s": bandwidth,
+               "model": args.model,
                "layers": args.layers, "engine_config": asdict(config), "rounds": args.rounds, "results": results})
 
 

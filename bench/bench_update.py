@@ -12,6 +12,11 @@ Per model (random init, bf16 compute, fp32 master weights and AdamW state):
   matmul parameters per token (the lm_head only on the scored completion tokens), plus causal
   attention (6 s^2 x q_size per layer and sequence of s tokens), over --peak-tflops (989 TFLOP/s,
   H100 SXM dense bf16); activation checkpointing's recompute is not counted.
+- push (--push, needs `pip install "fastazr[sglang]"`): the weight push into SGLang
+  (fastazr.rollout.SGLangBackend: HF-named tensors in flat buckets of --push-buckets bytes, one
+  update_weights_from_tensor call each over CUDA IPC), as seconds per GB of weights: into a
+  resident engine (KV cache in place), and inside the colocated cycle (resume weights, push,
+  resume KV cache and graphs), each timed from the trainer's side.
 - swap: MasterOptimizer.offload / onload of the master and both Adam moments (pinned host buffers,
   side stream; the first offload, which pins the buffers, is timed apart) against a plain `.cpu()` / `.to(device)` of the same tensors (pageable memory: the
   pattern some colocated trainers use), each as GB/s and as a fraction of the pinned bandwidth of
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 
 from common import json_line, machine, median, print_table, profiled
 from fastazr.model import Decoder, preset_config
+from fastazr.rollout import SGLangBackend, SGLangConfig
 from fastazr.update import PolicyUpdate, Rollout, UpdateConfig
 
 
@@ -161,6 +167,44 @@ def run_swap(model: Decoder, rollouts, config: UpdateConfig, args, mark) -> list
                  out_s=median(plain_out), in_s=median(plain_in))]
 
 
+def seconds(mark, label: str, *calls) -> float:
+    """Wall seconds of the calls in order, the GPU idle before and after."""
+    sync()
+    start = time.perf_counter()
+    with mark(label):
+        for call in calls:
+            call()
+        sync()
+    return time.perf_counter() - start
+
+
+def run_push(model: Decoder, bucket_bytes: list[int], args, mark) -> list[dict]:
+    """Seconds per GB of the weight push into SGLang, per bucket size: pushed into the resident
+    engine, and as the colocated cycle's release -> resume weights -> push -> resume KV."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    backend = SGLangBackend(model, None, SGLangConfig(mem_fraction_static=args.push_memory_fraction), seed=args.seed)
+    rows = []
+    try:
+        backend.resume_memory()  # starts SGLang
+        backend.weights_updated()
+        for size in bucket_bytes:
+            backend.config = replace(backend.config, bucket_bytes=size)
+            resident, cycle = [], []
+            for i in range(args.rounds):
+                resident.append(seconds(mark, f"push {size} round {i}", backend.weights_updated))
+                backend.release_memory()
+                cycle.append(seconds(mark, f"resume + push {size} round {i}", backend.resume_memory,
+                                     backend.weights_updated))
+            gb = backend.stats["push_bytes"] / 1e9
+            rows.append(dict(bucket_bytes=size, bytes=backend.stats["push_bytes"], buckets=backend.stats["buckets"],
+                             push_s_per_gb=median(resident) / gb, cycle_s_per_gb=median(cycle) / gb,
+                             residual_gib=backend.stats["residual_bytes"] / 2**30))
+    finally:
+        backend.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="qwen2.5-1.5b,qwen2.5-3b", help="comma-separated presets")
@@ -171,6 +215,11 @@ def main() -> None:
     parser.add_argument("--skip-plain", action="store_true", help="skip the materialized-logits contender")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", help="write torch.profiler traces of the measured regions here")
+    parser.add_argument("--push", action="store_true", help="also time the weight push into SGLang (needs sglang)")
+    parser.add_argument("--push-buckets", default="134217728,536870912,2147483648",
+                        help="comma-separated bucket sizes in bytes for --push")
+    parser.add_argument("--push-memory-fraction", type=float, default=0.5,
+                        help="SGLang's mem_fraction_static for --push (its KV pool is not used)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_update.py measures the GPU: run it on a CUDA machine (the device tool)")
@@ -180,7 +229,7 @@ def main() -> None:
     print(f"machine: {machine()}; GPU: {gpu}; torch {torch.__version__}")
     print(f"pinned copy bandwidth (2 GiB, median of 5): device-to-host {d2h / 1e9:.1f} GB/s, "
           f"host-to-device {h2d / 1e9:.1f} GB/s")
-    update_rows, swap_rows, results = [], [], []
+    update_rows, swap_rows, push_rows, results = [], [], [], []
     for name in args.models.split(","):
         config = preset_config(name)
         model = Decoder(config, device="cuda", dtype=torch.bfloat16)
@@ -207,12 +256,23 @@ def main() -> None:
                 swap_rows.append([name, row["contender"], f"{row['bytes'] / 2**30:.1f}", f"{row['out_s']:.3f}",
                                   f"{row['out_gb_s']:.1f}", f"{row['out_of_pinned']:.2f}", f"{row['in_s']:.3f}",
                                   f"{row['in_gb_s']:.1f}", f"{row['in_of_pinned']:.2f}"])
+            if args.push:
+                for row in run_push(model, [int(b) for b in args.push_buckets.split(",")], args, mark):
+                    results.append(dict(model=name, kind="push", **row))
+                    push_rows.append([name, f"{row['bucket_bytes'] / 2**20:.0f}", row["buckets"],
+                                      f"{row['bytes'] / 1e9:.2f}", f"{row['push_s_per_gb']:.3f}",
+                                      f"{row['cycle_s_per_gb']:.3f}", f"{row['residual_gib']:.2f}"])
         del model
     print(f"update: {args.update_tokens} tokens of rollouts per update, micro-batches of {args.micro_tokens} tokens, "
           f"one optimizer step, median of {args.rounds}")
     print_table(["model", "contender", "tokens", "s", "tokens/s", "TFLOP/s", "MFU", "peak GiB"], update_rows)
     print_table(["model", "swap", "GiB", "out s", "out GB/s", "of pinned", "in s", "in GB/s", "of pinned"],
                 swap_rows)
+    if push_rows:
+        print("push: the trainer's weights into SGLang (update_weights_from_tensor, flattened buckets over CUDA IPC); "
+              "resident = KV cache in place, cycle = resume weights + push + resume KV cache and graphs")
+        print_table(["model", "bucket MiB", "buckets", "GB", "resident s/GB", "cycle s/GB", "residual GiB"],
+                    push_rows)
     for row in results:
         if "first_out_s" in row:
             print(f"{row['model']}: the first offload, pinning {row['bytes'] / 2**30:.1f} GiB of host buffers, "

@@ -1,5 +1,5 @@
-"""The interface every rollout backend implements: the embedded engine (engine.py) and, later,
-SGLang. The trainer talks to this and nothing else."""
+"""The interface every rollout backend implements: the embedded engine (engine.py) and SGLang
+(sglang_backend.py). The trainer talks to this and nothing else."""
 
 from __future__ import annotations
 
@@ -31,3 +31,7 @@ class RolloutBackend(ABC):
     @abstractmethod
     def weights_updated(self) -> None:
         """The policy's parameters changed: nothing computed from the old ones may be reused."""
+
+    def close(self) -> None:
+        """Free what the backend holds outside this process (SGLang's scheduler processes). The
+        embedded engine holds nothing there; its memory goes with the object."""

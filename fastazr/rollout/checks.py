@@ -71,3 +71,20 @@ def token_ids(field: str, value: Any) -> list[int]:
         i = next(i for i, t in enumerate(ids) if t < 0)
         raise ValueError(f"{field}[{i}] is {ids[i]}: token ids must be >= 0")
     return ids.tolist()
+
+
+def within_positions(option: str, length: int | None, positions: int) -> None:
+    """A context-length option at most the model's max_position_embeddings: the model has no
+    trained positions past it."""
+    if length is not None and length > positions:
+        raise ValueError(f"{option} is {length}, past the model's {positions} positions (max_position_embeddings): "
+                         f"set it to at most {positions}, or None for all of them")
+
+
+def config_and_seed(owner: str, config, kind: type, seed):
+    """A rollout backend's config (default kind()) and seed (None: the OS draws one), checked."""
+    if config is not None and not isinstance(config, kind):
+        raise TypeError(f"{owner}'s config must be an {kind.__name__}, got {type(config).__name__}")
+    if seed is not None:
+        seed = integer(f"{owner}'s seed", seed, 0, hint=" (or None to draw one from the OS)")
+    return config or kind(), seed

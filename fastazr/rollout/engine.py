@@ -13,7 +13,7 @@ tokens are read back, so scheduling, packing and stop checks (~3 ms at 256 seque
 GPU's work instead of adding to it. A token not yet read back sits in its sequence as the
 placeholder -1 - (i * n + j): the token row j of the n sampling rows of the step that sampled it
 got in its pass i. The runner takes a placeholder input's value from that step's output on the
-device; prompt ids are checked to lie in [0, vocab_size) (Request, Engine._check), so no prompt
+device; prompt ids are checked to lie in [0, vocab_size) (Request, check_requests), so no prompt
 token can pass for one. A sequence that stopped at step t has computed the rest of step t's
 passes and all of step t+1's, which are dropped."""
 
@@ -30,10 +30,10 @@ from fastazr.model import Decoder, Tokenizer
 
 from .backend import RolloutBackend
 from .blocks import BlockManager
-from .checks import integer
+from .checks import config_and_seed, within_positions
 from .config import EngineConfig
 from .kv_cache import KVCache
-from .request import Completion, Request
+from .request import Completion, Request, check_requests
 from .runner import Runner
 from .sampler import SamplingBatch, sample_hidden
 from .scheduler import Scheduler, Work, decodes_only
@@ -79,16 +79,8 @@ class Engine(RolloutBackend):
         (the default) takes it from the OS, so unseeded requests differ across engines and runs
         (a fixed default would repeat the same samples in every fresh process); an int makes
         them reproducible. A request's own SamplingParams.seed ignores it."""
-        if config is not None and not isinstance(config, EngineConfig):
-            raise TypeError(f"Engine's config must be an EngineConfig, got {type(config).__name__}")
-        config = config or EngineConfig()
-        positions = model.config.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > positions:
-            raise ValueError(f"EngineConfig.max_model_len is {config.max_model_len}, past the model's "
-                             f"{positions} positions (max_position_embeddings): set it to at most {positions}, "
-                             "or None for all of them")
-        if seed is not None:
-            seed = integer("Engine's seed", seed, 0, hint=" (or None to draw one from the OS)")
+        config, seed = config_and_seed("Engine", config, EngineConfig, seed)
+        within_positions("EngineConfig.max_model_len", config.max_model_len, model.config.max_position_embeddings)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.staging = Staging(model.device)
         self.runner = Runner(model, self.config, self.staging)
@@ -149,7 +141,8 @@ class Engine(RolloutBackend):
                             f"(a bar's update method), got {type(progress).__name__}")
         if self.cache is None:
             raise RuntimeError("Engine.generate() after release_memory(): call resume_memory() first")
-        self._check(requests)
+        # a negative id set after the Request was built would read as another sequence's placeholder
+        check_requests(requests, self.model.config.vocab_size, "Engine.generate()")
         if any(r.params.stop_strings for r in requests) and self.tokenizer is None:
             raise ValueError("SamplingParams.stop_strings needs a tokenizer: pass one to Engine(...)")
         self.blocks.reclaim()  # what an exception out of the last call left taken (BlockManager.reclaim)
@@ -198,23 +191,6 @@ class Engine(RolloutBackend):
         self.stats.update(cached_tokens=scheduler.cached_tokens, preemptions=scheduler.preemptions)
         return [[Completion(s.tokens[:s.num_prompt], s.tokens[s.num_prompt:], s.logprobs, s.finish_reason)
                  for s in group] for group in groups]
-
-    def _check(self, requests: list[Request]) -> None:
-        """Token ids within the model's vocabulary: the embedding lookup would fail on larger ones
-        (a device-side assert on CUDA), and a negative one set after the Request was built would
-        read as the placeholder of another sequence's sampled token."""
-        if isinstance(requests, Request) or not isinstance(requests, (list, tuple)):
-            raise TypeError(f"Engine.generate() takes a list of Requests, got {type(requests).__name__}")
-        vocab = self.model.config.vocab_size
-        for i, request in enumerate(requests):
-            if not isinstance(request, Request):
-                raise TypeError(f"requests[{i}] must be a Request, got {type(request).__name__}")
-            for name, ids in (("prompt_ids", request.prompt_ids),
-                              ("params.stop_token_ids", request.params.stop_token_ids)):
-                if ids and not (min(ids) >= 0 and max(ids) < vocab):
-                    j = next(j for j, t in enumerate(ids) if not 0 <= t < vocab)
-                    raise ValueError(f"requests[{i}].{name}[{j}] is {ids[j]}: token ids must be in [0, {vocab}), "
-                                     "the model's vocab_size")
 
     def _launch(self, work: list[Work], previous: _Launched | None, table: _ParamTable) -> _Launched:
         """Queue the step's forward passes and sampling on the device; returns without waiting."""

@@ -114,3 +114,19 @@ class Completion:
     finish_reason: str
     """One of FINISH_REASONS. 'prompt_too_long': the prompt does not fit the model's context or
     the whole KV cache, and nothing was generated."""
+
+
+def check_requests(requests: list[Request], vocab_size: int, caller: str) -> None:
+    """A list of Requests whose token ids lie in the model's vocabulary: the embedding lookup
+    would fail on larger ones (a device-side assert on CUDA). Checked at generate() time, since a
+    Request's fields can be changed after it was built."""
+    if isinstance(requests, Request) or not isinstance(requests, (list, tuple)):
+        raise TypeError(f"{caller} takes a list of Requests, got {type(requests).__name__}")
+    for i, request in enumerate(requests):
+        if not isinstance(request, Request):
+            raise TypeError(f"requests[{i}] must be a Request, got {type(request).__name__}")
+        for name, ids in (("prompt_ids", request.prompt_ids), ("params.stop_token_ids", request.params.stop_token_ids)):
+            if ids and not (min(ids) >= 0 and max(ids) < vocab_size):
+                j = next(j for j, t in enumerate(ids) if not 0 <= t < vocab_size)
+                raise ValueError(f"requests[{i}].{name}[{j}] is {ids[j]}: token ids must be in [0, {vocab_size}), "
+                                 "the model's vocab_size")
