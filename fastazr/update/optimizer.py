@@ -30,6 +30,23 @@ from torch import nn
 from .config import UpdateConfig
 
 
+def build_adamw(config: UpdateConfig, decayed: list[torch.Tensor], rest: list[torch.Tensor],
+                moments: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.optim.AdamW:
+    """torch's AdamW (fused on CUDA) over two groups of flat fp32 tensors, only the first with weight
+    decay; `moments` gives each tensor's (exp_avg, exp_avg_sq), in the order decayed + rest.
+    Adam's state is made now rather than lazily at the first step (the layout torch's lazy init
+    makes, which the first step then finds and uses as is): offloading and state_dict always see
+    the same tensors, and load_state_dict can write into them before any step."""
+    cuda = (decayed + rest)[0].device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        [dict(params=decayed, weight_decay=config.weight_decay), dict(params=rest, weight_decay=0.0)],
+        lr=config.lr, betas=config.betas, eps=config.eps, fused=cuda, foreach=False if cuda else None)
+    for p, (exp_avg, exp_avg_sq) in zip(decayed + rest, moments):
+        optimizer.state[p] = dict(step=torch.zeros((), dtype=torch.float32, device=p.device if cuda else "cpu"),
+                                  exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    return optimizer
+
+
 class MasterOptimizer:
     def __init__(self, model: nn.Module, config: UpdateConfig):
         self.config = config
@@ -54,19 +71,14 @@ class MasterOptimizer:
         groups = [self.master[:decayed], self.master[decayed:]]
         for group, grad in zip(groups, (self.grad[:decayed], self.grad[decayed:])):
             group.grad = grad
-        cuda = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            [dict(params=[groups[0]], weight_decay=config.weight_decay), dict(params=[groups[1]], weight_decay=0.0)],
-            lr=config.lr, betas=config.betas, eps=config.eps, fused=cuda, foreach=False if cuda else None)
-        # Adam's state now rather than lazily at the first step (the layout torch's lazy init makes,
-        # which the first step then finds and uses as is): offloading and state_dict always see the
-        # same five tensors, and load_state_dict can write into them before any step.
-        for group in groups:
-            self.optimizer.state[group] = dict(
-                step=torch.zeros((), dtype=torch.float32, device=device if cuda else "cpu"),
-                exp_avg=torch.zeros_like(group), exp_avg_sq=torch.zeros_like(group))
+        self.optimizer = build_adamw(config, [groups[0]], [groups[1]],
+                                     [(torch.zeros_like(g), torch.zeros_like(g)) for g in groups])
+        self._start_tracking()
+
+    def _start_tracking(self) -> None:
+        """The counters and the memory phases' bookkeeping, once the buffers exist."""
         self._host: dict[int, torch.Tensor] = {}
-        self._stream = torch.cuda.Stream(device) if cuda else None
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._onloaded: torch.cuda.Event | None = None
         self._away: list[torch.Tensor] = []
         self.offloaded = False
@@ -154,33 +166,52 @@ class MasterOptimizer:
         they were, and `skipped` counts it."""
         self.check_onloaded()
         self.wait_onloaded()
+        grad = self._reduced()
         try:
             lr = self.learning_rate()
         except Exception:
-            self.grad.zero_()  # the failed step's gradients must not leak into the next one
+            grad.zero_()  # the failed step's gradients must not leak into the next one
             raise
-        norm = self.grad.norm()
-        finite = torch.isfinite(norm) if loss_finite is None else torch.isfinite(norm) & loss_finite
+        norm, finite = self._norm(grad, loss_finite)
         # one host read per optimizer step (~1 s of work each): cheaper than a corrupted model
         if not bool(finite):
-            self.grad.zero_()
+            grad.zero_()
             self.skipped += 1
             return norm
         if self.config.max_grad_norm is not None:
-            self.grad.mul_(torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0))
+            grad.mul_(torch.clamp(self.config.max_grad_norm / (norm + 1e-6), max=1.0))
         # the config is read at every step, so that changing it between updates takes effect
         for group, decay in zip(self.optimizer.param_groups, (self.config.weight_decay, 0.0)):
             group.update(lr=lr, betas=tuple(self.config.betas), eps=self.config.eps, weight_decay=decay)
         self.optimizer.step()
-        self.grad.zero_()
+        grad.zero_()
         self._write_model()
         self.steps += 1
         return norm
+
+    def _reduced(self) -> torch.Tensor:
+        """The gradient the step applies: the whole flat buffer (a data-parallel optimizer's is its
+        shard of the sum over ranks)."""
+        return self.grad
+
+    def _norm(self, grad: torch.Tensor, loss_finite: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient's global norm, and whether the step may go ahead (a finite norm and loss)."""
+        norm = grad.norm()
+        return norm, torch.isfinite(norm) if loss_finite is None else torch.isfinite(norm) & loss_finite
 
     # saving and resuming
 
     def _layout(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(name, tuple(p.shape)) for name, p in zip(self.names, self.params)]
+
+    def _check_layout(self, saved: list) -> None:
+        """A ValueError unless `saved` (a state_dict's layout) names this model's parameters and shapes."""
+        layout, mine = [(name, tuple(shape)) for name, shape in saved], self._layout()
+        if layout != mine:
+            diff = next((f"{a[0]} {a[1]} there, {b[0]} {b[1]} here" for a, b in zip(layout, mine) if a != b),
+                        f"{len(layout)} parameters there, {len(mine)} here")
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the state is of a model with other parameters "
+                             f"({diff}): resume on the model shape it was saved from")
 
     def _resident(self, t: torch.Tensor) -> torch.Tensor:
         """Where t's values are now: its host copy while offloaded, else t itself."""
@@ -212,13 +243,7 @@ class MasterOptimizer:
         """Restore a state_dict() of an optimizer over a model of the same parameters (names and
         shapes, else ValueError) and write its master into the model's parameters. Works resident
         or offloaded (then the host copies are written and the next onload brings them back)."""
-        layout = [(name, tuple(shape)) for name, shape in state["layout"]]
-        if layout != self._layout():
-            mine = self._layout()
-            diff = next((f"{a[0]} {a[1]} there, {b[0]} {b[1]} here" for a, b in zip(layout, mine) if a != b),
-                        f"{len(layout)} parameters there, {len(mine)} here")
-            raise ValueError(f"MasterOptimizer.load_state_dict: the state is of a model with other parameters "
-                             f"({diff}): resume on the model shape it was saved from")
+        self._check_layout(state["layout"])
         self.wait_onloaded()
         self._resident(self.master).copy_(state["master"])
         for s, exp_avg, exp_avg_sq, step in zip(self._adam(), state["exp_avg"], state["exp_avg_sq"],
@@ -237,6 +262,10 @@ class MasterOptimizer:
         for state in self.optimizer.state.values():
             tensors += [t for key, t in state.items() if key != "step" and t.numel() > 1]
         return tensors
+
+    def _gradients(self) -> list[torch.Tensor]:
+        """What holds gradients, zero between steps: freed while generating."""
+        return [self.grad]
 
     def offload(self, state: bool = True) -> None:
         """Free the gradients (zero between steps) and, with `state`, copy the master and Adam
@@ -257,7 +286,7 @@ class MasterOptimizer:
         else:
             for t in tensors:
                 self._host[id(t)].copy_(t)
-        for t in tensors + [self.grad]:
+        for t in tensors + self._gradients():
             t.untyped_storage().resize_(0)
         self._away = tensors
         self.offloaded = True
@@ -268,9 +297,10 @@ class MasterOptimizer:
         if not self.offloaded:
             return
         tensors, self._away = self._away, []
-        for t in tensors + [self.grad]:
+        for t in tensors + self._gradients():
             t.untyped_storage().resize_(t.numel() * t.element_size())
-        self.grad.zero_()
+        for t in self._gradients():
+            t.zero_()
         if self._stream is not None and tensors:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):

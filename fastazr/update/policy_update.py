@@ -37,11 +37,14 @@ def split_mini_batches(count: int, parts: int) -> list[range]:
 
 
 class PolicyUpdate:
-    def __init__(self, model: nn.Module, config: UpdateConfig | None = None):
+    def __init__(self, model: nn.Module, config: UpdateConfig | None = None,
+                 optimizer: MasterOptimizer | None = None):
+        """optimizer: default, a MasterOptimizer over the model's parameters (a data-parallel run
+        passes its sharded one, fastazr.distributed.DataParallelUpdate)."""
         self.model = model
         self.config = config or UpdateConfig()
         model.activation_checkpointing = self.config.activation_checkpointing
-        self.optimizer = MasterOptimizer(model, self.config)
+        self.optimizer = optimizer or MasterOptimizer(model, self.config)
 
     def sync_from_model(self) -> None:
         """Train from the model's current weights (loaded into it after this update was built):
@@ -76,14 +79,19 @@ class PolicyUpdate:
         for batch in (b for plan in plans for b in plan):
             batch.old_logprobs = self._logprobs(batch)[0]
 
-    def __call__(self, rollouts: list[Rollout]) -> dict[str, float]:
+    def __call__(self, rollouts: list[Rollout], groups: list[range] | None = None) -> dict[str, float]:
         """Train on the rollouts: one optimizer step per mini-batch that has loss tokens. Returns
         the means over the update of the loss and its metrics (token-weighted; entropy only when
         entropy_coef > 0 computes it; none of them without a loss token), the mean gradient norm
         before clipping (absent without a step), token counts, steps (attempted) and
-        skipped_steps (a non-finite loss or gradient norm leaves the weights alone)."""
-        if not rollouts:
-            raise ValueError("PolicyUpdate got no rollouts: nothing to train on")
+        skipped_steps (a non-finite loss or gradient norm leaves the weights alone).
+        groups: which rollouts (indices) form each mini-batch; default config.mini_batches
+        contiguous groups, in order. A data-parallel rank passes its share of each global
+        mini-batch, which may be empty."""
+        if groups is None:
+            if not rollouts:
+                raise ValueError("PolicyUpdate got no rollouts: nothing to train on")
+            groups = split_mini_batches(len(rollouts), self.config.mini_batches)
         self.optimizer.check_onloaded()
         if not self.optimizer.in_sync():
             raise RuntimeError("the model's parameters were changed after PolicyUpdate was built (e.g. a "
@@ -94,10 +102,11 @@ class PolicyUpdate:
         if config.old_logprobs == "engine" and any(r.old_logprobs is None for r in rollouts):
             raise ValueError("a Rollout has old_logprobs=None: pass the engine's Completion.logprobs, or set "
                              "UpdateConfig.old_logprobs='recompute'")
-        plans = [self.micro_batches(rollouts, group) for group in split_mini_batches(len(rollouts), config.mini_batches)]
+        plans = [self.micro_batches(rollouts, group) for group in groups]
         # no loss token, no step: its gradient is 0, but AdamW's momentum and decay would still
         # move the weights and advance the step count
-        plans = [plan for plan in plans if sum(b.num_loss_tokens for b in plan)]
+        counts = self._total([sum(b.num_loss_tokens for b in plan) for plan in plans])
+        plans, counts = [p for p, n in zip(plans, counts) if n], [n for n in counts if n]
         if config.old_logprobs == "recompute":
             self._recompute_old(plans)
         self.model.activation_checkpointing = config.activation_checkpointing
@@ -106,15 +115,13 @@ class PolicyUpdate:
         sums = torch.zeros(len(METRICS), dtype=torch.float32, device=device)
         norms = []
         loss_tokens, skipped = 0, self.optimizer.skipped
-        for plan in plans:
-            normalizer = sum(b.num_loss_tokens for b in plan)
+        for plan, normalizer in zip(plans, counts):
             finite = torch.ones((), dtype=torch.bool, device=device)
-            for batch in plan:
+            for k, batch in enumerate(plan):
                 logprobs, entropy = self._logprobs(batch)
                 out = pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.mask, config.clip_low,
                               config.clip_high, entropy, config.entropy_coef, normalizer)
-                out.loss.backward()
-                self.optimizer.accumulate()
+                self._backward(out.loss, last=k == len(plan) - 1)
                 # the loss is checked too, not only the gradient norm: a NaN that reaches no
                 # gradient (an entropy term's, say) must not let the step through either
                 finite &= torch.isfinite(out.loss.detach())
@@ -123,13 +130,30 @@ class PolicyUpdate:
             norms.append(self.optimizer.step(finite))
             loss_tokens += normalizer
         self.model.eval()
+        sums = self._sum(sums)
         metrics = {}
         if loss_tokens:
             computed = METRICS if config.entropy_coef > 0 else METRICS[:-1]
             metrics.update(zip(computed, (sums / loss_tokens).tolist()))
         if norms:
             metrics["grad_norm"] = float(torch.stack(norms).mean())
+        tokens, micro_batches = self._total([sum(b.num_tokens for plan in plans for b in plan),
+                                             sum(len(plan) for plan in plans)])
         metrics.update(steps=len(plans), skipped_steps=self.optimizer.skipped - skipped, loss_tokens=loss_tokens,
-                       tokens=sum(b.num_tokens for plan in plans for b in plan),
-                       micro_batches=sum(len(plan) for plan in plans))
+                       tokens=tokens, micro_batches=micro_batches)
         return metrics
+
+    # what a data-parallel update (fastazr.distributed.DataParallelUpdate) does over its ranks
+
+    def _total(self, counts: list[int]) -> list[int]:
+        """Counts over the whole batch: this process holds all of it."""
+        return counts
+
+    def _sum(self, sums: torch.Tensor) -> torch.Tensor:
+        """Metric sums over the whole batch."""
+        return sums
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch (`last`: of its mini-batch), its gradients into the fp32 buffer."""
+        loss.backward()
+        self.optimizer.accumulate()
