@@ -158,3 +158,44 @@ def test_the_fused_mlp_changes_no_bit(monkeypatch):
         runs.append([(c.completion_ids, c.logprobs) for group in engine.generate(requests) for c in group])
         engine.release_memory()
     assert runs[0] == runs[1]
+
+
+def test_graph_captures_survive_a_background_checkpoint_write(tmp_path):
+    """A decode CUDA graph captured while another thread streams tensors to disk through pinned
+    buffers (a background checkpoint, which copies and synchronizes on its own stream): a
+    global-mode capture was invalidated by the other thread's calls (the H100 learning run died
+    with cudaErrorStreamCaptureInvalidated); thread-local captures are not, and the tokens equal
+    those of the same requests generated with no writer running."""
+    import threading
+
+    from fastazr.model.safetensors_stream import PinnedStaging, write_safetensors
+
+    model, tokenizer = smollm2()
+    params = SamplingParams(temperature=1.0, max_new_tokens=48, ignore_eos=True, seed=5)
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
+    batches = [[Request(p, params, n=n) for p in prompts] for n in (1, 3, 5, 7)]  # new batch buckets each
+    quiet = Engine(model, tokenizer, EngineConfig(kv_cache_bytes=1 << 30))
+    expected = [[c.completion_ids for g in quiet.generate(b) for c in g] for b in batches]
+    del quiet
+    torch.cuda.empty_cache()
+    engine = Engine(model, tokenizer, EngineConfig(kv_cache_bytes=1 << 30))
+    state = {f"t{i}": torch.randn(64, 2**20, device="cuda") for i in range(8)}  # 2 GB to stream
+    staging = PinnedStaging(torch.device("cuda", torch.cuda.current_device()), 8 << 20)
+    stop, errors = threading.Event(), []
+
+    def writer():
+        try:
+            while not stop.is_set():
+                write_safetensors(tmp_path / "state.safetensors", state, staging=staging)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        got = [[c.completion_ids for g in engine.generate(b) for c in g] for b in batches]
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert got == expected

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .decoder import Decoder, default_dtype
 from .errors import ModelError, ModelNotFoundError
+from .safetensors_stream import PinnedStaging, write_safetensors
 from .weights import WeightFiller, hf_layout
 
 INDEX = "model.safetensors.index.json"
@@ -113,21 +113,26 @@ def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]
 
 
 def save_hf(model: Decoder, directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, *, staging: PinnedStaging | None = None,
+            sums: dict | None = None) -> Path:
     """Write a checkpoint directory transformers, vLLM and SGLang load: config.json,
     generation_config.json, safetensors (sharded above max_shard_bytes, with an index) and,
     given a tokenizer, its files and chat template. The directory is built beside the target
-    and swapped in at the end, so an interrupted save never leaves a half-written checkpoint."""
+    and swapped in at the end, so an interrupted save never leaves a half-written checkpoint.
+    Weights stream from the GPU through `staging` (see safetensors_stream); `sums`, when given,
+    receives each weight file's {"bytes", "crc32"} under its file name."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.dtype
     dtype_name = str(dtype).removeprefix("torch.")
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    if staging is None and model.device.type == "cuda":
+        staging = PinnedStaging(model.device)
+    building = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         hf = model.config.to_hf(dtype_name)
-        (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (building / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
-        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (building / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         layout = hf_layout(model.config)
         itemsize = torch.empty((), dtype=dtype).element_size()
         sizes = [(name, slot.view(model).numel() * itemsize) for name, slot in layout.items()]
@@ -135,19 +140,20 @@ def save_hf(model: Decoder, directory: str | os.PathLike, tokenizer=None, dtype:
         weight_map = {}
         for i, shard in enumerate(shards):
             filename = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            # one shard's tensors on the host at a time: a 7B model never needs 15 GB of host RAM
-            tensors = {name: layout[name].view(model).detach().to("cpu", dtype).contiguous() for name in shard}
-            save_file(tensors, staging / filename, metadata={"format": "pt"})
+            tensors = {name: layout[name].view(model) for name in shard}
+            entry = write_safetensors(building / filename, tensors, {"format": "pt"}, dtype, staging)
+            if sums is not None:
+                sums[filename] = entry
             weight_map.update(dict.fromkeys(shard, filename))
         if len(shards) > 1:
             total = sum(nbytes for _, nbytes in sizes)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (staging / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            (building / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save(staging)
-        _swap_in(staging, directory)
+            tokenizer.save(building)
+        _swap_in(building, directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(building, ignore_errors=True)
         raise
     return directory
 

@@ -65,9 +65,11 @@ def _sum_and_sync(path: Path) -> dict:
     return entry
 
 
-def write(root: Path, step: int, fill: Callable[[Path], None]) -> Path:
-    """Build checkpoint `step` under root: fill(directory) writes its files, then every file is
-    summed and fsynced, the manifest written, and the directory renamed into place. On any error
+def write(root: Path, step: int, fill: Callable[[Path], dict | None]) -> Path:
+    """Build checkpoint `step` under root: fill(directory) writes its files and may return the
+    {"bytes", "crc32"} of those it summed while writing them (by path relative to directory);
+    the others are summed here, every file is fsynced, the manifest written, and the directory
+    renamed into place. On any error
     the partial directory is removed and CheckpointError says what failed; existing checkpoints
     are never touched."""
     final = root / f"step_{step:08d}"
@@ -76,12 +78,19 @@ def write(root: Path, step: int, fill: Callable[[Path], None]) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         sweep_partials(root)  # a killed writer's leftovers may be what fills the disk
         staging.mkdir()
-        fill(staging)
-        paths = sorted(p for p in staging.rglob("*") if p.is_file())
+        known = fill(staging) or {}
+        names = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+
+        def summed(name: str) -> dict:
+            path = staging / name
+            if name not in known or known[name]["bytes"] != path.stat().st_size:
+                return _sum_and_sync(path)
+            _fsync(path)
+            return known[name]
+
         # zlib and fsync release the GIL: summing one file while another reaches the disk
         with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fastazr-checkpoint-sum") as pool:
-            summed = list(pool.map(_sum_and_sync, paths))
-        files = {path.relative_to(staging).as_posix(): entry for path, entry in zip(paths, summed)}
+            files = dict(zip(names, pool.map(summed, names)))
         manifest = staging / MANIFEST
         manifest.write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
         _fsync(manifest)
