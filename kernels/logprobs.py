@@ -71,7 +71,9 @@ def logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
     return acc * scale
 
 
-@triton.jit
+# Triton specializes integer arguments on divisibility by 16 and compiles a variant per combination;
+# row and block counts change with every micro-batch, so each would cost a compile (seconds) mid-update.
+@triton.jit(do_not_specialize=["N", "n_blocks", "tiles_per_split"])
 def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
                     n_blocks, v_tiles, tiles_per_split,
                     WITH_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -110,7 +112,7 @@ def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
     tl.store(out + 2 * N, t, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _combine_kernel(part_ptr, h_ptr, w_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr,
                     N, V, H, stride_h, stride_w, inv_temp,
                     SPLITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -148,7 +150,7 @@ def _combine_kernel(part_ptr, h_ptr, w_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr,
     tl.store(ent_ptr + offs, lse - t / s * LN2, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "c0", "chunk_cols", "n_blocks", "v_blocks"])
 def _grad_logits_kernel(h, w, tgt_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, dz,
                         N, V, H, stride_h, stride_w, stride_dz, scale, inv_temp, c0, chunk_cols,
                         n_blocks, v_blocks,

@@ -34,7 +34,9 @@ _NORM_COUNT, _NORM_VALUE, _NORM_POINTER = 0, 1, 2
 # keeps the backward right even if the caller reuses its normalizer tensor before backward.
 
 
-@triton.jit
+# Triton specializes integer arguments on divisibility by 16 and compiles a variant per combination;
+# row and block counts change with every micro-batch, so each would cost a compile (seconds) mid-update.
+@triton.jit(do_not_specialize=["n"])
 def _pg_loss_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, norm_ptr, loss_ptr, stats_ptr,
                         n, norm_value, lo, hi, limit, entropy_coef,
                         HAS_ENTROPY: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
@@ -95,7 +97,7 @@ def _pg_loss_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, norm_ptr, l
     tl.store(stats_ptr + 4, denom)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _pg_loss_bwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, grad_loss_ptr, stats_ptr, dlp_ptr, dent_ptr,
                         n, lo, hi, limit, entropy_coef,
                         WRITE_DLP: tl.constexpr, WRITE_DENT: tl.constexpr, BLOCK: tl.constexpr):

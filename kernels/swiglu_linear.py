@@ -30,7 +30,9 @@ from fastazr.model.layers import swiglu
 __all__ = ["swiglu_linear", "swiglu_linear_tiles"]
 
 
-@triton.jit
+# Triton specializes integer arguments on divisibility by 16 and compiles a variant per combination;
+# row and block counts change with every micro-batch, so each would cost a compile (seconds) mid-update.
+@triton.jit(do_not_specialize=["M"])
 def _swiglu_linear_kernel(x, w, out_ptr, M, I, K, stride_x, stride_w, stride_o,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,

@@ -21,7 +21,9 @@ from fastazr.kernels.layer_fusions import add_rms_norm, swiglu_fused
 __all__ = ["fused_rms_norm", "fused_swiglu"]
 
 
-@triton.jit
+# Triton specializes integer arguments on divisibility by 16 and compiles a variant per combination;
+# row and block counts change with every micro-batch, so each would cost a compile (seconds) mid-update.
+@triton.jit(do_not_specialize=["rows"])
 def _rms_norm_backward_kernel(dy_ptr, x_ptr, weight_ptr, dx_ptr, dweight_ptr, rows, width, eps,
                               BLOCK: tl.constexpr):
     # Rows pid, pid + programs, ...: each program keeps its share of dweight in registers and

@@ -60,12 +60,13 @@ def test_an_oracle_scores_everything_and_a_wrong_solver_nothing(sandbox, wrong):
     evaluator.backend = oracle = Oracle(evaluator.problems, evaluator.tasks, wrong)
     assert len(evaluator.problems) == LIMIT and len(evaluator.tasks) >= LIMIT - 2
     metrics, records = evaluator.run()
-    expected = {f"humaneval/{f}/{m}" for f in ("trainer", "plain") for m in ("greedy_pass@1", "pass@1", "pass@3")}
-    expected |= {f"{b}/{f}" for b in ("output_prediction", "input_prediction") for f in ("trainer", "plain")}
+    formats = ("trainer", "prefill", "plain")
+    expected = {f"humaneval/{f}/{m}" for f in formats for m in ("greedy_pass@1", "pass@1", "pass@3")}
+    expected |= {f"{b}/{f}" for b in ("output_prediction", "input_prediction") for f in formats}
     assert set(metrics) == expected
     assert all(v == (0.0 if wrong else 1.0) for v in metrics.values()), metrics
     assert len(oracle.requests) == 2, "one generate() call per benchmark"
-    responses = 2 * LIMIT * (1 + 3) + 2 * 2 * len(evaluator.tasks)
+    responses = 3 * LIMIT * (1 + 3) + 3 * 2 * len(evaluator.tasks)
     assert len(records) == responses and all(r["correct"] is (not wrong) for r in records)
 
 
@@ -89,7 +90,7 @@ def test_eval_command_with_the_embedded_model_on_ten_problems(tmp_path):
     assert {"humaneval/trainer/greedy_pass@1", "humaneval/plain/greedy_pass@1", "output_prediction/trainer",
             "input_prediction/plain"} <= set(result["metrics"])
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in result["metrics"].values())
-    assert len([r for r in result["records"] if r["bench"] == "humaneval"]) == 20
+    assert len([r for r in result["records"] if r["bench"] == "humaneval"]) == 30, "10 problems, 3 formats"
     assert "greedy_pass@1" in proc.stdout
 
 

@@ -57,6 +57,13 @@ class AZRConfig:
     """'chat' (the tokenizer's chat template), 'plain' (base models: "User: ... Assistant:
     <think>"), or 'auto' (chat when the tokenizer has a template)."""
 
+    answer_prefill: bool = False
+    """Start every response inside its <answer> block, at the opening of the first block it must
+    write (prompts.PREFILL): no <think>, and a block the model leaves open is closed at the end of
+    its response. For small models that never adopt the answer format on their own (the embedded
+    SmolLM2-135M: no valid proposal without it), where every reward would be -1 and every
+    advantage 0. Off: the paper's format."""
+
     buffer_capacity: int = 10_000
     """Most tasks a buffer keeps; past it the oldest go."""
 
@@ -98,6 +105,9 @@ class AZRConfig:
                              f"fastazr.rollout.request.MIN_TEMPERATURE), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"AZRConfig.top_p must be in (0, 1], got {self.top_p}")
+        for name in ("stop_at_answer", "answer_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"AZRConfig.{name} takes true or false, got {getattr(self, name)!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"AZRConfig.prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         if not isinstance(self.rewards, RewardScale):

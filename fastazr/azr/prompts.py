@@ -4,10 +4,13 @@ Zero paper (K reference tasks for deduction and abduction proposals, one referen
 induction proposals, the task itself for solvers).
 
 A prompt is built as the user message of a chat (models with a chat template) or as plain text
-ending in "Assistant: <think>" (base models, --prompt-format plain)."""
+ending in "Assistant: <think>" (base models, --prompt-format plain). With --azr.answer-prefill the
+response is started for the model inside its answer block (PREFILL): the prefill is prompt, not
+trained, and the parser reads it back in front of the completion (prefilled())."""
 
 from __future__ import annotations
 
+from .parsing import ANSWER_CLOSE, ANSWER_OPEN
 from .tasks import InductionTask, Triplet
 
 FORMAT = ("Think step by step inside <think> </think>, then give only the final answer inside "
@@ -25,6 +28,31 @@ PROPOSE_PROGRAM = {
     "abduction": "Another solver will be given your program and its output and must find an input that "
                  "produces it.",
 }
+
+
+PREFILL = {"program": f"{ANSWER_OPEN}\n```python\ndef f(", "input": f"{ANSWER_OPEN}\n```input\n",
+           "output": f"{ANSWER_OPEN}\n```output\n"}
+"""Response starts by what the response must write first: a program opens its ```python block at
+`def f(`, inputs and outputs open their block. Unprompted, SmolLM2-135M-Instruct proposed no
+valid task in any step of its first H100 runs (batch 64; temperature 0.7 and 1.0; chat and plain
+templates; every proposal lacked a closed <answer> block): every proposer reward is then -1, the
+solvers have nothing new to solve, and with equal rewards every advantage is 0."""
+
+
+def prefill(task: str, role: str) -> str:
+    """The answer-block start of a (task, role) response under --azr.answer-prefill."""
+    if role == "propose":
+        return PREFILL["input"] if task == "induction" else PREFILL["program"]
+    return PREFILL[{"deduction": "output", "abduction": "input", "induction": "program"}[task]]
+
+
+def prefilled(start: str, completion: str) -> str:
+    """The response the parser reads: the prefill, the completion, and, when a prefilled answer
+    block was left open (the model ended or ran out of tokens before </answer>), its close:
+    blocks that never closed their fence stay unread either way."""
+    if not start or ANSWER_CLOSE in completion:
+        return start + completion
+    return start + completion + ANSWER_CLOSE
 
 
 def _fence(kind: str, body: str) -> str:
@@ -107,9 +135,11 @@ def solve(task: str, item: Triplet | InductionTask) -> str:
     return solve_induction(item)
 
 
-def wrap(text: str, template: str, tokenizer) -> list[int]:
-    """Token ids of a prompt: the tokenizer's chat template ('chat') or plain text ('plain')."""
+def wrap(text: str, template: str, tokenizer, start: str = "") -> list[int]:
+    """Token ids of a prompt: the tokenizer's chat template ('chat') or plain text ('plain'),
+    then the response's prefilled start (in place of plain text's "<think>")."""
     if template == "chat":
-        return tokenizer.encode_chat([{"role": "user", "content": text}])
+        ids = tokenizer.encode_chat([{"role": "user", "content": text}])
+        return ids + tokenizer.encode(start) if start else ids
     return tokenizer.encode(f"A conversation between User and Assistant. The Assistant thinks, then answers.\n"
-                            f"User: {text}\nAssistant: <think>")
+                            f"User: {text}\nAssistant: {start or '<think>'}")

@@ -2,7 +2,7 @@
 
     prompts = game.proposer_prompts(step)         # 3 x B proposers
     proposals = game.generate(prompts, step, 0)   # engine call 1
-    game.validate(proposals, step)                # sandbox batch 1; valid tasks join the buffers
+    game.validate(proposals, step)                # sandbox batch 1 (execute), valid tasks join the buffers (admit)
     prompts = game.solver_prompts(proposals, step)  # 3 x B solvers + n per valid proposal
     solves = game.generate(prompts, step, 1)      # engine call 2
     game.check(solves)                            # sandbox batch 2
@@ -10,7 +10,12 @@
 The reference implementation runs nine sequential generation phases; here every proposal of
 every task type is one engine call and every solve, learnability rollouts included, is another,
 so the engine's batch is as large as the step allows. Rewards and advantages are pure
-functions of the statuses set here (rewards.py, advantages.py)."""
+functions of the statuses set here (rewards.py, advantages.py).
+
+A data-parallel rank generates only its share of each batch (generate's `share`: the prompts'
+indices, whose seeds are their global index's), executes and checks those, and gathers the rest
+(fastazr.distributed.gather) before admit() takes the valid tasks into the buffers in the batch's
+order: every rank then holds what one process would."""
 
 from __future__ import annotations
 
@@ -81,8 +86,11 @@ class SelfPlay:
         resumed run makes the same choices."""
         return np.random.default_rng(derived_seed(self.seed, step, purpose))
 
-    def _ids(self, text: str) -> list[int]:
-        return prompts.wrap(text, self.template, self.tokenizer)
+    def _start(self, task: str, role: str) -> str:
+        return prompts.prefill(task, role) if self.config.answer_prefill else ""
+
+    def _ids(self, text: str, task: str, role: str) -> list[int]:
+        return prompts.wrap(text, self.template, self.tokenizer, self._start(task, role))
 
     # ---- propose ----
 
@@ -95,17 +103,23 @@ class SelfPlay:
         for task in ("deduction", "abduction"):
             for _ in range(B):
                 references = self.buffers[task].sample(c.references, rng)
-                out.append(Prompt(task, "propose", self._ids(prompts.propose_program(task, references)), None))
+                text = prompts.propose_program(task, references)
+                out.append(Prompt(task, "propose", self._ids(text, task, "propose"), None))
         for program in self.buffers.programs(B, rng):
-            out.append(Prompt("induction", "propose", self._ids(prompts.propose_inputs(program, c.induction_inputs)),
+            out.append(Prompt("induction", "propose", self._ids(prompts.propose_inputs(program, c.induction_inputs),
+                                                                 "induction", "propose"),
                               program))
         return out
 
-    def generate(self, batch: list[Prompt], step: int, phase: int) -> list[Sample]:
-        """One backend call for the whole batch; a Sample per completion, in prompt order."""
+    def generate(self, batch: list[Prompt], step: int, phase: int, share: list[int] | None = None) -> list[Sample]:
+        """One backend call for the prompts of `share` (indices into batch, default all of them);
+        a Sample per completion, in prompt order. A prompt's sampling seed is a function of its
+        index in the whole batch, whichever share it is in."""
         c = self.config
+        chosen = range(len(batch)) if share is None else share
         requests = []
-        for k, p in enumerate(batch):
+        for k in chosen:
+            p = batch[k]
             limit = c.propose_max_tokens if p.role == "propose" else c.solve_max_tokens
             fixed = c.fixed_response_tokens
             params = SamplingParams(temperature=c.temperature, top_p=c.top_p, max_new_tokens=fixed or limit,
@@ -117,9 +131,10 @@ class SelfPlay:
         with progress_bar(PHASE_NAMES[phase], unit="tok", mode=self.progress_mode) as bar:
             generated = self.backend.generate(requests, progress=bar.update)
         samples = []
-        for p, completions in zip(batch, generated):
+        for p, completions in zip((batch[k] for k in chosen), generated):
             for completion in completions:
-                text = self.tokenizer.decode(completion.completion_ids, skip_special_tokens=True)
+                text = prompts.prefilled(self._start(p.task, p.role),
+                                         self.tokenizer.decode(completion.completion_ids, skip_special_tokens=True))
                 sample = Sample(p.task, p.role, completion.prompt_ids, completion.completion_ids, completion.logprobs,
                                 text, completion.finish_reason, trained=p.trained)
                 sample.details["item"] = p.item
@@ -133,6 +148,12 @@ class SelfPlay:
         """Parse every proposal, run every runnable one in one sandbox batch, set each status
         ('valid', 'invalid', 'duplicate', 'malformed') and add the valid tasks to the buffers.
         An induction proposal's inputs each run twice (two hash seeds, fresh children)."""
+        self.execute(proposals, step)
+        self.admit(proposals)
+
+    def execute(self, proposals: list[Sample], step: int) -> None:
+        """validate() up to the buffers: each proposal is then 'malformed', 'invalid', or holds the
+        task it defines as details['candidate'], for admit()."""
         c = self.config
         jobs: list[tuple[str, str]] = []
         plans: list[tuple[Sample, list[int], list[str]]] = []
@@ -162,17 +183,27 @@ class SelfPlay:
             else:
                 self._accept_triplet(s, runs[0], step)
 
+    def admit(self, proposals: list[Sample]) -> None:
+        """The candidate tasks into their buffers, in order: 'valid', or 'duplicate' when the buffer
+        already holds the task (from an earlier step, or earlier in this batch)."""
+        for s in proposals:
+            task = s.details.pop("candidate", None)
+            if task is None:
+                continue
+            if self.buffers[s.task].add(task):
+                s.status, s.details["task"] = "valid", task
+            else:
+                s.status, s.reason = "duplicate", ("the buffer already holds this program with these inputs"
+                                                   if s.task == "induction" else
+                                                   "the buffer already holds this program on this input")
+
     def _accept_triplet(self, s: Sample, run, step: int) -> None:
         given, outcome = run
         if not outcome.valid:
             s.status, s.reason = "invalid", outcome.reason
             return
-        triplet = Triplet(s.details["program"], given, outcome.output, step)
         s.details["output"] = outcome.output
-        if self.buffers[s.task].add(triplet):
-            s.status, s.details["task"] = "valid", triplet
-        else:
-            s.status, s.reason = "duplicate", "the buffer already holds this program on this input"
+        s.details["candidate"] = Triplet(s.details["program"], given, outcome.output, step)
 
     def _accept_induction(self, s: Sample, runs, step: int) -> None:
         pairs: dict[str, str] = {}
@@ -190,22 +221,23 @@ class SelfPlay:
             return
         items = list(pairs.items())
         shown = math.ceil(len(items) / 2)
-        task = InductionTask(s.details["program"], s.details["message"], tuple(items[:shown]), tuple(items[shown:]),
-                             step)
-        if self.buffers["induction"].add(task):
-            s.status, s.details["task"] = "valid", task
-        else:
-            s.status, s.reason = "duplicate", "the buffer already holds this program with these inputs"
+        s.details["candidate"] = InductionTask(s.details["program"], s.details["message"], tuple(items[:shown]),
+                                               tuple(items[shown:]), step)
 
-    def seed_buffers(self, max_rounds: int = 20) -> int:
+    def seed_buffers(self, max_rounds: int = 20, propose=None) -> int:
         """The optional seeding stage: untrained proposal rounds until every buffer holds
         config.seed_tasks tasks (or max_rounds pass). Rounds use steps -1, -2, ... so their
-        seeds never meet a training step's. Returns the rounds run."""
+        seeds never meet a training step's. Returns the rounds run. propose(step): one round,
+        its valid tasks into the buffers (default: this process generates and validates all of
+        it; a data-parallel run passes its ranks' split round)."""
         target = self.config.seed_tasks
         rounds = 0
         while rounds < max_rounds and min(self.buffers.sizes().values()) < target:
             rounds += 1
-            self.validate(self.generate(self.proposer_prompts(-rounds), -rounds, 0), -rounds)
+            if propose is None:
+                self.validate(self.generate(self.proposer_prompts(-rounds), -rounds, 0), -rounds)
+            else:
+                propose(-rounds)
         return rounds
 
     # ---- solve ----
@@ -219,11 +251,12 @@ class SelfPlay:
         for task in TASK_TYPES:
             fresh = [s.details["task"] for s in proposals if s.task == task and s.status == "valid"][:B]
             chosen = fresh + self.buffers[task].sample(B - len(fresh), rng, replace=True)
-            out.extend(Prompt(task, "solve", self._ids(prompts.solve(task, item)), item) for item in chosen)
+            out.extend(Prompt(task, "solve", self._ids(prompts.solve(task, item), task, "solve"), item)
+                       for item in chosen)
         for k, s in enumerate(proposals):
             if s.status == "valid":
                 item = s.details["task"]
-                out.append(Prompt(s.task, "solve", self._ids(prompts.solve(s.task, item)), item,
+                out.append(Prompt(s.task, "solve", self._ids(prompts.solve(s.task, item), s.task, "solve"), item,
                                   n=self.config.learnability_rollouts, trained=False, parent=k))
         return out
 

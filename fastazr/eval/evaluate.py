@@ -1,5 +1,5 @@
 """An evaluation pass over any RolloutBackend: HumanEval (greedy pass@1, sampled pass@k) and code
-reasoning (output and input prediction), in both prompt formats, one generate() call and one
+reasoning (output and input prediction), in every prompt format, one generate() call and one
 sandbox batch per benchmark. Used by `python -m fastazr.eval` and by training (--run.eval-every)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fastazr.azr import prompts as train_prompts
 from fastazr.azr.parsing import ANSWER_CLOSE
 from fastazr.azr.selfplay import derived_seed
 from fastazr.rollout.request import MIN_TEMPERATURE, Request, SamplingParams
@@ -26,7 +27,8 @@ class EvalConfig:
     built from HumanEval's solutions and test inputs)."""
 
     formats: tuple[str, ...] = prompts.FORMATS
-    """Prompt formats: 'trainer' (self-play's <think>/<answer> prompts) and 'plain'."""
+    """Prompt formats: 'trainer' (self-play's <think>/<answer> prompts), 'prefill' (the same,
+    started inside <answer> as --azr.answer-prefill trains) and 'plain'."""
 
     samples: int = 1
     """Sampled completions per HumanEval problem for pass@k (k = 1 and this), besides the greedy
@@ -84,12 +86,13 @@ class Evaluator:
                       if "reasoning" in config.benches else [])
 
     def _params(self, fmt: str, greedy: bool, seed: int) -> SamplingParams:
-        stop = (ANSWER_CLOSE,) if fmt == "trainer" else ()
+        stop = (ANSWER_CLOSE,) if fmt in prompts.TRAINER_FORMATS else ()
         return SamplingParams(temperature=0.0 if greedy else self.config.temperature,
                               max_new_tokens=self.config.max_tokens, stop_strings=stop, seed=seed)
 
-    def _texts(self, completions) -> list[str]:
-        return [self.tokenizer.decode(c.completion_ids, skip_special_tokens=True) for c in completions]
+    def _texts(self, completions, start: str = "") -> list[str]:
+        return [train_prompts.prefilled(start, self.tokenizer.decode(c.completion_ids, skip_special_tokens=True))
+                for c in completions]
 
     def run(self, round_: int = 0) -> tuple[dict[str, float], list[dict]]:
         """(metrics, one record per response) of the backend's weights now. round_ (the training
@@ -107,7 +110,8 @@ class Evaluator:
         plan, requests = [], []
         for fmt in c.formats:
             for i, problem in enumerate(self.problems):
-                ids = prompts.encode(prompts.humaneval(problem, fmt), fmt, self.tokenizer, c.template)
+                ids = prompts.encode(prompts.humaneval(problem, fmt), fmt, self.tokenizer, c.template,
+                                     prompts.start("humaneval", fmt))
                 requests.append(Request(ids, self._params(fmt, True, 0)))
                 plan.append((fmt, i, "greedy"))
                 if k > 1:
@@ -115,7 +119,7 @@ class Evaluator:
                     requests.append(Request(ids, self._params(fmt, False, seed), n=k))
                     plan.append((fmt, i, "sampled"))
         outputs = self.backend.generate(requests)
-        texts = [self._texts(group) for group in outputs]
+        texts = [self._texts(group, prompts.start("humaneval", fmt)) for (fmt, _, _), group in zip(plan, outputs)]
         programs = [[extract_program(self.problems[i], t) for t in group] for (_, i, _), group in zip(plan, texts)]
         passed = check_programs(self.sandbox, [self.problems[i] for _, i, _ in plan], programs)
         for fmt in c.formats:
@@ -138,10 +142,11 @@ class Evaluator:
         for fmt in c.formats:
             for kind, build in builders.items():
                 for j, task in enumerate(self.tasks):
-                    requests.append(Request(prompts.encode(build(task, fmt), fmt, self.tokenizer, c.template),
-                                            self._params(fmt, True, 0)))
+                    ids = prompts.encode(build(task, fmt), fmt, self.tokenizer, c.template, prompts.start(kind, fmt))
+                    requests.append(Request(ids, self._params(fmt, True, 0)))
                     plan.append((fmt, kind, j))
-        texts = [self._texts(group)[0] for group in self.backend.generate(requests)]
+        texts = [self._texts(group, prompts.start(kind, fmt))[0]
+                 for (fmt, kind, _), group in zip(plan, self.backend.generate(requests))]
         answers = [prompts.answer(kind, text, fmt) for (fmt, kind, _), text in zip(plan, texts)]
         verdicts: list[bool] = [False] * len(plan)
         for kind, check in (("deduction", check_output_predictions), ("abduction", check_input_predictions)):
