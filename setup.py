@@ -44,7 +44,7 @@ setup(
     description="A performance-first Absolute Zero self-play trainer for one GPU node",
     python_requires=">=3.11",
     packages=["fastazr", "fastazr.azr", "fastazr.sandbox", "fastazr.tasks", "fastazr.model", "fastazr.rollout", "fastazr.update",
-              "fastazr.runlog", "fastazr.eval",
+              "fastazr.runlog", "fastazr.eval", "fastazr.distributed",
               "fastazr.kernels"],
     # kernels/ lives at the top of the repository but must never install a top-level module
     # named `kernels` (a PyPI package of that name is an SGLang dependency).
@@ -64,5 +64,8 @@ setup(
         # transformers (+ accelerate for its GGUF loader) is the reference the model is tested against
         "test": ["pytest>=7", "transformers>=5", "accelerate"],
         "bench": ["pebble>=5"],
+        # --rollout sglang: the release fastazr.rollout.sglang_backend is written and contract-tested
+        # against (SGLANG_VERSION); it brings its own torch and CUDA wheels
+        "sglang": ["sglang==0.5.23"],
     },
 )

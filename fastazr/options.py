@@ -25,13 +25,16 @@ import tomli_w
 
 from .azr.config import AZRConfig
 from .config_file import is_callable, read_options, read_toml, to_table
+from .distributed.config import DistributedConfig
 from .rollout.config import EngineConfig
+from .rollout.sglang_config import SGLangConfig
 from .runlog.config import RunConfig
 from .sandbox.config import SandboxConfig
 from .update.config import UpdateConfig
 
 PRESETS = ("auto", "cpu", "gpu")
 DEVICES = ("auto", "cpu", "cuda")
+ROLLOUTS = ("embedded", "sglang")
 CONFIG_NAME = "config.toml"
 """The resolved options a run writes into its directory; `--resume DIR` reads them back."""
 
@@ -77,11 +80,28 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Checkpoints, TensorBoard and progress bars."""
 
+    rollout: str = "embedded"
+    """The rollout backend: 'embedded' (the engine on the trainer's own tensors, options
+    --engine.*) or 'sglang' (SGLang's offline engine colocated on the trainer's GPU, its memory
+    released while training and the weights pushed after every update; options --sglang.*,
+    needs CUDA and `pip install "fastazr[sglang]"`; docs/sglang.md)."""
+
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    """The SGLang rollout backend (--rollout sglang)."""
+
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Data-parallel runs under torchrun (timeouts, gradient buckets, checks); one process reads none."""
+
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        if self.rollout not in ROLLOUTS:
+            raise ValueError(f"--rollout must be one of {ROLLOUTS}, got {self.rollout!r}")
+        if self.rollout == "sglang" and self.device == "cpu":
+            raise ValueError("--rollout sglang runs on a CUDA GPU: pass --device cuda (or auto on a GPU machine), "
+                             "or --rollout embedded")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"--steps must be an integer >= 0, got {self.steps!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -170,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE", help=(
         "A TOML file of options: top-level keys for the top-level options (preset, model, steps, out, seed, "
-        "device, resume) and tables [azr], [azr.rewards], [engine], [update], [sandbox], [run] keyed by option "
-        f'name (batch_size or batch-size); "none" stands for None. Every run writes its resolved options to '
-        f"OUT/{CONFIG_NAME}, which --config reproduces. Default with --resume DIR: DIR/{CONFIG_NAME}."))
+        "device, resume, rollout) and tables [azr], [azr.rewards], [engine], [update], [sandbox], [run], [sglang], "
+        "[distributed] "
+        'keyed by option name (batch_size or batch-size); "none" stands for None. Every run writes its resolved '
+        f"options to OUT/{CONFIG_NAME}, which --config reproduces. Default with --resume DIR: DIR/{CONFIG_NAME}."))
     defaults = TrainConfig()
     groups: dict[str, argparse._ArgumentGroup] = {}
     for path, kind, doc in _options(TrainConfig):

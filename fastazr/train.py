@@ -20,17 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from fastazr.azr import SelfPlay, assign_advantages, assign_rewards, derived_seed
+from fastazr.azr.config import AZRConfig
 from fastazr.azr.report import console_line, game_metrics, write_samples
+from fastazr.azr.selfplay import Prompt
+from fastazr.azr.tasks import Sample
+from fastazr.distributed import DataParallelUpdate, World, shares, update_shares
+from fastazr.distributed.cores import pin_local_cores
+from fastazr.distributed.failures import Failures
+from fastazr.distributed.gather import aggregate_timings, check_buffers, gather_samples
+from fastazr.distributed.shards import ShardedCheckpointer, refusal, saved_world_size
 from fastazr.eval.evaluate import EvalConfig, Evaluator
 from fastazr.eval.humaneval import eval_sandbox_config
-from fastazr.eval.prompts import FORMATS
 from fastazr.model import Decoder, Tokenizer, load
 from fastazr.model.embedded import default_model_path
 from fastazr.model.gguf_file import GGUFFile
 from fastazr.options import TrainConfig, parse_args, save_config
-from fastazr.rollout import Engine
+from fastazr.rollout import Engine, RolloutBackend, SGLangBackend
 from fastazr.runlog.board import Board
 from fastazr.runlog import checkpoint
 from fastazr.runlog.checkpoint import CheckpointError
@@ -42,6 +50,8 @@ from fastazr.update import ColocatedMemory, PolicyUpdate, Rollout, Telemetry
 
 PHASES = ("generate_propose", "sandbox_validate", "generate_solve", "sandbox_check", "train", "swap", "checkpoint",
           "eval", "other")
+SYNC = "sync"
+"""A data-parallel run's own phase: gathering samples, waiting there for the slowest rank."""
 SWAP_PARTS = ("release_kv", "swap_in_issue", "swap_out", "create_kv")
 """What the swap phase is made of (ColocatedMemory's telemetry phases)."""
 log = logging.getLogger("fastazr.train")
@@ -67,7 +77,7 @@ class Trainer:
     out: Path
     model: Decoder
     update: PolicyUpdate
-    engine: Engine
+    engine: RolloutBackend
     memory: ColocatedMemory
     telemetry: Telemetry
     sandbox: Sandbox
@@ -85,6 +95,8 @@ class Trainer:
     updating: bool = False
     """From a step's update until its boundary is taken: the tensors are past the last boundary
     (or half-written), so no checkpoint of that boundary may be written from them."""
+    world: World = dataclasses.field(default_factory=World)
+    """This process's place in a data-parallel run (alone: rank 0 of 1)."""
 
     def close(self) -> None:
         gc.unfreeze()  # build() froze the heap; frozen objects are never freed, and bindings complain at exit
@@ -95,13 +107,35 @@ class Trainer:
         if self.eval_sandbox is not None:
             self.eval_sandbox.close()
         self.telemetry.close()
+        # last: SGLang's shutdown kills every child process of this one, the sandboxes' workers included
+        self.engine.close()
 
     def check_stop(self) -> None:
         if self.stopper is not None:
+            self.stop_requested()
             self.stopper.check()
 
+    def stop_requested(self) -> bool:
+        """Whether a stop signal came; in a data-parallel run, to any rank (all of them then stop
+        at the same phase boundary: one that went on alone would wait in a collective forever)."""
+        if self.stopper is None:
+            return False
+        if self.world.size > 1:
+            self.stopper.signum = self.world.max(self.stopper.signum or 0) or None
+        return self.stopper.signum is not None
 
-def build(config: TrainConfig) -> Trainer:
+
+def eval_formats(azr: AZRConfig) -> tuple[str, ...]:
+    """The formats evaluated during training: the one the run trains in (its prompts, prefilled
+    with --azr.answer-prefill) and the plain instruction format."""
+    return ("prefill" if azr.answer_prefill else "trainer", "plain")
+
+
+def build(config: TrainConfig, world: World | None = None) -> Trainer:
+    """world: this process's place in a data-parallel run, its process group started (default:
+    alone). Every rank builds its own model, engine, update and sandbox; rank 0 alone holds the
+    run's lock and writes its files."""
+    world = world or World()
     out = Path(config.out)
     source = Path(config.resume) if config.resume else None
     resumed_from = None
@@ -111,41 +145,54 @@ def build(config: TrainConfig) -> Trainer:
     if source is not None:  # before anything slow is built, and before the run's config.toml changes
         resumed_from = checkpoint.newest(checkpoint.checkpoint_root(source))
         done = checkpoint_step(resumed_from)
+        if saved_world_size(resumed_from) != world.size:
+            raise CheckpointError(refusal(resumed_from, saved_world_size(resumed_from), world.size))
         if config.steps <= done:
             raise CheckpointError(f"{resumed_from} is at step {done} and --steps is {config.steps}: "
                                   f"pass --steps greater than {done} to continue")
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    lock = hold_run_lock(out)
-    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    if world.leader:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+    lock = hold_run_lock(out) if world.leader else None
+    device = run_device(config, world)
     torch.manual_seed(config.seed)
     model, tokenizer = load(config.model, device=device, seed=config.seed)
     tokenizer = text_tokenizer(tokenizer, model.config.vocab_size)
-    update = PolicyUpdate(model, config.update)           # first: its fp32 master and gradients exist
-    engine = Engine(model, tokenizer, config.engine, seed=derived_seed(config.seed, "engine"))
+    world.broadcast_parameters(model)
+    # first: the fp32 master and gradients exist (in a data-parallel run, this rank's shard)
+    update = (PolicyUpdate(model, config.update) if world.size == 1 else
+              DataParallelUpdate(model, config.update, world, config.distributed))
+    seed = derived_seed(config.seed, "engine")
+    # SGLang starts inside ColocatedMemory, at its first resume_memory(): once the optimizer state
+    # is off the GPU, so its KV pool (sized once, at its start) fits the generation phase
+    engine = (SGLangBackend(model, tokenizer, config.sglang, seed=seed) if config.rollout == "sglang" else
+              Engine(model, tokenizer, config.engine, seed=seed))
     telemetry = Telemetry(device)
     memory = ColocatedMemory(engine, update.optimizer, config.update, telemetry)
     sandbox = Sandbox(config=config.sandbox)
-    game = SelfPlay(config.azr, engine, TaskExecutor(sandbox), tokenizer, config.seed, progress_mode=config.run.progress)
-    checkpoints = Checkpointer(out, config.run.checkpoint_keep)
+    game = SelfPlay(config.azr, engine, TaskExecutor(sandbox), tokenizer, config.seed,
+                    progress_mode=config.run.progress if world.leader else "off")
+    checkpoints = (Checkpointer(out, config.run.checkpoint_keep) if world.size == 1 else
+                   ShardedCheckpointer(out, config.run.checkpoint_keep, world))
     trainer = Trainer(config, out, model, update, engine, memory, telemetry, sandbox, game, checkpoints, None,
-                      lock=lock)
+                      lock=lock, world=world)
     if resumed_from is not None:
         trainer.start = checkpoints.restore(trainer, resumed_from)
-        carry_run_files(source, out, trainer.start)
-    # as a new run: `--config OUT/config.toml` reproduces it, `--resume OUT` continues it; a
-    # model given as a relative path is written absolute, so a resume from elsewhere finds it
-    model_path = Path(config.model)
-    saved = dataclasses.replace(config, resume=None,
-                                model=str(model_path.resolve()) if model_path.exists() else config.model)
-    save_config(saved, out / "config.toml")
-    if config.run.eval_every:
+        if world.leader:
+            carry_run_files(source, out, trainer.start)
+    if world.leader:  # rank 0 writes the run's files, evaluates and logs
+        # as a new run: `--config OUT/config.toml` reproduces it, `--resume OUT` continues it; a
+        # model given as a relative path is written absolute, so a resume from elsewhere finds it
+        model_path = Path(config.model)
+        saved = dataclasses.replace(config, resume=None,
+                                    model=str(model_path.resolve()) if model_path.exists() else config.model)
+        save_config(saved, out / "config.toml")
+    if config.run.eval_every and world.leader:
         trainer.eval_sandbox = Sandbox(config=eval_sandbox_config(config.sandbox.workers))
         trainer.evaluator = Evaluator(engine, tokenizer, trainer.eval_sandbox, TaskExecutor(trainer.eval_sandbox),
-                                      EvalConfig(formats=FORMATS, limit=config.run.eval_limit,
+                                      EvalConfig(formats=eval_formats(config.azr), limit=config.run.eval_limit,
                                                  max_tokens=config.run.eval_max_tokens, seed=config.seed,
                                                  template=game.template))
-    if config.run.tensorboard:
+    if config.run.tensorboard and world.leader:
         trainer.board = Board(out / "tb", config.run.board_samples, purge_step=trainer.start + 1)
     # Everything built so far lives as long as the run: out of the garbage collector's sight, a
     # full collection (the memory phases run several a step, and Python's own thresholds more)
@@ -153,6 +200,18 @@ def build(config: TrainConfig) -> Trainer:
     gc.collect()
     gc.freeze()
     return trainer
+
+
+def run_device(config: TrainConfig, world: World) -> torch.device:
+    """The CPU, or the GPU: in a data-parallel run, this rank's (its local rank's on its node)."""
+    if not (config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())):
+        return torch.device("cpu")
+    if world.size == 1:
+        return torch.device("cuda")
+    if world.local_size > torch.cuda.device_count():
+        raise ValueError(f"{world.local_size} ranks on this node but {torch.cuda.device_count()} GPUs visible: "
+                         "launch one process per GPU (torchrun --nproc-per-node), or --device cpu")
+    return torch.device("cuda", world.local_rank)
 
 
 def evaluate(t: Trainer, step: int) -> dict[str, float]:
@@ -206,28 +265,50 @@ def carry_run_files(source: Path, out: Path, step: int) -> None:
     truncate_run_files(out, step)
 
 
-def train_step(t: Trainer, step: int) -> dict[str, float]:
-    """propose -> validate -> solve -> check -> reward -> advantage -> update -> log."""
-    game, phase, started = t.game, t.telemetry.phase, time.perf_counter()
+def share(world: World, prompts: list[Prompt]) -> list[int]:
+    """The prompts this rank generates (all of them alone), balanced by their sample counts."""
+    return shares([p.n for p in prompts], world.size)[world.rank]
+
+
+def propose(t: Trainer, step: int) -> list[Sample]:
+    """The step's proposals, validated, the valid ones in the buffers. In a data-parallel run each
+    rank generates and validates its share, and every rank ends with all of them, in order."""
+    game, phase = t.game, t.telemetry.phase
     with phase("other"):
         prompts = game.proposer_prompts(step)
+        mine = share(t.world, prompts)
     with phase("generate_propose"):
-        proposals = game.generate(prompts, step, 0)
-    t.check_stop()
+        proposals = game.generate(prompts, step, 0, mine)
     with phase("sandbox_validate"):
-        game.validate(proposals, step)
+        game.execute(proposals, step)
+    with phase(SYNC):
+        proposals = gather_samples(t.world, proposals, mine, prompts)
+    with phase("other"):
+        game.admit(proposals)  # in the batch's order on every rank: identical buffers
+    return proposals
+
+
+def train_step(t: Trainer, step: int) -> dict[str, float]:
+    """propose -> validate -> solve -> check -> reward -> advantage -> update -> log. In a
+    data-parallel run each rank generates and checks its share of both batches and trains on its
+    share of the rollouts; everything else every rank computes alike, on the gathered batch."""
+    game, world, phase, started = t.game, t.world, t.telemetry.phase, time.perf_counter()
+    proposals = propose(t, step)
     with phase("other"):
         prompts = game.solver_prompts(proposals, step)
+        mine = share(world, prompts)
     t.check_stop()
     with phase("generate_solve"):
-        solves = game.generate(prompts, step, 1)
+        solves = game.generate(prompts, step, 1, mine)
     t.check_stop()
     with phase("sandbox_check"):
         game.check(solves)
+    with phase(SYNC):
+        solves = gather_samples(world, solves, mine, prompts)
     with phase("other"):
         rates = assign_rewards(proposals, solves, t.config.azr.rewards)
         trained = [s for s in proposals + solves if s.trained and s.completion_ids]
-        reward_stds = assign_advantages(trained)
+        reward_stds = assign_advantages(trained)  # over the (task, role) groups of the whole batch
         rollouts = [Rollout(s.prompt_ids, s.completion_ids, s.advantage, s.logprobs) for s in trained]
     t.check_stop()
     with phase("checkpoint"):
@@ -237,8 +318,8 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
         t.updating = True
         with phase("swap"):
             t.memory.to_training()
-        with phase("train"):
-            update_metrics = t.update(rollouts)
+        with phase("train"):  # on this rank's share of each mini-batch (alone: all of it)
+            update_metrics = t.update(*update_shares(rollouts, t.config.update.mini_batches, world.rank, world.size))
         with phase("swap"):
             t.memory.to_generation()
     evaluated = {}
@@ -248,50 +329,73 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
     with phase("other"):
         metrics = {"step": step, **game_metrics(proposals, solves, rates, reward_stds, game.buffers.sizes()),
                    **update_metrics, **{f"eval/{k}": v for k, v in evaluated.items()}}
-        write_samples(t.out / "samples" / f"step_{step}.jsonl", proposals + solves)
-    metrics.update(timing(t.telemetry, time.perf_counter() - started, proposals + solves))
-    with open(t.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+        if world.leader:
+            write_samples(t.out / "samples" / f"step_{step}.jsonl", proposals + solves)
+        if world.size > 1 and t.config.distributed.check_buffers:
+            check_buffers(world, game.buffers, step)
+    metrics.update(timing(t.telemetry, time.perf_counter() - started, proposals + solves, world))
+    if world.leader:
+        with open(t.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
     if t.board is not None:
         t.board.step(step, metrics, proposals + solves)
     return metrics
 
 
-def run(config: TrainConfig) -> Path:
+def run(config: TrainConfig, world: World | None = None) -> Path:
     """Train config.steps steps (continuing a resumed run's count), checkpointing every
     run.checkpoint_every steps and at the end. SIGINT/SIGTERM stop at the next phase boundary
-    with a checkpoint (fastazr/runlog/stop.py); the process then exits with 128 + the signal."""
-    trainer = build(config)
-    every = config.run.checkpoint_every
+    with a checkpoint (fastazr/runlog/stop.py); the process then exits with 128 + the signal.
+    run.max_minutes ends the run early, checkpointed, when the next step would not fit. In a
+    data-parallel run (world), every rank runs this loop and takes every decision alike."""
+    started = time.monotonic()
+    trainer = build(config, world)
+    world = trainer.world
+    every, budget = config.run.checkpoint_every, config.run.max_minutes * 60
+    out_of_time, last_step_s = False, 0.0
     with Stopper() as stopper:
         trainer.stopper = stopper
         try:
             if config.azr.seed_tasks and not config.resume:  # a resumed run's buffers are the checkpoint's
-                rounds = trainer.game.seed_buffers()
-                print(f"seeding: {rounds} proposal rounds, buffers {trainer.game.buffers.sizes()}", flush=True)
+                rounds = trainer.game.seed_buffers(propose=lambda s: propose(trainer, s))
+                trainer.telemetry.timeline()  # seeding's phases are no step's
+                if world.leader:
+                    print(f"seeding: {rounds} proposal rounds, buffers {trainer.game.buffers.sizes()}", flush=True)
             at = boundary(trainer, trainer.start)
             for step in range(trainer.start + 1, config.steps + 1):
+                if budget and world.any(time.monotonic() - started + last_step_s > budget):
+                    out_of_time = True
+                    break
                 try:
                     metrics = train_step(trainer, step)
                 except StopRequested:
                     break  # the step is abandoned before its update: `at` is still the state
                 except torch.OutOfMemoryError as exc:
+                    if world.size > 1:
+                        raise  # the other ranks are elsewhere in the step: no checkpoint (main() says so)
                     saved = not trainer.updating
                     if saved:
                         trainer.checkpoints.save(trainer, at, background=False)
                     raise SystemExit(out_of_memory_message(exc, at.step, saved)) from None
-                print(console_line(step, config.steps, metrics), flush=True)
+                if world.leader:
+                    print(console_line(step, config.steps, metrics), flush=True)
+                last_step_s = metrics["time/step"]
                 at = boundary(trainer, step)
                 trainer.updating = False  # the tensors are `at`'s again: a checkpoint of them is consistent
-                if stopper.signum is not None:
+                if trainer.stop_requested():
                     break
                 if step == config.steps or (every and step % every == 0):
                     trainer.checkpoints.save(trainer, at, background=step != config.steps)
-            if stopper.signum is not None:
+            stopped = trainer.stop_requested()
+            if stopped or out_of_time:
                 trainer.checkpoints.save(trainer, at, background=False)  # nothing new if this step is saved
-            if stopper.signum is not None and at.step < config.steps:
-                print(f"stopped after step {at.step}; continue with --resume {trainer.out}", file=sys.stderr,
-                      flush=True)
+            if out_of_time and world.leader:
+                print(f"--run.max-minutes {config.run.max_minutes:g} reached after step {at.step}; continue with "
+                      f"--resume {trainer.out}", file=sys.stderr, flush=True)
+            if stopped and at.step < config.steps:
+                if world.leader:
+                    print(f"stopped after step {at.step}; continue with --resume {trainer.out}", file=sys.stderr,
+                          flush=True)
                 raise SystemExit(stopper.exit_status)
         finally:
             trainer.close()
@@ -314,11 +418,13 @@ def out_of_memory_message(exc: BaseException, step: int | None, saved: bool) -> 
             "--engine.max-num-seqs, --update.micro-batch-tokens (training), or --azr.batch-size.")
 
 
-def timing(telemetry: Telemetry, seconds: float, samples) -> dict[str, float]:
+def timing(telemetry: Telemetry, seconds: float, samples, world: World) -> dict[str, float]:
     """time/<phase> for the step's phases, generated tokens/s over both generation phases, and
-    peak memory: the GPU's allocated peak on CUDA, the process's resident peak always."""
+    peak memory: the GPU's allocated peak on CUDA, the process's resident peak always. In a
+    data-parallel run, every rank's aggregated (the slowest rank's phases, their means beside:
+    fastazr.distributed.gather.aggregate_timings), with the time spent gathering (time/sync)."""
     timeline = telemetry.timeline()
-    m = {f"time/{p}": timeline.get(f"{p}/seconds", 0.0) for p in PHASES}
+    m = {f"time/{p}": timeline.get(f"{p}/seconds", 0.0) for p in PHASES + ((SYNC,) if world.size > 1 else ())}
     m["time/step"] = seconds
     m["tokens/generate_propose"] = sum(len(s.completion_ids) for s in samples if s.role == "propose")
     m["tokens/generate_solve"] = sum(len(s.completion_ids) for s in samples if s.role == "solve")
@@ -329,21 +435,41 @@ def timing(telemetry: Telemetry, seconds: float, samples) -> dict[str, float]:
     peaks = [v for k, v in timeline.items() if k.endswith("/peak_allocated_gib")]
     m["gpu_memory_gib"] = max(peaks, default=0.0)  # 0 on the CPU
     m["host_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return m
+    return m if world.size == 1 else aggregate_timings(world.all_gather_object(m))
 
 
+@record  # under torchrun, the failing rank's error and traceback go into its summary (nothing alone)
 def main(argv: list[str] | None = None) -> int:
+    """One process, or under torchrun one rank of a data-parallel run (docs/distributed.md)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = parse_args(argv, torch.cuda.is_available())
     try:
-        out = run(config)
+        world = World.from_env()  # torchrun's environment; without it, alone: no process group
+        # before the options are read: --sandbox.workers defaults to the cores this process may use
+        pin_local_cores(world.local_rank, world.local_size)
+    except ValueError as exc:
+        print(f"fastazr: {exc}", file=sys.stderr)
+        return 2
+    config = parse_args(argv, torch.cuda.is_available())
+    if world.size > 1:
+        if config.rollout != "embedded":
+            print(f"fastazr: --rollout {config.rollout} runs in one process only: a data-parallel run gives each "
+                  "rank the embedded engine (--rollout embedded)", file=sys.stderr)
+            return 2
+        if not world.leader:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs the run
+        world.start(run_device(config, world), config.distributed.timeout_s)
+    try:
+        with Failures(world):
+            out = run(config, world)
     except CheckpointError as exc:
         print(f"fastazr: {exc}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError as exc:  # outside a step: building, or the KV cache after an update
         print(out_of_memory_message(exc, None, saved=False), file=sys.stderr)
         return 1
-    print(f"wrote {out / 'metrics.jsonl'} and {out / 'samples'}/", flush=True)
+    world.close()  # after a failure it is left to the process's exit: a collective may still hang in it
+    if world.leader:
+        print(f"wrote {out / 'metrics.jsonl'} and {out / 'samples'}/", flush=True)
     return 0
 
 

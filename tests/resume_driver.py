@@ -6,7 +6,8 @@ injected at a point the test chooses (tests/test_resume.py).
     sigint-in-validate-N    SIGINT while step N validates its proposals
     oom-in-solve-N          torch.OutOfMemoryError from step N's solver generation
     enospc-in-checkpoint-N  a full disk (ENOSPC) while checkpoint N is fsynced
-    oom-in-eval-N           torch.OutOfMemoryError from the evaluation after step N's update"""
+    oom-in-eval-N           torch.OutOfMemoryError from the evaluation after step N's update
+    long-step-N             step N reports that it took 10^9 s (what --run.max-minutes budgets by)"""
 
 from __future__ import annotations
 
@@ -37,21 +38,21 @@ def inject(fault: str) -> None:
 
         checkpoint.crc32 = crc32
     elif kind == "sigint-in-validate":
-        real_validate = SelfPlay.validate
+        real_execute = SelfPlay.execute  # the validation's sandbox batch
 
-        def validate(self, proposals, step):
+        def execute(self, proposals, step):
             if step == n:
                 os.kill(os.getpid(), signal.SIGINT)  # the handler runs now: mid-phase
-            return real_validate(self, proposals, step)
+            return real_execute(self, proposals, step)
 
-        SelfPlay.validate = validate
+        SelfPlay.execute = execute
     elif kind == "oom-in-solve":
         real_generate = SelfPlay.generate
 
-        def generate(self, batch, step, phase):
+        def generate(self, batch, step, phase, share=None):
             if step == n and phase == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-            return real_generate(self, batch, step, phase)
+            return real_generate(self, batch, step, phase, share)
 
         SelfPlay.generate = generate
     elif kind == "oom-in-eval":
@@ -73,6 +74,15 @@ def inject(fault: str) -> None:
             return real_sum(path)
 
         checkpoint._sum_and_sync = full_disk
+    elif kind == "long-step":
+        import fastazr.train as train_module
+        real_step = train_module.train_step
+
+        def train_step(trainer, step):
+            metrics = real_step(trainer, step)
+            return {**metrics, "time/step": 1e9} if step == n else metrics
+
+        train_module.train_step = train_step
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 

@@ -377,6 +377,7 @@ def test_a_step_with_no_response_tokens_completes_and_reports_every_metric(execu
     from types import SimpleNamespace
 
     from fastazr.azr.report import console_line
+    from fastazr.distributed import World
     from fastazr.train import PHASES, train_step
     from fastazr.update import Telemetry
 
@@ -392,7 +393,7 @@ def test_a_step_with_no_response_tokens_completes_and_reports_every_metric(execu
     (tmp_path / "samples").mkdir()
     trainer = SimpleNamespace(game=g, telemetry=Telemetry("cpu"), memory=Untouchable(), update=Untouchable(),
                               out=tmp_path, config=SimpleNamespace(azr=g.config), check_stop=lambda: None,
-                              checkpoints=SimpleNamespace(wait=lambda: None), board=None, evaluator=None)
+                              checkpoints=SimpleNamespace(wait=lambda: None), board=None, evaluator=None, world=World())
     metrics = train_step(trainer, 1)
     required = (["step", "tokens_per_s", "gpu_memory_gib"] + [f"time/{p}" for p in PHASES]
                 + [f"{m}/{t}" for t in ("deduction", "abduction", "induction")

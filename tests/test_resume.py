@@ -142,6 +142,16 @@ def test_out_of_memory_in_generation_checkpoints_and_names_the_options(reference
     assert_same_run_prefix(out, reference, 3)
 
 
+def test_a_time_budget_ends_the_run_checkpointed_before_a_step_that_would_not_fit(reference, model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = train(out, "--steps", "4", "--run.checkpoint-every", "0", "--run.max-minutes", "600", model=model_dir,
+                 fault="long-step-2")
+    assert "--run.max-minutes 600 reached after step 2" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(metrics(out)) == [1, 2]
+    train(out, "--resume", str(out), "--steps", "4")
+    assert_same_run(out, reference, range(3, 5))
+
+
 def assert_same_run_prefix(resumed: Path, reference: Path, last: int) -> None:
     got, want = metrics(resumed), metrics(reference)
     assert sorted(got) == list(range(1, last + 1))

@@ -37,6 +37,10 @@ def test_presets_and_overrides():
     (["--azr.temperature", "0.001"], "AZRConfig.temperature must be >= 0.01"),
     (["--azr.seed-tasks", "20", "--azr.buffer-capacity", "10"], "seed_tasks (20) must be <= buffer_capacity"),
     (["--azr.prompt-format", "xml"], "AZRConfig.prompt_format must be one of"),
+    (["--run.max-minutes", "-1"], "--run.max-minutes must be a finite number >= 0"),
+    (["--run.max-minutes", "nan"], "--run.max-minutes must be a finite number >= 0"),
+    (["--distributed.timeout-s", "0"], "--distributed.timeout-s must be a finite number >= 1"),
+    (["--distributed.bucket-mib", "nan"], "--distributed.bucket-mib must be a finite number"),
 ])
 def test_bad_options_name_the_option(argv, message, capsys):
     with pytest.raises(SystemExit):

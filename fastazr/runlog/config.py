@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 PROGRESS = ("auto", "on", "off")
@@ -32,6 +33,11 @@ class RunConfig:
     eval_max_tokens: int = 512
     """Longest response of an evaluation."""
 
+    max_minutes: float = 0.0
+    """Wall-time budget of this process in minutes (0: none), for a scheduler's time limit or a
+    fixed-time experiment: a step starts only if the last step's duration still fits, then a
+    checkpoint is written and the run ends (exit 0); --resume continues it with a new budget."""
+
     progress: str = "auto"
     """Progress bars for generation and sandbox phases: 'on', 'off', or 'auto' (on when
     stdout is a terminal, so logs stay readable)."""
@@ -42,6 +48,9 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"--run.{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        if (isinstance(self.max_minutes, bool) or not isinstance(self.max_minutes, (int, float))
+                or not math.isfinite(self.max_minutes) or self.max_minutes < 0):
+            raise ValueError(f"--run.max-minutes must be a finite number >= 0 (0: no limit), got {self.max_minutes!r}")
         if not isinstance(self.tensorboard, bool):
             raise ValueError(f"--run.tensorboard takes true or false, got {self.tensorboard!r}")
         if self.progress not in PROGRESS:

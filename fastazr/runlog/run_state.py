@@ -20,16 +20,17 @@ import random
 import shutil
 import threading
 import time
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fastazr.azr.buffers import TaskBuffers
 from fastazr.model import load_hf, save_hf
+from fastazr.model.safetensors_stream import PinnedStaging, write_safetensors
 
 from . import checkpoint
 
@@ -96,6 +97,7 @@ class Checkpointer:
         self.keep = keep
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._pinned: PinnedStaging | None = None
         self.saved_step: int | None = None
         """The step of the newest checkpoint on disk that this run wrote or resumed from."""
 
@@ -117,31 +119,60 @@ class Checkpointer:
             ready = torch.cuda.Event()
             ready.record()  # the update's last writes, seen by the writer's own stream
 
-        def fill(directory: Path) -> None:
-            stream = torch.cuda.Stream(trainer.model.device) if ready is not None else None
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                if stream is not None:
-                    stream.wait_event(ready)
-                save_hf(trainer.model, directory / "model", trainer.game.tokenizer)
-                save_file({k: t.to("cpu") for k, t in tensors.items()}, directory / "optimizer.safetensors")
+        staging = self._staging(trainer.model.device)
+
+        def fill(directory: Path) -> dict:
+            if staging is not None:
+                staging.wait(ready)
+            weights = {}
+
+            def optimizer() -> dict:
+                return write_safetensors(directory / "optimizer.safetensors", tensors, staging=staging)
+
+            # On the CPU the two files are written side by side (summing and copying into the page
+            # cache are CPU work); GPU tensors take turns on the one pair of pinned buffers (the
+            # copy engine and the disk, not the CPU, bound them).
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(optimizer) if staging is None else None
+                save_hf(trainer.model, directory / "model", trainer.game.tokenizer, staging=staging, sums=weights)
+                sums = {f"model/{name}": entry for name, entry in weights.items()}
+                sums["optimizer.safetensors"] = pending.result() if pending is not None else optimizer()
             (directory / "state.json").write_text(json.dumps({**state, "buffers": TaskBuffers.state(at.buffers)}))
+            return sums
 
         def work() -> None:
-            started = time.perf_counter()
             try:
-                path = checkpoint.write(self.root, at.step, fill)
-                self.saved_step = at.step
-                checkpoint.prune(self.root, self.keep)
-                log.info("checkpoint %s written in %.1f s", path, time.perf_counter() - started)
+                self._commit(at.step, fill)
             except BaseException as exc:  # reported by wait() on the training thread
                 self._error = exc
 
+        self._launch(work, background)
+
+    def _commit(self, step: int, fill) -> Path:
+        """Write checkpoint `step` (fill writes its files), then prune the older ones."""
+        started = time.perf_counter()
+        path = checkpoint.write(self.root, step, fill)
+        self.saved_step = step
+        checkpoint.prune(self.root, self.keep)
+        log.info("checkpoint %s written in %.1f s", path, time.perf_counter() - started)
+        return path
+
+    def _launch(self, work, background: bool) -> None:
+        """Run a save's work on the writer thread, or now (then its error is raised here)."""
         if background:
             self._thread = threading.Thread(target=work, name="fastazr-checkpoint", daemon=True)
             self._thread.start()
         else:
             work()
             self._raise()
+
+    def _staging(self, device: torch.device) -> PinnedStaging | None:
+        """The pinned chunk buffers GPU tensors cross to the host through, made once per run."""
+        if device.type != "cuda":
+            return None
+        if self._pinned is None or self._pinned.device != device:
+            self._pinned = PinnedStaging(device)
+        return self._pinned
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is on disk; a failed background write is
@@ -162,10 +193,7 @@ class Checkpointer:
         """Load a checkpoint (checkpoint.newest() found and verified it) into the trainer; returns
         its step. Newer checkpoint directories beside it failed verification: they are deleted,
         or pruning would keep them and delete good ones."""
-        for step, newer in checkpoint.listed(directory.parent):
-            if newer != directory and step > int(directory.name.removeprefix("step_")):
-                log.warning("deleting %s: it failed verification and the run continues from %s", newer, directory)
-                shutil.rmtree(newer, ignore_errors=True)
+        self._drop_newer(directory)
         try:
             state = json.loads((directory / "state.json").read_text())
             tensors = load_file(directory / "optimizer.safetensors")
@@ -182,6 +210,18 @@ class Checkpointer:
         except ValueError as exc:  # another model's shapes
             raise checkpoint.CheckpointError(f"{directory} is a checkpoint of {state['model']!r}, which does not fit "
                                              f"--model {trainer.config.model!r}: {exc}") from None
+        return self._resume(trainer, state, directory)
+
+    @staticmethod
+    def _drop_newer(directory: Path) -> None:
+        """Delete the checkpoint directories newer than `directory` (they failed verification)."""
+        for step, newer in checkpoint.listed(directory.parent):
+            if newer != directory and step > int(directory.name.removeprefix("step_")):
+                log.warning("deleting %s: it failed verification and the run continues from %s", newer, directory)
+                shutil.rmtree(newer, ignore_errors=True)
+
+    def _resume(self, trainer, state: dict, directory: Path) -> int:
+        """The rest of the run's state (the weights are loaded): buffers, RNGs; returns the step."""
         trainer.engine.weights_updated()
         trainer.game.buffers.load_state(state["buffers"])
         set_rng_state(state["rng"])
