@@ -352,7 +352,7 @@ def run(config: TrainConfig, world: World | None = None) -> Path:
     trainer = build(config, world)
     world = trainer.world
     every, budget = config.run.checkpoint_every, config.run.max_minutes * 60
-    out_of_time, last_step_s = False, 0.0
+    out_of_time, longest_step_s = False, 0.0
     with Stopper() as stopper:
         trainer.stopper = stopper
         try:
@@ -363,7 +363,7 @@ def run(config: TrainConfig, world: World | None = None) -> Path:
                     print(f"seeding: {rounds} proposal rounds, buffers {trainer.game.buffers.sizes()}", flush=True)
             at = boundary(trainer, trainer.start)
             for step in range(trainer.start + 1, config.steps + 1):
-                if budget and world.any(time.monotonic() - started + last_step_s > budget):
+                if budget and world.any(time.monotonic() - started + longest_step_s > budget):
                     out_of_time = True
                     break
                 try:
@@ -379,7 +379,7 @@ def run(config: TrainConfig, world: World | None = None) -> Path:
                     raise SystemExit(out_of_memory_message(exc, at.step, saved)) from None
                 if world.leader:
                     print(console_line(step, config.steps, metrics), flush=True)
-                last_step_s = metrics["time/step"]
+                longest_step_s = max(longest_step_s, metrics["time/step"])  # an evaluating step is longer
                 at = boundary(trainer, step)
                 trainer.updating = False  # the tensors are `at`'s again: a checkpoint of them is consistent
                 if trainer.stop_requested():

@@ -28,10 +28,12 @@ def test_prefilled_text_closes_an_open_answer_and_leaves_a_closed_one():
     assert prompts.prefilled(start, "3\n```\n</answer>") == start + "3\n```\n</answer>"
     assert prompts.prefilled(start, "3\n```\nmore text") == start + "3\n```\nmore text</answer>"
     assert prompts.prefilled("", "free text") == "free text", "no prefill: the text is the completion"
-    parsed = parsing.solver_answer("deduction", prompts.prefilled(start, "3\n```"))
-    assert parsed.ok and parsed.first("output") == "3"
-    unclosed = parsing.solver_answer("deduction", prompts.prefilled(start, "3 and the model rambles on"))
-    assert not unclosed.ok, "a fence the model never closed is still no answer"
+    for completion in ("3\n```", "3\n</answer>", "3", "3\n```\n</answer> then <answer>junk"):
+        parsed = parsing.solver_answer("deduction", prompts.prefilled(start, completion))
+        assert parsed.ok and parsed.first("output") == "3", completion
+    assert prompts.prefilled(start, "3\n</answer>tail") == start + "3\n\n```</answer>tail"
+    empty = parsing.solver_answer("deduction", prompts.prefilled(start, ""))
+    assert not empty.ok, "an empty completion is no answer"
 
 
 def test_each_task_and_role_opens_the_block_it_must_write_first():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -146,3 +147,24 @@ def test_truncate_run_files_drops_later_steps_and_partial_lines(tmp_path):
     truncate_run_files(tmp_path, 2)
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_1.jsonl", "step_2.jsonl"]
+
+
+def test_sums_a_writer_reports_must_be_of_the_file_on_disk(tmp_path):
+    """A writer's precomputed size and CRC-32 are taken without reading the file back: a size that
+    differs from the file's means the file is not what was summed, and the checkpoint fails
+    rather than a manifest vouching for it."""
+    root = tmp_path / "checkpoints"
+
+    def fill(directory):
+        (directory / "blob.bin").write_bytes(b"x" * 10)
+        return {"blob.bin": {"bytes": 12, "crc32": 0}}
+
+    with pytest.raises(CheckpointError, match="blob.bin has 10 bytes on disk, its writer wrote 12"):
+        checkpoint.write(root, 1, fill)
+    assert checkpoint.listed(root) == [] and not list(root.iterdir()), "nothing of the failed write remains"
+
+    def honest(directory):
+        (directory / "blob.bin").write_bytes(b"x" * 10)
+        return {"blob.bin": {"bytes": 10, "crc32": zlib.crc32(b"x" * 10)}}
+
+    assert checkpoint.verify(checkpoint.write(root, 2, honest)) is None

@@ -84,3 +84,15 @@ def test_gpu_tensors_through_small_pinned_buffers(tmp_path):
     floats = {k: v for k, v in written.items() if v.is_floating_point()}
     entry = write_safetensors(path, floats, dtype=torch.bfloat16, staging=staging)
     check_file(path, floats, entry, cast=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_a_call_without_staging_writes_what_the_caller_just_computed(tmp_path):
+    """Staging made for the call follows the caller's queued kernels: the copy stream would
+    otherwise read 256 MB that a chain of kernels on the default stream is still writing."""
+    x = torch.zeros(64 * 2**20, device="cuda")
+    for _ in range(20):  # ~tens of ms of queued work ahead of the writer's first copy
+        x.add_(1.0)
+    path = tmp_path / "fresh.safetensors"
+    write_safetensors(path, {"x": x})
+    assert bool((load_file(path)["x"] == 20.0).all())

@@ -10,7 +10,7 @@ trained, and the parser reads it back in front of the completion (prefilled())."
 
 from __future__ import annotations
 
-from .parsing import ANSWER_CLOSE, ANSWER_OPEN
+from .parsing import ANSWER_CLOSE, ANSWER_OPEN, FENCE_MARK
 from .tasks import InductionTask, Triplet
 
 FORMAT = ("Think step by step inside <think> </think>, then give only the final answer inside "
@@ -47,12 +47,17 @@ def prefill(task: str, role: str) -> str:
 
 
 def prefilled(start: str, completion: str) -> str:
-    """The response the parser reads: the prefill, the completion, and, when a prefilled answer
-    block was left open (the model ended or ran out of tokens before </answer>), its close:
-    blocks that never closed their fence stay unread either way."""
-    if not start or ANSWER_CLOSE in completion:
-        return start + completion
-    return start + completion + ANSWER_CLOSE
+    """The response the parser reads: the prefill and the completion, with the prefilled answer
+    block closed where the model left it open: </answer> added when the response ends without
+    one, and the prefill's fence closed when the answer ends inside it ("3\n</answer>" after
+    "```output\n" answers 3, as "<answer>3</answer>" does in the unprefilled format)."""
+    if not start:
+        return completion
+    body, close, rest = completion.partition(ANSWER_CLOSE)
+    answer = start + body
+    if answer.count(FENCE_MARK) % 2:
+        answer += "\n" + FENCE_MARK
+    return answer + ANSWER_CLOSE + rest
 
 
 def _fence(kind: str, body: str) -> str:

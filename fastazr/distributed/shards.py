@@ -83,6 +83,8 @@ class ShardedCheckpointer(Checkpointer):
             return write_safetensors(path, tensors, metadata={"fastazr": meta}, staging=staging)
 
         def fill(directory: Path) -> dict:
+            if staging is not None:
+                staging.wait(ready)  # the weights' copies too follow the update and its all-gather
             model_sums = {}
             save_hf(trainer.model, directory / "model", trainer.game.tokenizer, staging=staging, sums=model_sums)
             sums = {f"model/{k}": v for k, v in model_sums.items()}

@@ -119,14 +119,15 @@ def save_hf(model: Decoder, directory: str | os.PathLike, tokenizer=None, dtype:
     generation_config.json, safetensors (sharded above max_shard_bytes, with an index) and,
     given a tokenizer, its files and chat template. The directory is built beside the target
     and swapped in at the end, so an interrupted save never leaves a half-written checkpoint.
-    Weights stream from the GPU through `staging` (see safetensors_stream); `sums`, when given,
+    Weights stream from the GPU through `staging` (see safetensors_stream; when None, one ordered
+    after this thread's queued work, so the weights as last written); `sums`, when given,
     receives each weight file's {"bytes", "crc32"} under its file name."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.dtype
     dtype_name = str(dtype).removeprefix("torch.")
     if staging is None and model.device.type == "cuda":
-        staging = PinnedStaging(model.device)
+        staging = PinnedStaging.after_current_work(model.device)
     building = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         hf = model.config.to_hf(dtype_name)

@@ -33,12 +33,17 @@ _NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
 
 class PinnedStaging:
     """Two pinned chunk buffers and a copy stream on one GPU, reused by every file written through
-    them. Copies start after the work queued on the creating thread's stream when wait() is given
-    that stream's event, so a background writer sees the update's last writes."""
+    them. The copy stream runs unordered with the others: a writer passes wait() the event of the
+    work that produced its tensors (a background writer, the update's last writes), or uses
+    after_current_work()."""
 
     def __init__(self, device: torch.device, chunk_bytes: int = CHUNK_BYTES):
         if device.type != "cuda":
             raise ValueError(f"PinnedStaging stages GPU tensors, not {device.type} ones: write host tensors directly")
+        if chunk_bytes < 16:
+            raise ValueError(f"PinnedStaging's chunk_bytes must be at least 16 (one element of any dtype), got "
+                             f"{chunk_bytes}")
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
@@ -51,12 +56,21 @@ class PinnedStaging:
     def wait(self, event: torch.cuda.Event) -> None:
         self.stream.wait_event(event)
 
+    @classmethod
+    def after_current_work(cls, device: torch.device) -> PinnedStaging:
+        """Staging whose copies follow everything queued so far on this thread's stream: for a
+        caller that writes tensors it has just computed, on its own thread."""
+        staging = cls(device)
+        staging.stream.wait_stream(torch.cuda.current_stream(staging.device))
+        return staging
+
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None,
                       dtype: torch.dtype | None = None, staging: PinnedStaging | None = None) -> dict:
     """Write `tensors` (cast to `dtype` when given, chunk by chunk) to a safetensors file; returns
-    {"bytes": size, "crc32": CRC-32 of the file}. GPU tensors go through `staging` (one is made
-    for the call when None). The tensors must not change until the call returns."""
+    {"bytes": size, "crc32": CRC-32 of the file}. GPU tensors go through `staging` (when None, one
+    made for the call, ordered after this thread's queued work). The tensors must not change until
+    the call returns."""
     entries = []
     for name, tensor in tensors.items():
         out_dtype = dtype or tensor.dtype
@@ -77,7 +91,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     text += b" " * (-len(text) % 8)
     prefix = struct.pack("<Q", len(text)) + text
     if staging is None and any(t.device.type == "cuda" for _, t, _ in entries):
-        staging = PinnedStaging(next(t.device for _, t, _ in entries if t.device.type == "cuda"))
+        staging = PinnedStaging.after_current_work(next(t.device for _, t, _ in entries if t.device.type == "cuda"))
     crc = zlib.crc32(prefix)
     with open(path, "wb") as f:
         f.write(prefix)
@@ -88,8 +102,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
 
 def _pieces(tensor: torch.Tensor, dtype: torch.dtype, chunk_bytes: int) -> Iterator[torch.Tensor]:
-    """The tensor as uint8 pieces of at most chunk_bytes, cast piece by piece: a cast never
-    allocates more than one chunk (the fp32 embedding of a 1.5B model cast to bf16 is 0.5 GB)."""
+    """The tensor as uint8 pieces of at most chunk_bytes, cast piece by piece: a cast allocates
+    one chunk, not the tensor (the fp32 embedding of a 1.5B model cast to bf16 is 0.5 GB); only
+    a non-contiguous tensor is copied whole first (model weights and optimizer state are not)."""
     flat = tensor.reshape(-1)
     step = max(1, chunk_bytes // max(dtype.itemsize, tensor.dtype.itemsize))
     for start in range(0, flat.numel(), step):

@@ -83,8 +83,10 @@ def write(root: Path, step: int, fill: Callable[[Path], dict | None]) -> Path:
 
         def summed(name: str) -> dict:
             path = staging / name
-            if name not in known or known[name]["bytes"] != path.stat().st_size:
+            if name not in known:
                 return _sum_and_sync(path)
+            if known[name]["bytes"] != path.stat().st_size:  # its writer's sum is of other bytes
+                raise OSError(f"{name} has {path.stat().st_size} bytes on disk, its writer wrote {known[name]['bytes']}")
             _fsync(path)
             return known[name]
 

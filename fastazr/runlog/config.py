@@ -34,9 +34,10 @@ class RunConfig:
     """Longest response of an evaluation."""
 
     max_minutes: float = 0.0
-    """Wall-time budget of this process in minutes (0: none), for a scheduler's time limit or a
-    fixed-time experiment: a step starts only if the last step's duration still fits, then a
-    checkpoint is written and the run ends (exit 0); --resume continues it with a new budget."""
+    """Wall-time budget of the run in minutes, counted from its start (0: none), for a scheduler's
+    time limit or a fixed-time experiment: a step starts only if the longest step so far still
+    fits, then a checkpoint is written and the run ends (exit 0); --resume continues it with a new
+    budget. The first step and that final checkpoint are not budgeted: leave them a margin."""
 
     progress: str = "auto"
     """Progress bars for generation and sandbox phases: 'on', 'off', or 'auto' (on when
