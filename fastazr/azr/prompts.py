@@ -35,8 +35,9 @@ PREFILL = {"program": f"{ANSWER_OPEN}\n```python\ndef f(", "input": f"{ANSWER_OP
 """Response starts by what the response must write first: a program opens its ```python block at
 `def f(`, inputs and outputs open their block. Unprompted, SmolLM2-135M-Instruct proposed no
 valid task in any step of its first H100 runs (batch 64; temperature 0.7 and 1.0; chat and plain
-templates; every proposal lacked a closed <answer> block): every proposer reward is then -1, the
-solvers have nothing new to solve, and with equal rewards every advantage is 0."""
+templates; in the step whose samples were read, no response had an <answer> block): every
+proposer reward is then -1, the solvers have nothing new to solve, and with equal rewards every
+advantage is 0."""
 
 
 def prefill(task: str, role: str) -> str:
@@ -53,7 +54,7 @@ def prefilled(start: str, completion: str) -> str:
     "```output\n" answers 3, as "<answer>3</answer>" does in the unprefilled format)."""
     if not start:
         return completion
-    body, close, rest = completion.partition(ANSWER_CLOSE)
+    body, _, rest = completion.partition(ANSWER_CLOSE)
     answer = start + body
     if answer.count(FENCE_MARK) % 2:
         answer += "\n" + FENCE_MARK

@@ -129,14 +129,19 @@ class Checkpointer:
             def optimizer() -> dict:
                 return write_safetensors(directory / "optimizer.safetensors", tensors, staging=staging)
 
-            # On the CPU the two files are written side by side (summing and copying into the page
-            # cache are CPU work); GPU tensors take turns on the one pair of pinned buffers (the
-            # copy engine and the disk, not the CPU, bound them).
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(optimizer) if staging is None else None
+            def model() -> None:
                 save_hf(trainer.model, directory / "model", trainer.game.tokenizer, staging=staging, sums=weights)
-                sums = {f"model/{name}": entry for name, entry in weights.items()}
-                sums["optimizer.safetensors"] = pending.result() if pending is not None else optimizer()
+
+            if staging is None:  # on the CPU summing and copying into the page cache are CPU work: side by side
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    pending = pool.submit(optimizer)
+                    model()
+                    written = pending.result()
+            else:  # GPU tensors take turns on the one pair of pinned buffers; the copy engine and disk bound them
+                model()
+                written = optimizer()
+            sums = {f"model/{name}": entry for name, entry in weights.items()}
+            sums["optimizer.safetensors"] = written
             (directory / "state.json").write_text(json.dumps({**state, "buffers": TaskBuffers.state(at.buffers)}))
             return sums
 
