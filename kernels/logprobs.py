@@ -112,21 +112,23 @@ def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
     tl.store(out + 2 * N, t, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "splits"])
 def _combine_kernel(part_ptr, h_ptr, w_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr,
-                    N, V, H, stride_h, stride_w, inv_temp,
-                    SPLITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+                    N, V, H, stride_h, stride_w, inv_temp, splits,
+                    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """Merge the splits' (max, sum, sum * logit) in log2 units into natural-log lse and entropy,
     and take each target's logit as its own dot product (N * H multiply-adds: 0.1% of the GEMM's
-    work, and it keeps a compare-and-select off every logit of the forward's epilogue)."""
+    work, and it keeps a compare-and-select off every logit of the forward's epilogue). `splits`
+    is a runtime loop bound, not a constexpr: it follows the row count (up to 192 at V = 49,152),
+    and a 192-times unrolled loop took Triton 180 s to compile in the middle of an H100 update."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     big_m = tl.full((BLOCK,), float("-inf"), tl.float32)
-    for sp in tl.static_range(SPLITS):
+    for sp in range(splits):
         big_m = tl.maximum(big_m, tl.load(part_ptr + sp * 3 * N + offs, mask=ok, other=0.0))
     s = tl.zeros((BLOCK,), tl.float32)
     t = tl.zeros((BLOCK,), tl.float32)
-    for sp in tl.static_range(SPLITS):
+    for sp in range(splits):
         base = part_ptr + sp * 3 * N + offs
         w = tl.exp2(tl.load(base, mask=ok, other=0.0) - big_m)
         s += w * tl.load(base + N, mask=ok, other=1.0)
@@ -293,7 +295,7 @@ def forward_stats(hidden, weight, targets, inv_temp, with_entropy, tiles=None):
     block = 64
     _combine_kernel[(triton.cdiv(n, block),)](
         partials, hidden, weight, targets, logprobs, lse, entropy, n, vocab, h,
-        hidden.stride(0), weight.stride(0), inv_temp, SPLITS=splits, BLOCK=block, BLOCK_K=128, num_warps=4)
+        hidden.stride(0), weight.stride(0), inv_temp, splits, BLOCK=block, BLOCK_K=128, num_warps=4)
     return logprobs, lse, entropy if with_entropy else None
 
 

@@ -29,6 +29,11 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn there); torch 2.11, the GPU
+# node's, has only the old ones
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 ALIGN = 64
 """Elements each chunk is a multiple of: 256-byte aligned fp32 chunks, as NCCL's fastest paths want."""
 
@@ -132,7 +137,7 @@ class GradientReducer:
 
     def _launch(self) -> None:
         b = self.layout.buckets[self._launched]
-        self._works.append(dist.reduce_scatter_single(self.shard_grad[b.shard_start:b.shard_start + b.chunk],
+        self._works.append(reduce_scatter_flat(self.shard_grad[b.shard_start:b.shard_start + b.chunk],
                                                       self.grad[b.start:b.start + b.size], async_op=True))
         self._launched += 1
 

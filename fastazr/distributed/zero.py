@@ -29,7 +29,7 @@ from torch import nn
 from fastazr.update.config import UpdateConfig
 from fastazr.update.optimizer import MasterOptimizer, build_adamw
 
-from .reducer import BucketLayout, GradientReducer
+from .reducer import BucketLayout, GradientReducer, all_gather_flat
 from .world import World
 
 
@@ -94,7 +94,7 @@ class ShardedOptimizer(MasterOptimizer):
         # from host memory too (a checkpoint loaded while the state is offloaded): NCCL sends from the GPU
         shard = self._resident(self.master).to(self.device, dtype)
         gathered = torch.empty(self.layout.total, dtype=dtype, device=self.device)
-        works = [dist.all_gather_single(gathered[b.start:b.start + b.size],
+        works = [all_gather_flat(gathered[b.start:b.start + b.size],
                                         shard[b.shard_start:b.shard_start + b.chunk], async_op=True)
                  for b in self.layout.buckets]
         for work in works:
