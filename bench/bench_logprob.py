@@ -1,18 +1,25 @@
-"""Per-token logprobs from hidden states and the lm_head, side by side on one GPU:
+"""The PPO policy loss from hidden states and the lm_head, side by side on one GPU:
 
-- fastazr: kernels/logprobs.py (logits never materialized), and the same with entropy
+- fastazr fused: kernels/linear_policy_loss.py (linear_pg_loss: the gradient made in the
+  forward from each row chunk's fp32 logits, 6*N*H*V FLOP; UpdateConfig.policy_loss='fused')
+- fastazr: kernels/logprobs.py (logits never materialized, recomputed in backward: 8*N*H*V),
+  then pg_loss; and the same with entropy
 - naive: bf16 matmul -> fp32 logits -> log_softmax -> gather (what a trainer writes first)
 - torch.compile of the naive path
 - chunked torch: kernels/logprobs_chunked.py (vocabulary chunks, plain torch matmuls)
-- Liger-Kernel's fused linear cross entropy, reduction="none" (loss_i = -logprob_i)
+- liger: Liger-Kernel's fused linear cross entropy, reduction="none" (loss_i = -logprob_i)
+- cce / cce unfiltered: Cut Cross-Entropy's linear_cross_entropy, reduction="none", with its
+  default gradient filtering (filter_eps="auto") and without (filter_eps=None)
 
-    python bench/bench_logprob.py --hidden 1536 --tokens 4096,16384,65536
+    python bench/bench_logprob.py --hidden 896,1536,3584 --tokens 4096,16384,65536
 
-Each contender computes logprobs for random bf16 hidden [N, H], weight [V, H] and targets, then
-backpropagates a random upstream gradient to hidden and weight. Times are medians of CUDA-event
-timings after warm-up; TFLOP/s counts 6*N*H*V (the forward GEMM and the two backward GEMMs,
-not the recompute); "extra GiB" is peak allocation during forward + backward beyond the inputs,
-gradients included; errors are against the fp32 reference computed over row blocks.
+Each contender turns random bf16 hidden [N, H], weight [V, H] and targets into per-token
+logprobs, and pg_loss (PPO-clip, fixed old logprobs near the new ones, random advantages, 80% of
+the tokens counted) into a loss that backpropagates to hidden and weight; the fused contender
+does both itself. Times are medians of CUDA-event timings after warm-up; TFLOP/s counts 6*N*H*V
+for everyone (the forward GEMM and the two backward GEMMs, no recompute); "extra GiB" is peak
+allocation during forward + backward beyond the inputs, gradients included; errors are against
+the fp32 reference computed over row blocks.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import gc
 import torch
 
 from common import json_line, machine, median, print_table, profiled
-from fastazr.kernels import linear_logprobs, linear_logprobs_reference
+from fastazr.kernels import LinearPGLoss, linear_logprobs, linear_logprobs_reference, linear_pg_loss, pg_loss
 from fastazr.kernels.logprobs_chunked import linear_logprobs_chunked
 
 
@@ -38,16 +45,41 @@ def liger(hidden, weight, targets):
     return -loss
 
 
-def contenders(names):
+def cce(filter_eps):
+    def logprobs(hidden, weight, targets):
+        from cut_cross_entropy import linear_cross_entropy
+
+        return -linear_cross_entropy(hidden, weight, targets, reduction="none", filter_eps=filter_eps)
+    return logprobs
+
+
+def contenders(names, policy):
+    """Each takes (hidden, weight, targets) and returns logprobs (the harness applies pg_loss),
+    (logprobs, entropy), or a LinearPGLoss (the loss already applied). policy: pg_loss's inputs."""
     table = {
+        "fastazr fused": lambda h, w, t: linear_pg_loss(h, w, t, *policy),
         "fastazr": lambda h, w, t: linear_logprobs(h, w, t),
         "fastazr +entropy": lambda h, w, t: linear_logprobs(h, w, t, return_entropy=True),
         "naive": naive,
         "torch.compile": torch.compile(naive, dynamic=False),
         "chunked torch": lambda h, w, t: linear_logprobs_chunked(h, w, t, chunk_bytes=512 << 20),
         "liger": liger,
+        "cce": cce("auto"),
+        "cce unfiltered": cce(None),
     }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown --contenders {unknown}: choose from {', '.join(table)}")
     return {name: table[name] for name in names}
+
+
+def policy_inputs(logprobs, gen):
+    """Old logprobs near the new ones (ratios on both sides of the clip range), advantages, mask."""
+    n = logprobs.shape[0]
+    old = logprobs + 0.3 * torch.randn(n, device=logprobs.device, generator=gen)
+    advantages = torch.randn(n, device=logprobs.device, generator=gen)
+    mask = torch.rand(n, device=logprobs.device, generator=gen) > 0.2
+    return old, advantages, mask
 
 
 def reference(hidden, weight, targets, rows=4096):
@@ -59,25 +91,29 @@ def reference(hidden, weight, targets, rows=4096):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def one_round(fn, hidden, weight, targets, grad):
+def one_round(fn, hidden, weight, targets, policy):
     hidden.grad = weight.grad = None
     start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
     start.record()
     out = fn(hidden, weight, targets)
+    if isinstance(out, LinearPGLoss):
+        loss = out.loss
+    else:
+        logprobs, entropy = out if isinstance(out, tuple) else (out, None)
+        loss = pg_loss(logprobs, *policy, entropy=entropy, entropy_coef=0.0 if entropy is None else 0.01).loss
     middle.record()
-    loss = (out[0] * grad).sum() + out[1].sum() if isinstance(out, tuple) else (out * grad).sum()
     loss.backward()
     end.record()
     end.synchronize()
     return start.elapsed_time(middle), middle.elapsed_time(end), out
 
 
-def measure(fn, hidden, weight, targets, grad, warmup, rounds):
+def measure(fn, hidden, weight, targets, policy, warmup, rounds):
     for _ in range(warmup):
-        one_round(fn, hidden, weight, targets, grad)
+        one_round(fn, hidden, weight, targets, policy)
     fwd, bwd = [], []
     for _ in range(rounds):
-        f, b, _ = one_round(fn, hidden, weight, targets, grad)
+        f, b, _ = one_round(fn, hidden, weight, targets, policy)
         fwd.append(f)
         bwd.append(b)
     hidden.grad = weight.grad = None
@@ -85,7 +121,7 @@ def measure(fn, hidden, weight, targets, grad, warmup, rounds):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    _, _, out = one_round(fn, hidden, weight, targets, grad)
+    _, _, out = one_round(fn, hidden, weight, targets, policy)
     extra = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
     hidden.grad = weight.grad = None
     return median(fwd), median(bwd), extra, out
@@ -96,14 +132,16 @@ def main() -> None:
     parser.add_argument("--hidden", default="1536", help="comma-separated hidden sizes")
     parser.add_argument("--tokens", default="4096,16384,65536", help="comma-separated token counts N")
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--contenders", default="fastazr,fastazr +entropy,naive,torch.compile,chunked torch,liger")
+    parser.add_argument("--contenders", default="fastazr fused,fastazr,fastazr +entropy,naive,torch.compile,"
+                        "chunked torch,liger,cce,cce unfiltered", help="comma-separated; liger and cce need "
+                        "liger-kernel and cut-cross-entropy installed")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", help="write a torch.profiler trace of one round of each contender here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_logprob.py compares GPU kernels: run it on a CUDA machine (the device tool)")
-    fns = contenders(args.contenders.split(","))
+    names = args.contenders.split(",")
     rows, results = [], []
     for h in map(int, args.hidden.split(",")):
         for n in map(int, args.tokens.split(",")):
@@ -111,13 +149,14 @@ def main() -> None:
             hidden = torch.randn(n, h, device="cuda", generator=gen).bfloat16().requires_grad_()
             weight = (torch.randn(args.vocab, h, device="cuda", generator=gen) * 3 / h ** 0.5).bfloat16().requires_grad_()
             targets = torch.randint(0, args.vocab, (n,), device="cuda", generator=gen)
-            grad = torch.randn(n, device="cuda", generator=gen)
             ref_logprobs, ref_entropy = reference(hidden.detach(), weight.detach(), targets)
+            policy = policy_inputs(ref_logprobs, gen)
+            fns = contenders(names, policy)
             flop = 6 * n * h * args.vocab
             shape_rows = []
             for name, fn in fns.items():
                 try:
-                    fwd, bwd, extra, out = measure(fn, hidden, weight, targets, grad, args.warmup, args.rounds)
+                    fwd, bwd, extra, out = measure(fn, hidden, weight, targets, policy, args.warmup, args.rounds)
                 except torch.cuda.OutOfMemoryError:
                     hidden.grad = weight.grad = None
                     gc.collect()
@@ -125,7 +164,14 @@ def main() -> None:
                     shape_rows.append([h, n, name, "OOM", "", "", "", "", "", None])
                     results.append({"hidden": h, "tokens": n, "contender": name, "oom": True})
                     continue
-                logprobs, entropy = out if isinstance(out, tuple) else (out, None)
+                except ImportError as exc:
+                    shape_rows.append([h, n, name, f"not installed ({exc.name})", "", "", "", "", "", None])
+                    results.append({"hidden": h, "tokens": n, "contender": name, "missing": exc.name})
+                    continue
+                if isinstance(out, LinearPGLoss):  # its per-token entropy stays inside (the mean is a metric)
+                    logprobs, entropy = out.logprobs, None
+                else:
+                    logprobs, entropy = out if isinstance(out, tuple) else (out, None)
                 err = (logprobs.detach() - ref_logprobs).abs().max().item()
                 ent_err = (entropy.detach() - ref_entropy).abs().max().item() if entropy is not None else None
                 total = fwd + bwd
@@ -147,11 +193,13 @@ def main() -> None:
                     for name, fn in fns.items():
                         with label(name):
                             try:
-                                one_round(fn, hidden, weight, targets, grad)
+                                one_round(fn, hidden, weight, targets, policy)
+                            except ImportError:
+                                pass
                             except torch.cuda.OutOfMemoryError:
                                 hidden.grad = weight.grad = None
                                 torch.cuda.empty_cache()
-            del hidden, weight, targets, grad, ref_logprobs, ref_entropy
+            del hidden, weight, targets, policy, fns, ref_logprobs, ref_entropy
             gc.collect()
             torch.cuda.empty_cache()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {machine()}; bf16, V={args.vocab}")

@@ -5,8 +5,9 @@
 Per model (random init, bf16 compute, fp32 master weights and AdamW state):
 
 - update: fastazr.update.PolicyUpdate on AZR-like rollouts (prompts 300-1500 tokens, completions
-  128-1024) packed into --micro-tokens micro-batches, one optimizer step per update, with and
-  without activation checkpointing; against the same update with the logits materialized
+  128-1024) packed into --micro-tokens micro-batches, one optimizer step per update: with the
+  fused policy loss (UpdateConfig.policy_loss='fused'), with the two-kernel one (the default),
+  the fused one with activation checkpointing; against the same update with the logits materialized
   (F.linear + log_softmax in fp32, what a plain torch trainer does). Training tokens/s (prompt +
   completion tokens), MFU and peak memory. MFU counts the model FLOPs the update needs: 6 x the
   matmul parameters per token (the lm_head only on the scored completion tokens), plus causal
@@ -237,8 +238,10 @@ def main() -> None:
         rollouts = make_rollouts(config.vocab_size, args.update_tokens, args.seed)
         flops = update_flops(model, rollouts)
         base = UpdateConfig(micro_batch_tokens=args.micro_tokens)
-        contenders = [("fused", base, PolicyUpdate),
-                      ("fused + checkpointing", replace(base, activation_checkpointing=True), PolicyUpdate)]
+        fused = replace(base, policy_loss="fused")
+        contenders = [("fused loss", fused, PolicyUpdate),
+                      ("two-kernel loss", base, PolicyUpdate),
+                      ("fused loss + checkpointing", replace(fused, activation_checkpointing=True), PolicyUpdate)]
         if not args.skip_plain:
             contenders.append(("materialized logits", base, MaterializedLogits))
         with profiled(args.profile, f"bench_update_{name}") as mark:

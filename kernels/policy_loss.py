@@ -97,6 +97,28 @@ def _pg_loss_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, norm_ptr, l
     tl.store(stats_ptr + 4, denom)
 
 
+@triton.jit
+def token_gradient(lp, old, adv, valid, scale, lo, hi, limit):
+    """d loss / d logprob of each token (fp32), `scale` the upstream gradient over the divisor:
+    shared with the fused linear policy loss (linear_policy_loss.py), so both give the same bits."""
+    diff = lp - old
+    ratio = tl.exp(tl.minimum(tl.maximum(diff, -limit), limit))
+    unclipped = -adv * ratio
+    clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
+    # The weight autograd gives the unclipped branch of max(unclipped, clipped): all of it when
+    # that branch wins, half on a tie (the other half flows through the clipped branch, which
+    # passes it on only when the clamp is inactive, i.e. the ratio lies in [lo, hi]).
+    in_range = (ratio >= lo) & (ratio <= hi)
+    tie = tl.where(in_range, 1.0, 0.5)
+    weight = tl.where(unclipped > clipped, 1.0, tl.where(unclipped == clipped, tie, 0.0))
+    # torch.clamp passes the gradient on its closed interval, so |diff| == limit still counts.
+    passes = valid & (diff >= -limit) & (diff <= limit)
+    # A counted token without a defined loss (see the forward) gets a NaN gradient, so that the
+    # step's gradient norm is NaN too.
+    bad = valid & ((diff != diff) | ~(tl.abs(adv) < float("inf")))
+    return tl.where(bad, float("nan"), tl.where(passes, scale * weight * -adv * ratio, 0.0))
+
+
 @triton.jit(do_not_specialize=["n"])
 def _pg_loss_bwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, grad_loss_ptr, stats_ptr, dlp_ptr, dent_ptr,
                         n, lo, hi, limit, entropy_coef,
@@ -110,22 +132,7 @@ def _pg_loss_bwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, grad_loss_ptr, stats
         lp = tl.load(lp_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         old = tl.load(old_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         adv = tl.load(adv_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        diff = lp - old
-        ratio = tl.exp(tl.minimum(tl.maximum(diff, -limit), limit))
-        unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
-        # The weight autograd gives the unclipped branch of max(unclipped, clipped): all of it when
-        # that branch wins, half on a tie (the other half flows through the clipped branch, which
-        # passes it on only when the clamp is inactive, i.e. the ratio lies in [lo, hi]).
-        in_range = (ratio >= lo) & (ratio <= hi)
-        tie = tl.where(in_range, 1.0, 0.5)
-        weight = tl.where(unclipped > clipped, 1.0, tl.where(unclipped == clipped, tie, 0.0))
-        # torch.clamp passes the gradient on its closed interval, so |diff| == limit still counts.
-        passes = valid & (diff >= -limit) & (diff <= limit)
-        # A counted token without a defined loss (see the forward) gets a NaN gradient, so that the
-        # step's gradient norm is NaN too.
-        bad = valid & ((diff != diff) | ~(tl.abs(adv) < float("inf")))
-        dlp = tl.where(bad, float("nan"), tl.where(passes, scale * weight * -adv * ratio, 0.0))
+        dlp = token_gradient(lp, old, adv, valid, scale, lo, hi, limit)
         tl.store(dlp_ptr + offs, dlp, mask=inside)
     if WRITE_DENT:
         tl.store(dent_ptr + offs, tl.where(valid, -entropy_coef * scale, 0.0), mask=inside)

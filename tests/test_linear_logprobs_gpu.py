@@ -9,7 +9,7 @@ import torch
 
 from fastazr.kernels import linear_logprobs, linear_logprobs_reference
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32_matmul")]
 
 VOCAB = 151936
 # bf16 inputs, fp32 accumulation: logprobs and entropy differ from the fp32 reference only by
@@ -46,14 +46,6 @@ def blocked_reference(hidden, weight, targets, g_logprobs, g_entropy, temperatur
 
 def rel(a, b):
     return ((a.float() - b).norm() / b.norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32_reference():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("n, h, temperature", [
@@ -105,3 +97,33 @@ def test_extra_memory_at_16k_tokens():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra <= 1.5 * 2 ** 30, f"{extra / 2 ** 30:.2f} GiB"
+
+
+def test_row_counts_do_not_compile_new_variants():
+    """A training step's micro-batches have any row count. Each compile costs seconds, and a
+    vocabulary split count that was a constexpr (192 splits when the rows fit one block,
+    unrolled) took 180 s to compile in the middle of an update: after the first calls, new row
+    counts must reuse the compiled kernels, linear_logprobs' and the fused policy loss's."""
+    from fastazr.kernels import linear_pg_loss
+    from fastazr.kernels import linear_policy_loss
+    from fastazr.kernels import logprobs as module
+    kernels = [module._forward_kernel, module._combine_kernel, module._grad_logits_kernel,
+               linear_policy_loss._rows_kernel]
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for k in kernels for caches in k.device_caches.values())
+
+    hidden, weight, targets, g_logprobs, advantages = inputs(3000, 576, vocab=49152)
+    mask = advantages > -1
+
+    def call(n):
+        h = hidden[:n].clone().requires_grad_()
+        (linear_logprobs(h, weight, targets[:n]) * g_logprobs[:n]).sum().backward()
+        linear_pg_loss(h, weight, targets[:n], g_logprobs[:n], advantages[:n], mask[:n]).loss.backward()
+    for n in (1, 160, 161):  # Triton's variants: a count of 1, a multiple of 16, any other
+        call(n)
+    before = compiled()
+    for n in (13, 17, 250, 999, 2048, 2999):
+        call(n)
+    torch.cuda.synchronize()
+    assert compiled() == before, "a new row count compiled a new kernel variant"

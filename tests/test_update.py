@@ -126,14 +126,17 @@ def capture_grads(update: PolicyUpdate) -> list[dict[str, torch.Tensor]]:
 CONFIG = dict(lr=1e-3, eps=1e-4, weight_decay=0.1, max_grad_norm=0.05, entropy_coef=0.01, temperature=0.7)
 
 
-@pytest.mark.parametrize("old_logprobs", ["engine", "recompute"])
-def test_fused_update_equals_plain_torch_reference(device, old_logprobs):
+@pytest.mark.parametrize("old_logprobs,policy_loss", [("engine", "fused"), ("recompute", "fused"),
+                                                      ("engine", "composable")])
+def test_fused_update_equals_plain_torch_reference(device, old_logprobs, policy_loss):
     """Two mini-batches (two optimizer steps: Adam's state and the zeroed gradients carry over),
-    each over several micro-batches, against the reference on the same halves."""
+    each over several micro-batches, against the reference on the same halves; with the loss
+    fused into the lm_head and composed of linear_logprobs and pg_loss (the default)."""
     model = tiny_model(device)
     twin = copy.deepcopy(model)
     rollouts = make_rollouts(8)
-    config = UpdateConfig(micro_batch_tokens=60, mini_batches=2, old_logprobs=old_logprobs, **CONFIG)
+    config = UpdateConfig(micro_batch_tokens=60, mini_batches=2, old_logprobs=old_logprobs, policy_loss=policy_loss,
+                          **CONFIG)
     update = PolicyUpdate(model, config)
     grads = capture_grads(update)
     metrics = update(rollouts)

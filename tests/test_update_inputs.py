@@ -312,8 +312,13 @@ def test_lr_changed_after_construction_and_scheduled_takes_effect():
 
 
 def test_metrics_not_computed_are_absent():
-    """The issue: `entropy` read 0.0 when entropy_coef = 0 never computed it."""
-    metrics = PolicyUpdate(tiny_model("cpu"), UpdateConfig(**{**CONFIG, "entropy_coef": 0.0}))(short_rollouts())
+    """The issue: `entropy` read 0.0 when entropy_coef = 0 never computed it. The composable loss
+    computes it only for the entropy bonus; the fused one always does, at no cost."""
+    config = {**CONFIG, "entropy_coef": 0.0, "policy_loss": "composable"}
+    metrics = PolicyUpdate(tiny_model("cpu"), UpdateConfig(**config))(short_rollouts())
     assert "entropy" not in metrics and {"loss", "clip_fraction", "approx_kl", "mean_ratio", "grad_norm"} <= set(metrics)
+    config["policy_loss"] = "fused"
+    metrics = PolicyUpdate(tiny_model("cpu"), UpdateConfig(**config))(short_rollouts())
+    assert metrics["entropy"] > 0
     metrics = PolicyUpdate(tiny_model("cpu"), UpdateConfig(**CONFIG))(short_rollouts())
     assert metrics["entropy"] > 0

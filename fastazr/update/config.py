@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 OLD_LOGPROBS = ("engine", "recompute")
+POLICY_LOSSES = ("fused", "composable")
 OFFLOAD = ("auto", "cpu", "gpu")
 
 
@@ -63,6 +64,13 @@ class UpdateConfig:
     old_logprobs: str = "engine"
     """Where the PPO ratio's denominator comes from: 'engine' (each Rollout.old_logprobs, the
     sampler's own) or 'recompute' (a no-grad pass with the weights before the first step)."""
+
+    policy_loss: str = "composable"
+    """How the PPO-clip loss meets the lm_head: 'composable' (linear_logprobs + pg_loss: logits
+    never stored, recomputed in backward, 8*N*H*V FLOP) or 'fused' (fastazr.kernels.linear_pg_loss:
+    the gradient made in the forward from each row chunk's logits, 6*N*H*V). Both give the same
+    logprobs, loss and gradients to fp32 rounding. 'fused' becomes the default once it has run on
+    a GPU: so far it has run only in Triton's interpreter."""
 
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward: a layer's activations instead of all of them
@@ -156,6 +164,8 @@ def check_field(name: str, value) -> None:
             raise ValueError(f"UpdateConfig.mini_batches must be >= 1, got {value}")
     elif name == "old_logprobs":
         _choice(name, value, OLD_LOGPROBS)
+    elif name == "policy_loss":
+        _choice(name, value, POLICY_LOSSES)
     elif name == "activation_checkpointing":
         if not isinstance(value, bool):
             raise TypeError(f"UpdateConfig.activation_checkpointing must be True or False, got "

@@ -7,8 +7,10 @@ For each mini-batch (one optimizer step): micro-batches of packed sequences run 
 forward in bf16, fastazr.kernels.linear_logprobs scores the completion tokens straight from the
 hidden states (no logits tensor), fastazr.kernels.pg_loss gives the PPO-clip loss divided by the
 mini-batch's total count of loss tokens (so the micro-batches' gradients add up to the one big
-batch's), backward, and the bf16 gradients go into the fp32 buffer of MasterOptimizer, whose step
-clips, runs AdamW on fp32 master weights and refreshes the bf16 parameters in place.
+batch's); UpdateConfig.policy_loss='fused' does both in fastazr.kernels.linear_pg_loss, which
+makes the gradient in the forward instead of recomputing the logits. Then backward, and the bf16
+gradients go into the fp32 buffer of MasterOptimizer, whose step clips, runs AdamW on fp32
+master weights and refreshes the bf16 parameters in place.
 
 A mini-batch without a loss token is no step at all (Adam's momentum would still move the
 weights). A non-finite loss or gradient norm (a NaN or inf advantage, a NaN logprob on a counted
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastazr.kernels import linear_logprobs, pg_loss
+from fastazr.kernels import linear_logprobs, linear_pg_loss, pg_loss
 
 from .config import UpdateConfig
 from .optimizer import MasterOptimizer
@@ -73,6 +75,18 @@ class PolicyUpdate:
                               self.config.temperature, return_entropy=self.config.entropy_coef > 0)
         return out if isinstance(out, tuple) else (out, None)
 
+    def _loss(self, batch: MicroBatch, normalizer: int):
+        """The micro-batch's PPO-clip loss (divided by the mini-batch's token count) and metrics."""
+        config = self.config
+        if config.policy_loss == "composable":
+            logprobs, entropy = self._logprobs(batch)
+            return pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.mask, config.clip_low,
+                           config.clip_high, entropy, config.entropy_coef, normalizer)
+        hidden = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        return linear_pg_loss(hidden[batch.rows], self.model.lm_head_weight, batch.targets, batch.old_logprobs,
+                              batch.advantages, batch.mask, config.clip_low, config.clip_high, config.temperature,
+                              config.entropy_coef, normalizer)
+
     @torch.no_grad()
     def _recompute_old(self, plans: list[list[MicroBatch]]) -> None:
         self.model.eval()
@@ -118,22 +132,20 @@ class PolicyUpdate:
         for plan, normalizer in zip(plans, counts):
             finite = torch.ones((), dtype=torch.bool, device=device)
             for k, batch in enumerate(plan):
-                logprobs, entropy = self._logprobs(batch)
-                out = pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.mask, config.clip_low,
-                              config.clip_high, entropy, config.entropy_coef, normalizer)
+                out = self._loss(batch, normalizer)
                 self._backward(out.loss, last=k == len(plan) - 1)
                 # the loss is checked too, not only the gradient norm: a NaN that reaches no
                 # gradient (an entropy term's, say) must not let the step through either
                 finite &= torch.isfinite(out.loss.detach())
                 # metrics come back divided by this mini-batch's count: weight them back to sums
-                sums += torch.stack([t.detach() for t in out]) * normalizer
+                sums += torch.stack([t.detach() for t in out[:len(METRICS)]]) * normalizer
             norms.append(self.optimizer.step(finite))
             loss_tokens += normalizer
         self.model.eval()
         sums = self._sum(sums)
         metrics = {}
         if loss_tokens:
-            computed = METRICS if config.entropy_coef > 0 else METRICS[:-1]
+            computed = METRICS if config.entropy_coef > 0 or config.policy_loss == "fused" else METRICS[:-1]
             metrics.update(zip(computed, (sums / loss_tokens).tolist()))
         if norms:
             metrics["grad_norm"] = float(torch.stack(norms).mean())

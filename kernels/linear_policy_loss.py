@@ -1,0 +1,236 @@
+"""The PPO-clip loss straight from hidden states and the lm_head, its gradient made in the forward.
+
+linear_logprobs + pg_loss costs 8*N*H*V FLOP: the logprob forward's GEMM, then a backward that
+recomputes every logit tile before its two gradient GEMMs. For PPO-clip nothing forces the
+recompute: d loss / d logprob of a token is a function of the token's own logprob, its old
+logprob, advantage and mask and the global divisor (pg_loss's rule), so once a row of logits
+exists, its logprob, entropy, gradient and dLogits can all be made before the row is dropped.
+Per chunk of C token rows:
+
+  Z = hidden[c] @ weight.T             cuBLAS, fp32 out, [C, V]          2*C*H*V
+  one Triton program per row           pass 1: max, sum of exps, sum of exp * z -> lse,
+                                       entropy, logprob, d loss / d logprob (token_gradient);
+                                       pass 2: dLogits, in the input dtype, over the row's own
+                                       storage (fp32 in, 2 bytes out: no second buffer)
+  dHidden[c] = dLogits @ weight        cuBLAS                             2*C*H*V
+  dWeight   += dLogits.T @ hidden[c]   cuBLAS, summed over chunks         2*C*H*V
+
+6*N*H*V in all, the GEMMs' own work. Memory beyond the inputs and the two gradients: one fp32
+[C, V] block (``chunk_bytes``). Logits are fp32 so that the logprobs and the softmax in the
+gradient keep the precision of linear_logprobs (the engine's logprobs stay the trainer's to fp32
+rounding). dWeight sums its chunks in the weight's dtype: one rounding per chunk, so chunks are
+as many rows as ``chunk_bytes`` allows. The loss and the metrics then come from pg_loss's own
+forward kernel over all N logprobs, so they are pg_loss's numbers for these logprobs. The
+autograd backward scales the stored gradients by the upstream gradient.
+
+The fp32 reference is linear_policy_loss_reference.py; elsewhere than CUDA and the interpreter,
+linear_logprobs' chunked torch path and pg_loss's torch reference run instead.
+"""
+from __future__ import annotations
+
+import math
+import torch
+import triton
+import triton.language as tl
+
+from fastazr.kernels.logprobs import LN2, LOG2E, _validate as _check_linear
+from fastazr.kernels.logprobs_chunked import linear_logprobs_chunked
+from fastazr.kernels.linear_policy_loss_reference import LinearPGLoss
+from fastazr.kernels.policy_loss import _launch_forward, token_gradient
+from fastazr.kernels.policy_loss_reference import check_pg_loss_args, pg_loss_reference
+from fastazr.kernels.runtime import interpreting, use_triton
+
+__all__ = ["LinearPGLoss", "linear_pg_loss"]
+
+# 2048 fp32 columns a trip: 8 KB of loads in flight per program with 8 warps (4 per thread).
+# The interpreter gets small blocks so that CI's odd vocabularies span several of them.
+_BLOCK_V = 64 if interpreting() else 2048
+_WARPS = 8
+
+
+# Per-token tensors come whole with the chunk's first row as a number, not as slices: a slice's
+# address would change Triton's 16-byte alignment specialization from chunk to chunk (a compile).
+@triton.jit(do_not_specialize=["r0", "V", "stride_z", "stride_dz"])
+def _rows_kernel(z_ptr, dz_ptr, tgt_ptr, old_ptr, adv_ptr, mask_ptr, denom_ptr, logp_ptr, ent_ptr,
+                 r0, V, stride_z, stride_dz, inv_temp, lo, hi, limit, entropy_coef,
+                 BLOCK_V: tl.constexpr):
+    local = tl.program_id(0).to(tl.int64)
+    row = r0 + local
+    z_row = z_ptr + local * stride_z
+    cols = tl.arange(0, BLOCK_V)
+    scale = inv_temp * LOG2E  # logits in log2 units, as linear_logprobs' kernels keep them
+    # pass 1: per-lane running max, sum of 2^(y - max) and sum of 2^(y - max) * y, merged at the end
+    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    t = tl.zeros((BLOCK_V,), tl.float32)
+    for c0 in range(0, V, BLOCK_V):
+        ok = c0 + cols < V
+        y = tl.load(z_row + c0 + cols, mask=ok, other=float("-inf")) * scale
+        m_new = tl.maximum(m, y)
+        # A lane past the vocabulary's end keeps m = -inf and s = t = 0; its differences are kept
+        # away from -inf - -inf (NaN) rather than masked after it.
+        alpha = tl.exp2(tl.where(m_new == float("-inf"), 0.0, m - m_new))
+        e = tl.exp2(tl.where(ok, y - m_new, float("-inf")))
+        s = s * alpha + e
+        t = t * alpha + e * tl.where(ok, y, 0.0)
+        m = m_new
+    big_m = tl.max(m, 0)
+    w = tl.exp2(tl.where(m == float("-inf"), float("-inf"), m - big_m))
+    s_row = tl.sum(s * w, 0)
+    t_row = tl.sum(t * w, 0)
+    lse = (big_m + tl.log2(s_row)) * LN2
+    entropy = lse - t_row / s_row * LN2
+    tgt = tl.load(tgt_ptr + row)
+    in_vocab = (tgt >= 0) & (tgt < V)
+    target_logit = tl.load(z_row + tl.where(in_vocab, tgt, 0).to(tl.int64))
+    # A target outside the vocabulary has no logit: NaN says so, as linear_logprobs does.
+    logp = tl.where(in_vocab, target_logit * inv_temp - lse, float("nan"))
+    tl.store(logp_ptr + row, logp)
+    tl.store(ent_ptr + row, entropy)
+    valid = tl.load(mask_ptr + row) != 0
+    inv_denom = 1.0 / tl.load(denom_ptr)
+    glp = token_gradient(logp, tl.load(old_ptr + row).to(tl.float32), tl.load(adv_ptr + row).to(tl.float32),
+                         valid, inv_denom, lo, hi, limit)
+    gent = tl.where(valid, -entropy_coef * inv_denom, 0.0)
+    # pass 2: dLogits = inv_temp * (glp * (onehot - p) - gent * p * (z' - lse + entropy))
+    dz_row = dz_ptr + local * stride_dz
+    for c0 in range(0, V, BLOCK_V):
+        ok = c0 + cols < V
+        y = tl.load(z_row + c0 + cols, mask=ok, other=0.0) * scale
+        p = tl.exp2(y - lse * LOG2E)
+        g = glp * (tl.where(c0 + cols == tgt, 1.0, 0.0) - p)
+        g -= gent * p * (y * LN2 - (lse - entropy))
+        # dz_row aliases z_row's bytes: in the first trip the stores (2 bytes a column) land on
+        # columns other threads are still loading, so every load of the trip completes first
+        tl.debug_barrier()
+        tl.store(dz_row + c0 + cols, (g * inv_temp).to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out = hidden @ weight.T in fp32, accumulated in fp32 (cuBLAS writes fp32 itself)."""
+    if hidden.dtype == torch.float32:
+        torch.mm(hidden, weight.t(), out=out)
+    elif hidden.is_cuda:
+        torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+    else:  # the interpreter's CPU tensors: the same products, exactly, in fp32
+        torch.mm(hidden.float(), weight.float().t(), out=out)
+
+
+def chunk_rows(tokens: int, vocab: int, chunk_bytes: int) -> int:
+    """Token rows per chunk: an fp32 [rows, vocab] block within chunk_bytes, at least one row."""
+    return max(1, min(tokens, chunk_bytes // (4 * vocab)))
+
+
+def _divisor(mask: torch.Tensor, normalizer) -> torch.Tensor:
+    """pg_loss's divisor as a 1-element fp32 device tensor (0 becomes 1), with no host sync."""
+    if normalizer is None:
+        count = (mask != 0).sum(dtype=torch.float32).reshape(1)
+    elif isinstance(normalizer, torch.Tensor):
+        count = normalizer.detach().to(device=mask.device, dtype=torch.float32).reshape(1)
+    else:
+        count = torch.full((1,), float(normalizer), dtype=torch.float32, device=mask.device)
+    return torch.where(count == 0, 1.0, count)
+
+
+class _LinearPGLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, old_logprobs, advantages, mask, normalizer, lo, hi, limit,
+                entropy_coef, inv_temp, rows):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.empty_like(weight) if want_weight else None
+        divisor = _divisor(mask, normalizer)
+        z = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            h = hidden[r0:r1]
+            block = z[:r1 - r0]
+            _logits(h, weight, block)
+            # dLogits in the input dtype over each fp32 row's own bytes: a [C, V] view with the
+            # fp32 row's stride
+            dz = block.view(hidden.dtype)[:, :vocab]
+            _rows_kernel[(r1 - r0,)](
+                block, dz, targets, old_logprobs, advantages, mask, divisor, logprobs, entropy, r0, vocab,
+                block.stride(0), dz.stride(0), inv_temp, lo, hi, limit, entropy_coef, BLOCK_V=_BLOCK_V,
+                num_warps=_WARPS)
+            if want_hidden:
+                torch.mm(dz, weight, out=grad_hidden[r0:r1])
+            if want_weight:
+                if r0 == 0:
+                    torch.mm(dz.t(), h, out=grad_weight)
+                else:
+                    grad_weight.addmm_(dz.t(), h)
+        loss, stats = _launch_forward(logprobs, old_logprobs, advantages, mask, entropy, normalizer, lo, hi, limit,
+                                      entropy_coef)
+        ctx.grads = (grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(stats, logprobs)
+        ctx.set_materialize_grads(False)
+        return loss, stats, logprobs
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats, _grad_logprobs):
+        if ctx.grads is None:
+            raise RuntimeError("linear_pg_loss's backward ran twice: its gradients were made in the forward and "
+                               "are handed out once (call linear_pg_loss again instead of retain_graph=True)")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if grad_loss is None:
+            return (None,) * 13
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return (grad_hidden, grad_weight) + (None,) * 11
+
+
+def _check(hidden, weight, targets, old_logprobs, advantages, mask, clip_low, clip_high, temperature, entropy_coef,
+           normalizer, log_ratio_limit, chunk_bytes) -> None:
+    _check_linear(hidden, weight, targets, temperature, chunk_bytes)
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
+        if not isinstance(t, torch.Tensor) or t.shape != targets.shape:
+            raise ValueError(f"linear_pg_loss: {name} must be a tensor of shape {tuple(targets.shape)} (one value "
+                             f"per token row of hidden), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    # pg_loss's own checks, with old_logprobs standing in for the logprobs this call makes
+    check_pg_loss_args(old_logprobs, old_logprobs, advantages, mask, clip_low, clip_high, None, 0.0, normalizer,
+                       log_ratio_limit)
+    if not math.isfinite(entropy_coef):
+        raise ValueError(f"linear_pg_loss: entropy_coef must be a finite number, got {entropy_coef}")
+
+
+def linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor,
+                   advantages: torch.Tensor, mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
+                   temperature: float = 1.0, entropy_coef: float = 0.0,
+                   normalizer: float | torch.Tensor | None = None, log_ratio_limit: float = 20.0, *,
+                   chunk_bytes: int = 768 << 20) -> LinearPGLoss:
+    """pg_loss(linear_logprobs(hidden, weight, targets, temperature), old_logprobs, advantages,
+    mask, clip_low, clip_high, entropy, entropy_coef, normalizer, log_ratio_limit), fused.
+
+    hidden [N, H] and weight [V, H] as linear_logprobs takes them (fp32, fp16 or bf16), targets
+    [N] integer, and pg_loss's per-token inputs, one per row of hidden. The entropy (of the same
+    tempered softmax) is always computed, so the entropy metric is always filled; entropy_coef
+    puts it in the loss. Returns LinearPGLoss: pg_loss's loss and metrics, and the logprobs.
+    The loss backpropagates into hidden and weight; its gradients are computed here, in the
+    forward (see the module docstring), and one backward hands them out. ``chunk_bytes`` bounds
+    the fp32 logits block (rows x V x 4 bytes; 768 MiB: 1,324 rows at V = 151,936, and with the
+    gradients 1.2 GiB beyond the inputs at N = 16K, H = 1536).
+    """
+    _check(hidden, weight, targets, old_logprobs, advantages, mask, clip_low, clip_high, temperature, entropy_coef,
+           normalizer, log_ratio_limit, chunk_bytes)
+    if not use_triton(hidden) or hidden.shape[0] == 0:
+        logprobs, entropy = linear_logprobs_chunked(hidden, weight, targets, temperature, True)
+        out = pg_loss_reference(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, entropy, entropy_coef,
+                                normalizer, log_ratio_limit)
+        return LinearPGLoss(*out, logprobs.detach())
+    if isinstance(normalizer, torch.Tensor) and normalizer.device != hidden.device:
+        normalizer = normalizer.item()  # a CPU tensor is a host number already: no device sync
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    rows = chunk_rows(hidden.shape[0], weight.shape[0], chunk_bytes)
+    loss, stats, logprobs = _LinearPGLossFunction.apply(
+        hidden.contiguous(), weight.contiguous(), targets.contiguous(), old_logprobs.contiguous(),
+        advantages.contiguous(), mask.contiguous(), normalizer, 1.0 - clip_low, 1.0 + clip_high,
+        float(log_ratio_limit), float(entropy_coef), 1.0 / temperature, rows)
+    return LinearPGLoss(loss, *stats.unbind()[:4], logprobs)

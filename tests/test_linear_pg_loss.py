@@ -1,0 +1,161 @@
+"""linear_pg_loss (the fused linear policy loss) against its fp32 reference and against the
+composable path it replaces, on CPU under TRITON_INTERPRET=1 (conftest sets it).
+
+Shapes are odd on purpose: the interpreter's 64-column blocks leave a ragged last block at
+V=1000 and 257, and chunk_bytes below makes several row chunks with a ragged last one. bf16 is
+tested on the GPU (tests/test_linear_pg_loss_gpu.py): the interpreter misreads bf16 loads.
+"""
+import pytest
+import torch
+
+from fastazr.kernels import linear_logprobs, linear_pg_loss, linear_pg_loss_reference, pg_loss
+
+# Loss and metrics: relative error; logprobs and entropy: max abs error; gradients: norm-relative
+# error. fp32: summation order only. fp16: dLogits are written in fp16 (11-bit mantissa) before
+# the two gradient GEMMs, and dWeight sums its row chunks in fp16.
+TOLERANCE = {torch.float32: (1e-5, 2e-5, 2e-5), torch.float16: (1e-5, 2e-5, 4e-3)}
+FIELDS = ("loss", "clip_fraction", "approx_kl", "mean_ratio", "entropy")
+
+
+def make_inputs(n, h, v, dtype, seed=0, masked=0.25):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * 3 / h ** 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=gen)
+    with torch.no_grad():
+        logprobs = linear_pg_loss_reference(hidden, weight, targets, torch.zeros(n), torch.zeros(n),
+                                            torch.ones(n, dtype=torch.bool)).logprobs
+    # old logprobs near the new ones, so ratios fall on both sides of the clip range
+    old = logprobs + torch.randn(n, generator=gen) * 0.3
+    advantages = torch.randn(n, generator=gen)
+    mask = torch.rand(n, generator=gen) >= masked
+    return hidden, weight, targets, old, advantages, mask
+
+
+def run(fn, hidden, weight, *args, **kwargs):
+    hidden.grad = weight.grad = None
+    out = fn(hidden, weight, *args, **kwargs)
+    out.loss.backward()
+    return out, hidden.grad.float(), weight.grad.float()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(got, want, dtype):
+    value_tol, token_tol, grad_tol = TOLERANCE[dtype]
+    for name in FIELDS:
+        a, b = getattr(got[0], name).item(), getattr(want[0], name).item()
+        assert abs(a - b) <= value_tol * max(1.0, abs(b)), (name, a, b)
+    assert (got[0].logprobs - want[0].logprobs).abs().max().item() <= token_tol, "logprobs"
+    assert rel(got[1], want[1]) <= grad_tol, "grad hidden"
+    assert rel(got[2], want[2]) <= grad_tol, "grad weight"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 48, 1000), (1, 16, 65), (70, 100, 257)])
+@pytest.mark.parametrize("temperature,entropy_coef", [(1.0, 0.0), (0.6, 0.01)])
+def test_matches_reference(dtype, shape, temperature, entropy_coef):
+    inputs = make_inputs(*shape, dtype)
+    kwargs = dict(clip_low=0.2, clip_high=0.28, temperature=temperature, entropy_coef=entropy_coef)
+    want = run(linear_pg_loss_reference, *inputs, **kwargs)
+    # ~6 rows a chunk at V=1000: several chunks, a ragged last one
+    got = run(linear_pg_loss, *inputs, **kwargs, chunk_bytes=6 * 4 * shape[2] + 7)
+    assert got[0].logprobs.dtype == torch.float32 and got[0].loss.dtype == torch.float32
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("normalizer", [None, 29, torch.tensor(41.0)])
+def test_equals_the_composable_path(normalizer):
+    """The same logprobs, loss, metrics and gradients as linear_logprobs + pg_loss: the path it
+    replaces in PolicyUpdate, and the one whose logprobs the engine's match."""
+    hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 1000, torch.float32)
+
+    def composable(hidden, weight, targets, old, advantages, mask):
+        logprobs, entropy = linear_logprobs(hidden, weight, targets, 0.8, True)
+        out = pg_loss(logprobs, old, advantages, mask, 0.2, 0.2, entropy, 0.01, normalizer)
+        return type("Out", (), {**out._asdict(), "logprobs": logprobs.detach()})
+
+    want = run(composable, hidden, weight, targets, old, advantages, mask)
+    got = run(linear_pg_loss, hidden, weight, targets, old, advantages, mask, temperature=0.8, entropy_coef=0.01,
+              normalizer=normalizer, chunk_bytes=10 * 4 * 1000)
+    assert_close(got, want, torch.float32)
+
+
+def test_micro_batches_add_up_to_the_whole_batch():
+    """With the global token count as the normalizer, two calls' losses and gradients sum to one
+    call's: what PolicyUpdate's gradient accumulation relies on."""
+    hidden, weight, targets, old, advantages, mask = make_inputs(61, 48, 257, torch.float32)
+    total = int(mask.sum())
+    whole = run(linear_pg_loss, hidden, weight, targets, old, advantages, mask, normalizer=total)
+    weight.grad = None
+    grads_hidden, loss = [], 0.0
+    for part in (slice(0, 23), slice(23, 61)):
+        h = hidden.detach()[part].clone().requires_grad_()
+        out = linear_pg_loss(h, weight, targets[part], old[part], advantages[part], mask[part], normalizer=total)
+        out.loss.backward()
+        grads_hidden.append(h.grad)
+        loss += out.loss.item()
+    assert abs(loss - whole[0].loss.item()) <= 1e-5 * max(1.0, abs(loss))
+    assert rel(torch.cat(grads_hidden), whole[1]) <= 2e-5
+    assert rel(weight.grad, whole[2]) <= 2e-5
+
+
+def test_masked_tokens_are_inert_and_a_bad_token_poisons_the_step():
+    hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)
+    old2, adv2 = old.clone(), advantages.clone()
+    off = (~mask).nonzero()[:, 0]
+    old2[off[0]], adv2[off[1]] = float("nan"), float("inf")  # garbage where the mask is off
+    clean = run(linear_pg_loss, hidden, weight, targets, old, advantages, mask)
+    garbage = run(linear_pg_loss, hidden, weight, targets, old2, adv2, mask)
+    assert garbage[0].loss.item() == clean[0].loss.item()
+    assert torch.equal(garbage[1], clean[1]) and torch.equal(garbage[2], clean[2])
+
+    on = mask.nonzero()[:, 0]
+    adv2 = advantages.clone()
+    adv2[on[0]] = float("nan")  # a counted token without a defined loss
+    bad = run(linear_pg_loss, hidden, weight, targets, old, adv2, mask)
+    assert all(torch.isnan(getattr(bad[0], name)) for name in FIELDS if name != "entropy")
+    assert torch.isnan(bad[1][on[0]]).all(), "the bad token's own hidden gradient is NaN"
+    others = torch.ones(37, dtype=torch.bool)
+    others[on[0]] = False
+    assert torch.isfinite(bad[1][others]).all(), "other tokens' hidden gradients stay finite"
+
+
+def test_upstream_gradient_scales_and_a_second_backward_is_refused():
+    hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)
+    once = run(linear_pg_loss, hidden, weight, targets, old, advantages, mask)
+    hidden.grad = weight.grad = None
+    out = linear_pg_loss(hidden, weight, targets, old, advantages, mask)
+    (out.loss * 3.0).backward(retain_graph=True)
+    assert rel(hidden.grad, 3 * once[1]) <= 1e-6 and rel(weight.grad, 3 * once[2]) <= 1e-6
+    with pytest.raises(RuntimeError, match="ran twice"):
+        out.loss.backward()
+
+
+def test_frozen_weight_gets_no_gradient_and_out_of_vocabulary_targets_give_nan():
+    hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)
+    weight = weight.detach()
+    targets = targets.clone()
+    targets[3] = 257
+    out = linear_pg_loss(hidden, weight, targets, old, advantages, mask)
+    out.loss.backward()
+    assert torch.isnan(out.logprobs[3]) and torch.isfinite(out.logprobs[torch.arange(37) != 3]).all()
+    assert hidden.grad is not None and weight.grad is None
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(old_logprobs=torch.zeros(36)), "old_logprobs must be a tensor of shape"),
+    (dict(mask=torch.ones(37, 2)), "mask must be a tensor of shape"),
+    (dict(temperature=0.0), "temperature must be a positive number"),
+    (dict(entropy_coef=float("nan")), "entropy_coef must be a finite number"),
+    (dict(clip_low=1.5), "clip_low must be in"),
+    (dict(normalizer=-1), "normalizer must be a finite number >= 0"),
+    (dict(chunk_bytes=0), "chunk_bytes must be positive"),
+])
+def test_bad_arguments_name_what_to_change(change, message):
+    hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)
+    args = {**dict(old_logprobs=old, advantages=advantages, mask=mask), **change}
+    with pytest.raises(ValueError, match=message):
+        linear_pg_loss(hidden, weight, targets, **args)
