@@ -19,7 +19,8 @@ the tokens counted) into a loss that backpropagates to hidden and weight; the fu
 does both itself. Times are medians of CUDA-event timings after warm-up; TFLOP/s counts 6*N*H*V
 for everyone (the forward GEMM and the two backward GEMMs, no recompute); "extra GiB" is peak
 allocation during forward + backward beyond the inputs, gradients included; errors are against
-the fp32 reference computed over row blocks.
+the fp32 reference computed over row blocks. The fused contender's forward makes its gradients
+too, so only its fwd+bwd compares with the others'.
 """
 from __future__ import annotations
 

@@ -45,8 +45,7 @@ class MaterializedLogits(PolicyUpdate):
     """The same update with the logits tensor [N, V] built in fp32, as a plain trainer does."""
 
     def _logprobs(self, batch):
-        hidden = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        logits = F.linear(hidden[batch.rows], self.model.lm_head_weight).float() / self.config.temperature
+        logits = F.linear(self._hidden(batch), self.model.lm_head_weight).float() / self.config.temperature
         return logits.log_softmax(-1).gather(-1, batch.targets[:, None]).squeeze(-1), None
 
 

@@ -18,8 +18,10 @@ Per chunk of C token rows:
 6*N*H*V in all, the GEMMs' own work. Memory beyond the inputs and the two gradients: one fp32
 [C, V] block (``chunk_bytes``). Logits are fp32 so that the logprobs and the softmax in the
 gradient keep the precision of linear_logprobs (the engine's logprobs stay the trainer's to fp32
-rounding). dWeight sums its chunks in the weight's dtype: one rounding per chunk, so chunks are
-as many rows as ``chunk_bytes`` allows. The loss and the metrics then come from pg_loss's own
+rounding). dWeight sums its chunks in the weight's dtype (an fp32 sum would take 4*V*H bytes
+more: 0.93 GB at qwen2.5-1.5b's shapes): one rounding per chunk where linear_logprobs rounds
+once, so its error grows with the chunk count (fp16 on the CPU: 3.6e-4 of the norm in one chunk,
+6.5e-4 in 13, 9.5e-4 in 52), and chunks are as many rows as ``chunk_bytes`` allows. The loss and the metrics then come from pg_loss's own
 forward kernel over all N logprobs, so they are pg_loss's numbers for these logprobs. The
 autograd backward scales the stored gradients by the upstream gradient.
 
@@ -32,6 +34,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from fastazr.kernels.logprobs import LN2, LOG2E, _validate as _check_linear
 from fastazr.kernels.logprobs_chunked import linear_logprobs_chunked
@@ -50,7 +53,9 @@ _WARPS = 8
 
 # Per-token tensors come whole with the chunk's first row as a number, not as slices: a slice's
 # address would change Triton's 16-byte alignment specialization from chunk to chunk (a compile).
-@triton.jit(do_not_specialize=["r0", "V", "stride_z", "stride_dz"])
+# V and the row strides stay specialized (fixed per model: one compile), so Triton knows the rows
+# are 16-byte aligned and moves them in 16-byte vectors (8 scalar loads a thread a trip without).
+@triton.jit(do_not_specialize=["r0"])
 def _rows_kernel(z_ptr, dz_ptr, tgt_ptr, old_ptr, adv_ptr, mask_ptr, denom_ptr, logp_ptr, ent_ptr,
                  r0, V, stride_z, stride_dz, inv_temp, lo, hi, limit, entropy_coef,
                  BLOCK_V: tl.constexpr):
@@ -100,8 +105,10 @@ def _rows_kernel(z_ptr, dz_ptr, tgt_ptr, old_ptr, adv_ptr, mask_ptr, denom_ptr, 
         p = tl.exp2(y - lse * LOG2E)
         g = glp * (tl.where(c0 + cols == tgt, 1.0, 0.0) - p)
         g -= gent * p * (y * LN2 - (lse - entropy))
-        # dz_row aliases z_row's bytes: in the first trip the stores (2 bytes a column) land on
-        # columns other threads are still loading, so every load of the trip completes first
+        # dz_row aliases z_row's bytes. Trip k stores columns [k*B, (k+1)*B) at 2 bytes each: the
+        # bytes of fp32 columns [k*B/2, (k+1)*B/2), all read by earlier trips except in trip 0,
+        # where they are this trip's own columns, which other threads may still be loading: every
+        # load of the trip completes first.
         tl.debug_barrier()
         tl.store(dz_row + c0 + cols, (g * inv_temp).to(dz_ptr.dtype.element_ty), mask=ok)
 
@@ -135,9 +142,8 @@ def _divisor(mask: torch.Tensor, normalizer) -> torch.Tensor:
 class _LinearPGLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, old_logprobs, advantages, mask, normalizer, lo, hi, limit,
-                entropy_coef, inv_temp, rows):
+                entropy_coef, inv_temp, rows, want_hidden, want_weight):
         n, vocab = hidden.shape[0], weight.shape[0]
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -171,19 +177,22 @@ class _LinearPGLossFunction(torch.autograd.Function):
         return loss, stats, logprobs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_stats, _grad_logprobs):
         if ctx.grads is None:
             raise RuntimeError("linear_pg_loss's backward ran twice: its gradients were made in the forward and "
-                               "are handed out once (call linear_pg_loss again instead of retain_graph=True)")
+                               "are handed out once, to one backward for all inputs (call linear_pg_loss again "
+                               "rather than retain_graph=True or one autograd.grad call per input)")
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         if grad_loss is None:
-            return (None,) * 13
-        if grad_hidden is not None:
-            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        if grad_weight is not None:
-            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return (grad_hidden, grad_weight) + (None,) * 11
+            return (None,) * 15
+        # In place: a scaled copy of dWeight would be 0.47 GB more at qwen2.5-1.5b. The scale is
+        # rounded to the gradient's dtype first (PolicyUpdate's is 1: exact).
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.mul_(grad_loss)
+        return (grad_hidden, grad_weight) + (None,) * 13
 
 
 def _check(hidden, weight, targets, old_logprobs, advantages, mask, clip_low, clip_high, temperature, entropy_coef,
@@ -194,6 +203,8 @@ def _check(hidden, weight, targets, old_logprobs, advantages, mask, clip_low, cl
             raise ValueError(f"linear_pg_loss: {name} must be a tensor of shape {tuple(targets.shape)} (one value "
                              f"per token row of hidden), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.device != hidden.device:
+            raise ValueError(f"linear_pg_loss: {name} is on {t.device} but hidden is on {hidden.device}")
     # pg_loss's own checks, with old_logprobs standing in for the logprobs this call makes
     check_pg_loss_args(old_logprobs, old_logprobs, advantages, mask, clip_low, clip_high, None, 0.0, normalizer,
                        log_ratio_limit)
@@ -229,8 +240,12 @@ def linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         normalizer = normalizer.item()  # a CPU tensor is a host number already: no device sync
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     rows = chunk_rows(hidden.shape[0], weight.shape[0], chunk_bytes)
+    # decided here: inside forward grad mode is off, and needs_input_grad ignores no_grad(), under
+    # which two GEMMs a chunk would be spent on gradients nobody takes
+    grad = torch.is_grad_enabled()
     loss, stats, logprobs = _LinearPGLossFunction.apply(
         hidden.contiguous(), weight.contiguous(), targets.contiguous(), old_logprobs.contiguous(),
         advantages.contiguous(), mask.contiguous(), normalizer, 1.0 - clip_low, 1.0 + clip_high,
-        float(log_ratio_limit), float(entropy_coef), 1.0 / temperature, rows)
+        float(log_ratio_limit), float(entropy_coef), 1.0 / temperature, rows, grad and hidden.requires_grad,
+        grad and weight.requires_grad)
     return LinearPGLoss(loss, *stats.unbind()[:4], logprobs)

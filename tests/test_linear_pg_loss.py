@@ -134,15 +134,40 @@ def test_upstream_gradient_scales_and_a_second_backward_is_refused():
         out.loss.backward()
 
 
-def test_frozen_weight_gets_no_gradient_and_out_of_vocabulary_targets_give_nan():
+def test_a_frozen_input_gets_no_gradient_and_the_other_its_own():
     hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)
-    weight = weight.detach()
-    targets = targets.clone()
-    targets[3] = 257
-    out = linear_pg_loss(hidden, weight, targets, old, advantages, mask)
+    both = run(linear_pg_loss, hidden, weight, targets, old, advantages, mask)
+    out = linear_pg_loss(hidden, weight.detach(), targets, old, advantages, mask)
+    hidden.grad = None
     out.loss.backward()
-    assert torch.isnan(out.logprobs[3]) and torch.isfinite(out.logprobs[torch.arange(37) != 3]).all()
-    assert hidden.grad is not None and weight.grad is None
+    assert torch.equal(hidden.grad, both[1])
+    weight.grad = None
+    linear_pg_loss(hidden.detach(), weight, targets, old, advantages, mask).loss.backward()
+    assert torch.equal(weight.grad, both[2])
+
+
+def test_out_of_vocabulary_targets_give_nan_logprobs():
+    hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)
+    targets = targets.clone()
+    targets[3], targets[5] = 257, -1
+    out = linear_pg_loss(hidden, weight, targets, old, advantages, mask)
+    bad = torch.zeros(37, dtype=torch.bool)
+    bad[[3, 5]] = True
+    assert torch.isnan(out.logprobs[bad]).all() and torch.isfinite(out.logprobs[~bad]).all()
+
+
+def test_no_grad_spends_no_gemm_on_gradients(monkeypatch):
+    """needs_input_grad ignores torch.no_grad(): the gradient GEMMs would run for nothing."""
+    hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)
+    with_grad = linear_pg_loss(hidden, weight, targets, old, advantages, mask, chunk_bytes=10 * 4 * 257)
+    calls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or mm(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: calls.append(1))
+    with torch.no_grad():
+        out = linear_pg_loss(hidden, weight, targets, old, advantages, mask, chunk_bytes=10 * 4 * 257)
+    assert len(calls) == 4, "one logits GEMM per chunk of 10 rows, no gradient GEMM"
+    assert out.loss.item() == with_grad.loss.item() and torch.equal(out.logprobs, with_grad.logprobs)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -44,7 +44,7 @@ def test_real_shapes_bf16_match_the_fp32_reference(n, h, temperature, entropy_co
 
 
 def test_the_composable_path_gives_the_same_logprobs_loss_and_gradients():
-    """PolicyUpdate's default changed from linear_logprobs + pg_loss to this: the logprobs must
+    """--update.policy-loss fused replaces linear_logprobs + pg_loss with this: the logprobs must
     stay the engine's (which match linear_logprobs to fp32 rounding, tests/test_rollout_gpu.py)."""
     hidden, weight, targets, old, advantages, mask = inputs(5003, 1536)
 

@@ -69,9 +69,12 @@ class PolicyUpdate:
         device, vocab = self.model.device, self.model.config.vocab_size
         return [build_micro_batch(rollouts, [indices[j] for j in b], device, vocab) for b in bins]
 
+    def _hidden(self, batch: MicroBatch) -> torch.Tensor:
+        """The hidden states of the rows that score completion tokens."""
+        return self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)[batch.rows]
+
     def _logprobs(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        hidden = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        out = linear_logprobs(hidden[batch.rows], self.model.lm_head_weight, batch.targets,
+        out = linear_logprobs(self._hidden(batch), self.model.lm_head_weight, batch.targets,
                               self.config.temperature, return_entropy=self.config.entropy_coef > 0)
         return out if isinstance(out, tuple) else (out, None)
 
@@ -82,8 +85,7 @@ class PolicyUpdate:
             logprobs, entropy = self._logprobs(batch)
             return pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.mask, config.clip_low,
                            config.clip_high, entropy, config.entropy_coef, normalizer)
-        hidden = self.model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        return linear_pg_loss(hidden[batch.rows], self.model.lm_head_weight, batch.targets, batch.old_logprobs,
+        return linear_pg_loss(self._hidden(batch), self.model.lm_head_weight, batch.targets, batch.old_logprobs,
                               batch.advantages, batch.mask, config.clip_low, config.clip_high, config.temperature,
                               config.entropy_coef, normalizer)
 
@@ -96,7 +98,8 @@ class PolicyUpdate:
     def __call__(self, rollouts: list[Rollout], groups: list[range] | None = None) -> dict[str, float]:
         """Train on the rollouts: one optimizer step per mini-batch that has loss tokens. Returns
         the means over the update of the loss and its metrics (token-weighted; entropy only when
-        entropy_coef > 0 computes it; none of them without a loss token), the mean gradient norm
+        computed: entropy_coef > 0, or the fused loss, which always computes it; none of them
+        without a loss token), the mean gradient norm
         before clipping (absent without a step), token counts, steps (attempted) and
         skipped_steps (a non-finite loss or gradient norm leaves the weights alone).
         groups: which rollouts (indices) form each mini-batch; default config.mini_batches
