@@ -1,6 +1,6 @@
 """Sandbox throughput, latency and containment: fastazr side by side with the alternatives.
 
-    python bench/bench_sandbox.py [--workers N] [--jobs N] [--profile DIR]
+    python bench/bench_sandbox.py [--workers N] [--jobs N] [--profile DIR] [--breakdown]
 
 One job mix (a trivial snippet; an AZR-typical program with loops and dicts; a 10-input
 induction check), the same worker count for every contender:
@@ -11,7 +11,11 @@ induction check), the same worker count for every contender:
   (d) fork ceiling bare fork + _exit + wait loops in N small Python processes: the most any
                    fork-per-job design can do on this machine
 Then every probe of fastazr.sandbox.hostile through (a) and (c). A table, the ratios, and one
-JSON line last."""
+JSON line last.
+
+--breakdown instead times each stage of a fastazr job (zygote and child side, from clock stamps
+taken with SandboxConfig.trace on) over the same mix and worker count, next to the fork ceiling
+measured in the same rounds: where a job's time goes, and how much of it fork and exit are."""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from common import json_line, machine, median, percentile, print_table, profiled
 
 from fastazr.sandbox import Sandbox
 from fastazr.sandbox.hostile import ATTACKS
+from fastazr.sandbox.trace import CYCLE, STAGES
 
 TRIVIAL = ("def f(x):\n    return x + 1\n", "f", "41")
 AZR = ("""
@@ -205,6 +210,57 @@ def timeout_overshoot(sb: Sandbox) -> tuple[float, str]:
     return (time.perf_counter() - start - limit) * 1e3, r.status
 
 
+# ---- where a job's time goes ----------------------------------------------------------
+
+def breakdown(workers: int, n: int, rounds: int, mark) -> dict:
+    """Per-stage times of n jobs of the mix (SandboxConfig.trace), in rounds interleaved with
+    the fork ceiling; the wall time per job each worker sees, and the trainer's CPU time."""
+    ceiling, results, wall, trainer_cpu = ForkCeiling(workers), [], 0.0, 0.0
+    fork_rates = []
+    with Sandbox(workers=workers, timeout_s=TIMEOUT_S, trace=True) as sb:
+        sb.call_many(jobs(20 * workers))
+        for _ in range(rounds):
+            with mark("fastazr traced"):
+                start, cpu = time.perf_counter(), time.process_time()
+                batch = sb.call_many(jobs(n // rounds))
+                wall += time.perf_counter() - start
+                trainer_cpu += time.process_time() - cpu
+            results += batch
+            with mark("fork ceiling"):
+                fork_rates.append(ceiling.rate(n // rounds))
+    traced = [r.stages for r in results if r.stages]
+    stages = {}
+    for name in STAGES:
+        times = [t[name][0] for t in traced]
+        faults = [t[name][1] for t in traced if t[name][1] is not None]
+        stages[name] = {"mean_us": sum(times) / len(times) * 1e6, "p50_us": median(times) * 1e6,
+                        "faults": sum(faults) / len(faults) if faults else None}
+    return {"stages": stages, "jobs": len(traced), "per_worker_us": wall * workers / len(results) * 1e6,
+            "trainer_cpu_us": trainer_cpu / len(results) * 1e6, "fork_ceiling": median(fork_rates)}
+
+
+def print_breakdown(b: dict, workers: int) -> None:
+    stages = b["stages"]
+    cycle = sum(stages[name]["mean_us"] for name, _ in CYCLE)
+    per_worker = b["per_worker_us"]
+    rows = [[name, f"{v['mean_us']:.1f}", f"{v['p50_us']:.1f}", f"{v['mean_us'] / per_worker:.1%}",
+             "-" if v["faults"] is None else f"{v['faults']:.1f}"] for name, v in stages.items()]
+    batch = sum(stages[name]["mean_us"] for name in STAGES[len(CYCLE):])
+    rows.append([f"= one job's cycle in the zygote (first {len(CYCLE)} rows)", f"{cycle:.1f}", "",
+                 f"{cycle / per_worker:.1%}", ""])
+    rest = per_worker - cycle - batch
+    rows.append(["rest: trainer, channel, waiting for the next batch", f"{rest:.1f}", "", f"{rest / per_worker:.1%}", ""])
+    rows.append(["= wall time per job per worker", f"{per_worker:.1f}", "", "100.0%", ""])
+    print_table(["stage (mean over jobs)", "mean us", "p50 us", "of wall", "minor faults"], rows)
+    fork_us = workers / b["fork_ceiling"] * 1e6
+    kernel = sum(stages[name]["mean_us"] for name in ("zygote: fork (parent side)", "child exit, zygote wakeup"))
+    print()
+    print(f"trainer CPU per job: {b['trainer_cpu_us']:.1f} us (it shares the cores with the zygotes)")
+    print(f"fork ceiling in the same rounds: {b['fork_ceiling']:,.0f}/s, {fork_us:.0f} us per fork+exit+wait a "
+          f"worker; fastazr's fork and exit stages: {kernel:.0f} us; traced rate "
+          f"{workers / per_worker * 1e6:,.0f} jobs/s = {fork_us / per_worker:.2f}x the fork ceiling")
+
+
 # ---- containment ------------------------------------------------------------------------
 
 def probe_program(attack, root: str) -> str:
@@ -276,9 +332,24 @@ def main() -> None:
     parser.add_argument("--latency-jobs", type=int, default=300)
     parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace of the measured region")
     parser.add_argument("--skip-pebble", action="store_true", help="when pebble is not installed")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only time each stage of a fastazr job (SandboxConfig.trace) beside the fork ceiling")
     args = parser.parse_args()
     w, n = args.workers, args.jobs
     print(f"machine: {machine()}")
+    if args.breakdown:
+        print(f"workers: {w}, jobs: {n} in {args.rounds} rounds, each followed by a fork-ceiling round; per-stage "
+              "stamps cost ~50 us a job (~5% on the 2-core VM), so the traced rate is below the untraced one")
+        with profiled(args.profile, "bench_sandbox_breakdown") as mark:
+            b = breakdown(w, n, args.rounds, mark)
+        print()
+        print_breakdown(b, w)
+        json_line({"bench": "sandbox_breakdown", "machine": machine(), "workers": w, "jobs": n, "rounds": args.rounds,
+                   "stages": {k: {m: None if x is None else round(x, 2) for m, x in v.items()}
+                              for k, v in b["stages"].items()},
+                   "per_worker_us": round(b["per_worker_us"], 1), "trainer_cpu_us": round(b["trainer_cpu_us"], 1),
+                   "fork_ceiling": round(b["fork_ceiling"], 1)})
+        return
     print(f"workers: {w}, jobs: {n} in {args.rounds} interleaved rounds "
           f"(a third each: trivial, AZR-typical, 10-input induction)")
 

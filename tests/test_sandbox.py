@@ -1,6 +1,8 @@
 """The Sandbox API: every status, ordering, isolation between jobs, configuration errors and
 recovery from a lost zygote."""
 
+import faulthandler
+import json
 import os
 import signal
 import subprocess
@@ -173,12 +175,33 @@ def test_limits_are_hard(sb):
 import resource
 def f():
     return [resource.getrlimit(r) for r in (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE,
-                                            resource.RLIMIT_NPROC, resource.RLIMIT_NOFILE)]
+                                            resource.RLIMIT_NPROC, resource.RLIMIT_NOFILE, resource.RLIMIT_CORE,
+                                            resource.RLIMIT_MEMLOCK, resource.RLIMIT_MSGQUEUE, 10)]  # 10: RLIMIT_LOCKS
 """
     r = sb.call_many([(program, "f", "")])[0]
     limits = eval(r.value)  # test code reading its own fixture's output
     assert all(soft == hard for soft, hard in limits)
     assert limits[0][0] == 512 << 20 and limits[2][0] == 0 and limits[3][0] == 0
+    assert limits[4][0] == 32 and limits[1][0] == 4  # open_files; timeout_s (2) + 2
+    # set once in the zygote, inherited: still zero in every child
+    assert [soft for soft, _ in limits[5:]] == [0, 0, 0, 0]
+
+
+def test_a_job_runs_in_a_process_group_of_its_own(sb):
+    program = "import os\ndef f():\n    return os.getpgid(0) == os.getpid() != os.getpgid(os.getppid())\n"
+    assert sb.call_many([(program, "f", "")])[0].value == "True"
+
+
+@pytest.mark.filterwarnings("ignore:fastazr sandbox")
+def test_root_keeping_its_uid_has_no_capabilities():
+    """The zygote empties its capability sets once; its children inherit them empty."""
+    if os.geteuid() != 0:
+        pytest.skip("only a root parent has capabilities to drop")
+    program = ("def f():\n    return [line.split()[1] for line in open('/proc/self/status')"
+               " if line.startswith(('CapInh', 'CapPrm', 'CapEff'))]\n")
+    with Sandbox(workers=1, landlock="off", drop_privileges="off") as box:
+        r = box.call_many([(program, "f", "")])[0]
+    assert r.value == str(["0000000000000000"] * 3), r
 
 
 def test_protections_are_reported(sb):
@@ -272,3 +295,66 @@ def test_closed_sandbox_refuses_work():
 def test_non_text_jobs_are_rejected(sb):
     with pytest.raises(TypeError):
         sb.call_many([(b"def f(): pass", "f", "")])
+
+
+def test_stages_are_traced_only_when_asked(sb):
+    assert sb.call_many([(ADD, "f", "1, 2")])[0].stages is None
+
+
+def test_a_traced_job_carries_every_stage_and_they_add_up():
+    from fastazr.sandbox.trace import CHILD_STAMPS, CYCLE, STAGES
+
+    loop = "def f():\n    while True:\n        pass\n"
+    with Sandbox(workers=1, trace=True) as box:
+        results = box.call_many([(ADD, "f", "1, 2")] * 4 + [(loop, "f", ""), ("import os\ndef f():\n    os.mkdir('x')\n", "f", "")],
+                                timeout_s=0.3)
+    done, timed_out, denied = results[:4], results[4], results[5]
+    assert timed_out.status == "timeout" and denied.status == "violation"
+    assert timed_out.stages is None and denied.stages is None  # stamps skipped: no partial breakdown
+    for r in done:
+        assert r.ok and list(r.stages) == list(STAGES)
+        cycle = [r.stages[name] for name, _ in CYCLE]
+        # the zygote's whole cycle holds the window Result.duration_s measures (supervision)
+        assert sum(seconds for seconds, _ in cycle) >= r.duration_s > 0
+        within_child = [r.stages[name] for (name, stamp), (_, before) in zip(CYCLE[1:], CYCLE)
+                        if stamp in CHILD_STAMPS and before in CHILD_STAMPS]
+        assert len(within_child) == 9 and all(seconds >= 0 and faults >= 0 for seconds, faults in within_child)
+        assert all(isinstance(faults, int) for _, faults in cycle)
+        assert all(r.stages[name][1] is None and r.stages[name][0] >= 0 for name in STAGES[len(CYCLE):])
+
+
+def test_the_breakdown_bench_prints_every_stage():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_sandbox.py"), "--breakdown", "--workers", "1",
+                          "--jobs", "60", "--rounds", "2"], capture_output=True, text=True, timeout=120, check=True).stdout
+    from fastazr.sandbox.trace import STAGES
+
+    report = json.loads(out.strip().splitlines()[-1])
+    assert sorted(report["stages"]) == sorted(STAGES)  # json_line sorts keys
+    assert all(name in out for name in STAGES) and "= wall time per job per worker" in out
+    assert report["per_worker_us"] > 0 and report["fork_ceiling"] > 0
+
+
+def test_jobs_compiled_in_an_earlier_call_run_from_the_cache_and_stay_apart(sb):
+    first = sb.call_many([(ADD, "f", "1, 2"), ("def f():\n    return 1\n", "f", "")])
+    again = sb.call_many([(ADD, "f", "1, 2"), ("def f():\n    return 2\n", "f", ""), (ADD, "f", "3, 4")])
+    assert [r.value for r in first] == ["3", "1"] and [r.value for r in again] == ["3", "2", "7"]
+    printed = [sb.exec_many(["print('once')"])[0].stdout for _ in range(2)]
+    assert printed == ["once\n", "once\n"]
+
+
+def test_a_stash_is_out_of_reach_of_forked_children():
+    """Keys, values and where items end live in MADV_DONTFORK memory: a child touching them faults."""
+    stash = _sandbox.Stash()
+    stash.put(b"program source", b"its code")
+    stash.append(b"an output")
+    assert stash.find(b"program source") == b"its code" and stash.find(b"other") is None
+    assert stash.get(2) == b"an output" and len(stash) == 3 and stash.nbytes == 31
+    for touch in (lambda: stash.find(b"program source"), lambda: stash.get(2)):
+        pid = os.fork()
+        if pid == 0:
+            faulthandler.disable()  # pytest's handler would print the expected fault as a fatal error
+            touch()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV

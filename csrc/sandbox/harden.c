@@ -3,6 +3,7 @@
 #include "harden.h"
 
 #include "policy.h"
+#include "trace.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -65,10 +66,14 @@ static void on_sigsys(int sig, siginfo_t *info, void *ctx) {
 /* ---- descriptors ---- */
 
 static int place_fds(const struct fz_harden_opts *o, int *landlock_fd, char *err, size_t errlen) {
-    /* Lift every source above the targets first so no dup2 clobbers a source still needed. */
     int src[5] = {o->devnull_fd, o->stdout_fd, o->stderr_fd, o->result_fd, *landlock_fd};
     int count = *landlock_fd >= 0 ? 5 : 4;
-    for (int i = 0; i < count; i++) {
+    /* A source among the targets could be clobbered by a dup2 before its own: then lift every
+     * source above them first. fz_prepare_zygote keeps the zygote's own two above, and pipes
+     * take the lowest free numbers, past those, so this costs a child no syscall. */
+    int low = 0;
+    for (int i = 0; i < count; i++) low |= src[i] < count;
+    for (int i = 0; low && i < count; i++) {
         src[i] = fcntl(src[i], F_DUPFD_CLOEXEC, 64);
         if (src[i] < 0) FAIL("fcntl(F_DUPFD) on a child descriptor: %s", strerror(errno));
     }
@@ -92,16 +97,39 @@ static int limit(int resource, const char *name, rlim_t value, char *err, size_t
     return 0;
 }
 
-static int set_limits(const struct fz_harden_opts *o, char *err, size_t errlen) {
-    if (limit(RLIMIT_AS, "RLIMIT_AS", o->address_space, err, errlen) ||
-        limit(RLIMIT_CPU, "RLIMIT_CPU", o->cpu_seconds, err, errlen) ||
-        limit(RLIMIT_FSIZE, "RLIMIT_FSIZE", 0, err, errlen) ||
-        limit(RLIMIT_NPROC, "RLIMIT_NPROC", 0, err, errlen) ||
-        limit(RLIMIT_NOFILE, "RLIMIT_NOFILE", o->open_files, err, errlen) ||
+/* The limits the zygote can live under itself, set there once and inherited by every child. */
+static int set_zygote_limits(char *err, size_t errlen) {
+    if (limit(RLIMIT_FSIZE, "RLIMIT_FSIZE", 0, err, errlen) ||
         limit(RLIMIT_CORE, "RLIMIT_CORE", 0, err, errlen) ||
         limit(RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK", 0, err, errlen) ||
         limit(RLIMIT_MSGQUEUE, "RLIMIT_MSGQUEUE", 0, err, errlen) ||
         limit(RLIMIT_LOCKS, "RLIMIT_LOCKS", 0, err, errlen))
+        return -1;
+    return 0;
+}
+
+/* What limit() would clamp value to, worked out once in the zygote: a child's hard limits are
+ * the zygote's, so it can set the four limits of its own without reading them first. */
+static uint64_t clamp_to_hard(int resource, uint64_t value) {
+    struct rlimit cur;
+    if (getrlimit(resource, &cur) == 0 && cur.rlim_max != RLIM_INFINITY && cur.rlim_max < value) return cur.rlim_max;
+    return value;
+}
+
+static int set_child_limit(int resource, const char *name, rlim_t value, char *err, size_t errlen) {
+    struct rlimit r = {value, value};
+    if (setrlimit(resource, &r) != 0) FAIL("setrlimit(%s, %llu): %s", name, (unsigned long long)value, strerror(errno));
+    return 0;
+}
+
+/* The zygote cannot live under these: it forks (NPROC), holds more descriptors than a child
+ * may (NOFILE), and runs every job's setup (AS, CPU). */
+static int set_limits(const struct fz_harden_opts *o, char *err, size_t errlen) {
+    uint64_t cpu = o->cpu_seconds < o->cpu_seconds_max ? o->cpu_seconds : o->cpu_seconds_max;
+    if (set_child_limit(RLIMIT_AS, "RLIMIT_AS", o->address_space, err, errlen) ||
+        set_child_limit(RLIMIT_CPU, "RLIMIT_CPU", cpu, err, errlen) ||
+        set_child_limit(RLIMIT_NPROC, "RLIMIT_NPROC", 0, err, errlen) ||
+        set_child_limit(RLIMIT_NOFILE, "RLIMIT_NOFILE", o->open_files, err, errlen))
         return -1;
     return 0;
 }
@@ -185,35 +213,63 @@ static int install_child_program(char *err, size_t errlen) {
     return install(child_program, child_length, err, errlen);
 }
 
-int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
-    pid_t parent = getppid();
-    if (setsid() < 0) FAIL("setsid: %s", strerror(errno));
-    int landlock_fd = o->landlock_fd;
-    if (place_fds(o, &landlock_fd, err, errlen)) return -1;
+int fz_prepare_zygote(struct fz_harden_opts *o, char *err, size_t errlen) {
+    /* A child starts in the zygote's working directory, the empty read-only workdir. */
     if (chdir(o->workdir) != 0) FAIL("chdir(%s): %s", o->workdir, strerror(errno));
-    if (o->drop_to_uid >= 0) {
-        uid_t id = (uid_t)o->drop_to_uid;
-        if (setgroups(0, NULL) != 0 || setresgid(id, id, id) != 0 || setresuid(id, id, id) != 0)
-            FAIL("dropping to uid %ld: %s", o->drop_to_uid, strerror(errno));
+    int *high[2] = {&o->devnull_fd, &o->landlock_fd};
+    for (int i = 0; i < 2; i++) {
+        if (*high[i] < 0) continue;
+        int fd = fcntl(*high[i], F_DUPFD_CLOEXEC, 64);
+        if (fd < 0) FAIL("fcntl(F_DUPFD) on the zygote's descriptor %d: %s", *high[i], strerror(errno));
+        close(*high[i]);
+        *high[i] = fd;
     }
-    if (set_limits(o, err, errlen)) return -1;
-    if (geteuid() == 0) {
+    if (set_zygote_limits(err, errlen)) return -1;
+    o->address_space = clamp_to_hard(RLIMIT_AS, o->address_space);
+    o->open_files = clamp_to_hard(RLIMIT_NOFILE, o->open_files);
+    o->cpu_seconds_max = clamp_to_hard(RLIMIT_CPU, UINT64_MAX);
+    if (geteuid() == 0 && o->drop_to_uid < 0) {
         /* Root keeping its uid (Landlock confines its files) still loses every capability, so
-         * no hard limit can be raised and no permission check overridden. */
+         * no hard limit can be raised and no permission check overridden; the zygote needs
+         * none to fork and harden children, who inherit the empty sets. (Dropping to another
+         * uid empties them in the child.) */
         struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
         struct __user_cap_data_struct none[2];
         memset(none, 0, sizeof(none));
         if (syscall(__NR_capset, &head, none) != 0) FAIL("capset(empty): %s", strerror(errno));
     }
-    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) FAIL("PR_SET_DUMPABLE: %s", strerror(errno));
+    return 0;
+}
+
+int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
+    pid_t parent = getppid();
+    /* A process group of its own, out of the zygote's (which signals could only reach through
+     * calls the filter denies anyway). Not setsid: a new session also makes the scheduler a new
+     * autogroup (sched_autogroup_enabled): ~9 us a child to build and tear down on the 2-core VM. */
+    if (setpgid(0, 0) != 0) FAIL("setpgid: %s", strerror(errno));
+    int landlock_fd = o->landlock_fd;
+    if (place_fds(o, &landlock_fd, err, errlen)) return -1;
+    fz_stamp(FZ_STAMP_child_fds);
+    if (o->drop_to_uid >= 0) {
+        uid_t id = (uid_t)o->drop_to_uid;
+        if (setgroups(0, NULL) != 0 || setresgid(id, id, id) != 0 || setresuid(id, id, id) != 0)
+            FAIL("dropping to uid %ld: %s", o->drop_to_uid, strerror(errno));
+        /* The uid change made the process dumpable again; keeping the uid, it still has the
+         * zygote's "not dumpable" (fz_confine_zygote), which fork carries over. */
+        if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) FAIL("PR_SET_DUMPABLE: %s", strerror(errno));
+    }
+    if (set_limits(o, err, errlen)) return -1;
+    fz_stamp(FZ_STAMP_child_limits);
     /* Set after the uid change, which clears it; if the zygote died in between, leave now. */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) FAIL("PR_SET_PDEATHSIG: %s", strerror(errno));
     if (getppid() != parent) _exit(1);
+    fz_stamp(FZ_STAMP_child_prctl);
     if (landlock_fd >= 0) {
         if (syscall(__NR_landlock_restrict_self, landlock_fd, 0) != 0)
             FAIL("landlock_restrict_self: %s", strerror(errno));
         close(landlock_fd);
     }
+    fz_stamp(FZ_STAMP_child_landlock);
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = on_sigsys;
@@ -224,7 +280,10 @@ int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen) {
     sigemptyset(&sys);
     sigaddset(&sys, SIGSYS);
     sigprocmask(SIG_UNBLOCK, &sys, NULL);
-    return install_child_program(err, errlen);
+    fz_stamp(FZ_STAMP_child_sigsys);
+    if (install_child_program(err, errlen)) return -1;
+    fz_stamp(FZ_STAMP_child_seccomp);
+    return 0;
 }
 
 int fz_confine_zygote(enum fz_backend backend, char *err, size_t errlen) {

@@ -17,12 +17,20 @@ struct fz_harden_opts {
     const char *workdir;
     uint64_t address_space;   /* bytes */
     uint64_t cpu_seconds;     /* per child: the batch's timeout + 2 s */
+    uint64_t cpu_seconds_max; /* the hard RLIMIT_CPU a child inherits (fz_prepare_zygote) */
     uint64_t open_files;
     long drop_to_uid;         /* -1 keeps the uid; otherwise uid and gid become this */
 };
 
-/* In a child of a confined zygote: the whole sequence, ending with the child-stage filter
- * that fz_confine_zygote prepared. */
+/* In the zygote, once, before it forks: what every child would otherwise set for itself and
+ * the zygote can carry (workdir, the limits it can live under, no capabilities when root
+ * keeps its uid), the child's own limits clamped to the hard ones it will inherit, and the
+ * /dev/null and Landlock descriptors moved above the ones a child places. Moved out of
+ * fz_harden, it saved 22 syscalls a child (~15 us on the 2-core dev VM). */
+int fz_prepare_zygote(struct fz_harden_opts *o, char *err, size_t errlen);
+
+/* In a child of a prepared, confined zygote: the whole sequence, ending with the child-stage
+ * filter that fz_confine_zygote prepared. */
 int fz_harden(const struct fz_harden_opts *o, char *err, size_t errlen);
 
 /* In the zygote, once, after its imports: build both stages' programs with the backend,

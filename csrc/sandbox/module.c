@@ -1,6 +1,7 @@
 /* fastazr._sandbox: the C half of the sandbox, called by the zygote (fastazr/sandbox/zygote.py).
  *
- *   configure(...)          what every child gets: limits, workdir, Landlock ruleset, caps
+ *   configure(...)          what every child gets: limits, workdir, Landlock ruleset, caps; the
+ *                           zygote takes on what children inherit (fz_prepare_zygote)
  *   confine_zygote(backend) the zygote's own filter: the child policy plus what forking needs
  *   spawn(timeout, cpu)     fork a hardened child; in the zygote, supervise it to the end
  *   reap()                  wait for the children spawn() killed
@@ -9,6 +10,8 @@
  *   landlock_abi()          the kernel's Landlock ABI version, 0 when absent
  *   landlock_ruleset(paths) a ruleset fd allowing reads beneath paths only (built once per zygote)
  *   syscall_names()         {number: name} for every syscall the policy names
+ *   stamp(i), trace_take()  per-stage stamps of a job when configure(trace=True) (trace.h)
+ *   stamp_names()           the stamps' names, in index order
  *   have_libseccomp()       whether this build can use libseccomp
  */
 #define PY_SSIZE_T_CLEAN
@@ -17,6 +20,9 @@
 #include "harden.h"
 #include "policy.h"
 #include "spawn.h"
+#include "trace.h"
+
+#include <sys/mman.h>
 
 static int parse_backend(const char *name, enum fz_backend *out) {
     if (strcmp(name, "bpf") == 0) *out = FZ_BACKEND_BPF;
@@ -101,18 +107,29 @@ static int spawn_configured;
 static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     static char *names[] = {"devnull_fd", "workdir", "address_space", "open_files", "drop_to_uid",
-                            "landlock_fd", "output_cap", "result_cap", "result_pipe_capacity", NULL};
+                            "landlock_fd", "output_cap", "result_cap", "result_pipe_capacity", "trace", NULL};
     static PyObject *workdir; /* keeps the path string alive for the zygote's lifetime */
     struct fz_spawn_config c;
     memset(&c, 0, sizeof(c));
     PyObject *path;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iUKKlinnn", names, &c.harden.devnull_fd, &path,
+    int trace = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iUKKlinnn|p", names, &c.harden.devnull_fd, &path,
                                      &c.harden.address_space, &c.harden.open_files,
                                      &c.harden.drop_to_uid, &c.harden.landlock_fd, &c.output_cap,
-                                     &c.result_cap, &c.result_pipe_capacity))
+                                     &c.result_cap, &c.result_pipe_capacity, &trace))
         return NULL;
+    if (trace && fz_trace == NULL) {
+        void *page = mmap(NULL, sizeof(struct fz_trace), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (page == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError);
+        fz_trace = page;
+    }
     c.harden.workdir = PyUnicode_AsUTF8(path);
     if (c.harden.workdir == NULL) return NULL;
+    char err[256] = {0};
+    if (fz_prepare_zygote(&c.harden, err, sizeof(err)) != 0) {
+        PyErr_SetString(PyExc_OSError, err);
+        return NULL;
+    }
     Py_INCREF(path);
     Py_XSETREF(workdir, path);
     spawn_config = c;
@@ -147,6 +164,54 @@ static PyObject *py_spawn(PyObject *self, PyObject *args) {
                                 o.err.data ? o.err.data : "", (Py_ssize_t)o.err.len);
     fz_outcome_free(&o);
     return r;
+}
+
+static PyObject *py_stamp(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (fz_trace == NULL) Py_RETURN_NONE;
+    long i = PyLong_AsLong(arg);
+    if (i < 0 || i >= FZ_NSTAMPS) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "stamp index %ld is outside 0..%d", i, FZ_NSTAMPS - 1);
+        return NULL;
+    }
+    fz_stamp((enum fz_stamp)i);
+    Py_RETURN_NONE;
+}
+
+/* The last job's stamps as (ns tuple, faults tuple), or None when tracing is off; the page is
+ * zeroed for the next child. */
+static PyObject *py_trace_take(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    if (fz_trace == NULL) Py_RETURN_NONE;
+    PyObject *ns = PyTuple_New(FZ_NSTAMPS), *faults = PyTuple_New(FZ_NSTAMPS);
+    for (int i = 0; ns && faults && i < FZ_NSTAMPS; i++) {
+        PyTuple_SET_ITEM(ns, i, PyLong_FromLongLong(fz_trace->ns[i]));
+        PyTuple_SET_ITEM(faults, i, PyLong_FromLongLong(fz_trace->faults[i]));
+    }
+    memset(fz_trace, 0, sizeof(*fz_trace));
+    if (ns == NULL || faults == NULL) {
+        Py_XDECREF(ns);
+        Py_XDECREF(faults);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", ns, faults);
+}
+
+static PyObject *py_stamp_names(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+#define FZ_STAMP_NAME(name) #name,
+    static const char *const stamp_names[] = {FZ_STAMPS(FZ_STAMP_NAME)};
+#undef FZ_STAMP_NAME
+    PyObject *t = PyTuple_New(FZ_NSTAMPS);
+    for (int i = 0; t && i < FZ_NSTAMPS; i++) {
+        PyObject *name = PyUnicode_FromString(stamp_names[i]);
+        if (name == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, name);
+    }
+    return t;
 }
 
 static PyObject *py_reap(PyObject *self, PyObject *unused) {
@@ -219,11 +284,16 @@ static PyObject *py_have_libseccomp(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))py_configure, METH_VARARGS | METH_KEYWORDS,
      "configure(devnull_fd, workdir, address_space, open_files, drop_to_uid, landlock_fd, "
-     "output_cap, result_cap, result_pipe_capacity): what every child gets."},
+     "output_cap, result_cap, result_pipe_capacity, trace=False): what every child gets; trace "
+     "turns the per-stage stamps on."},
     {"spawn", py_spawn, METH_VARARGS,
      "spawn(timeout_s, cpu_seconds): fork a hardened child. Returns None in the child; in the zygote, once "
      "the child is gone, (killed, wait_status, cpu_seconds, duration_s, result, stdout, stderr) "
      "with killed 0, 1 (timeout) or 2 (output cap)."},
+    {"stamp", py_stamp, METH_O, "stamp(i): take stamp i of the current job (a no-op unless tracing)."},
+    {"trace_take", py_trace_take, METH_NOARGS,
+     "The last job's stamps, (ns, minor faults) tuples indexed like stamp_names(); None unless tracing."},
+    {"stamp_names", py_stamp_names, METH_NOARGS, "The names of the per-stage stamps, in index order."},
     {"reap", py_reap, METH_NOARGS, "Wait for the children spawn() killed (it also does so itself)."},
     {"confine_zygote", py_confine_zygote, METH_O,
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},

@@ -83,8 +83,8 @@ const struct fz_syscall_name fz_zygote_extra[] = {
     /* the signal calls are here for their child rule: "own pid only" must name the child's pid,
      * which only the child-stage program carries (the zygote's compares with the zygote's) */
     NAME(kill), NAME(tgkill), NAME(tkill),
-    NAME(setsid), NAME(close_range), NAME(chdir), NAME(prlimit64), NAME(setrlimit),
-    NAME(capset), NAME(prctl), NAME(landlock_restrict_self), NAME(seccomp),
+    NAME(setpgid), NAME(close_range), NAME(prlimit64), NAME(setrlimit),
+    NAME(prctl), NAME(landlock_restrict_self), NAME(seccomp),
     NAME(rt_sigaction), NAME(setgroups), NAME(setresgid), NAME(setresuid),
 };
 const size_t fz_nzygote_extra = sizeof(fz_zygote_extra) / sizeof(fz_zygote_extra[0]);

@@ -3,6 +3,8 @@
  * copy-on-write faults. */
 #include "spawn.h"
 
+#include "trace.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -50,10 +52,14 @@ static void report_setup_failure(int result_fd, const char *reason) {
     (void)unused;
 }
 
+struct fz_trace *fz_trace;
+
 int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_seconds, struct fz_outcome *o) {
+    fz_stamp(FZ_STAMP_spawn_enter);
     fz_reap_dying(); /* the last killed child has had a whole job's setup to finish dying */
     int fds[6];
     if (child_pipes(c->result_pipe_capacity, fds) != 0) return -1;
+    fz_stamp(FZ_STAMP_pipes_made);
     pid_t pid = fork();
     if (pid < 0) {
         int saved = errno;
@@ -62,6 +68,7 @@ int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_sec
         return -1;
     }
     if (pid == 0) {
+        fz_stamp(FZ_STAMP_child_start);
         struct fz_harden_opts h = c->harden;
         h.result_fd = fds[1];
         h.stdout_fd = fds[3];
@@ -75,6 +82,7 @@ int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_sec
         }
         return 0;
     }
+    fz_stamp(FZ_STAMP_forked);
     close(fds[1]);
     close(fds[3]);
     close(fds[5]);
@@ -89,6 +97,7 @@ int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_sec
         errno = saved;
         return -1;
     }
+    fz_stamp(FZ_STAMP_supervising);
     if (fz_supervise(pid, pidfd, fds[0], fds[2], fds[4], timeout_s, c->output_cap, c->result_cap,
                      c->result_pipe_capacity == 0, o) != 0)
         return -1;

@@ -1,13 +1,23 @@
 /* fastazr._sandbox.Stash: byte strings kept in memory that fork() does not copy.
  *
- * The zygote keeps a batch's compiled jobs and its children's outputs here. With
- * MADV_DONTFORK the region is absent from every child, so no job can read another job's data
- * however it walks the heap, nothing needs zeroing per child, and the zygote's writes here
- * never take a copy-on-write fault (they cost ~10 faults a job as wiped Python bytes). */
+ * The zygote keeps a batch's compiled jobs and its children's outputs here, and across batches
+ * the code each job source compiled to (found by that source: put/find). With MADV_DONTFORK
+ * every region of a Stash (the bytes, where each item ends, the key index) is absent from
+ * every child, so no job can read another job's data, nor so much as its length or whether
+ * its program ran before, however it walks the heap; nothing needs zeroing per child, and the
+ * zygote's writes here never take a copy-on-write fault (they cost ~10 faults a job as wiped
+ * Python bytes). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdint.h>
 #include <sys/mman.h>
+
+/* A key's slot in the index: its hash, and the item holding the key (its value is the next). */
+struct slot {
+    uint64_t hash;
+    Py_ssize_t item; /* -1: empty */
+};
 
 typedef struct {
     PyObject_HEAD
@@ -15,24 +25,29 @@ typedef struct {
     size_t used, capacity;
     size_t *ends; /* ends[i]: where item i stops; item i starts at ends[i - 1] (or 0) */
     Py_ssize_t count, slots;
+    struct slot *index; /* open addressing, at most half full; NULL until the first put */
+    size_t index_size, keys;
 } Stash;
+
+/* (Re)map a region of `size` bytes that children do not inherit; old (of old_size) is moved. */
+static void *dontfork_region(void *old, size_t old_size, size_t size) {
+    void *p = old ? mremap(old, old_size, size, MREMAP_MAYMOVE)
+                  : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    /* mremap keeps the flag; set it on every (re)mapping all the same */
+    if (madvise(p, size, MADV_DONTFORK) != 0) {
+        munmap(p, size);
+        return NULL;
+    }
+    return p;
+}
 
 static int reserve(Stash *s, size_t need) {
     if (s->used + need <= s->capacity) return 0;
     size_t capacity = s->capacity ? s->capacity : (size_t)1 << 20;
     while (capacity < s->used + need) capacity *= 2;
-    void *p = s->base ? mremap(s->base, s->capacity, capacity, MREMAP_MAYMOVE)
-                      : mmap(NULL, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    /* mremap keeps the flag; set it on every (re)mapping all the same */
-    if (madvise(p, capacity, MADV_DONTFORK) != 0) {
-        munmap(p, capacity);
-        s->base = NULL;
-        s->capacity = s->used = 0;
-        s->count = 0;
+    char *p = dontfork_region(s->base, s->capacity, capacity);
+    if (p == NULL) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -41,22 +56,36 @@ static int reserve(Stash *s, size_t need) {
     return 0;
 }
 
+static Py_ssize_t store(Stash *s, const char *data, Py_ssize_t n) {
+    if (s->count == s->slots) {
+        Py_ssize_t slots = s->slots ? 2 * s->slots : 512;
+        size_t *ends = dontfork_region(s->ends, (size_t)s->slots * sizeof(size_t), (size_t)slots * sizeof(size_t));
+        if (ends == NULL) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        s->ends = ends;
+        s->slots = slots;
+    }
+    if (reserve(s, (size_t)n) < 0) return -1;
+    memcpy(s->base + s->used, data, (size_t)n);
+    s->used += (size_t)n;
+    s->ends[s->count] = s->used;
+    return s->count++;
+}
+
+static const char *item(Stash *s, Py_ssize_t i, size_t *n) {
+    size_t start = i ? s->ends[i - 1] : 0;
+    *n = s->ends[i] - start;
+    return s->base + start;
+}
+
 static PyObject *stash_append(Stash *s, PyObject *arg) {
     char *data;
     Py_ssize_t n;
     if (PyBytes_AsStringAndSize(arg, &data, &n) < 0) return NULL;
-    if (s->count == s->slots) {
-        Py_ssize_t slots = s->slots ? 2 * s->slots : 64;
-        size_t *ends = PyMem_Realloc(s->ends, (size_t)slots * sizeof(size_t));
-        if (ends == NULL) return PyErr_NoMemory();
-        s->ends = ends;
-        s->slots = slots;
-    }
-    if (reserve(s, (size_t)n) < 0) return NULL;
-    memcpy(s->base + s->used, data, (size_t)n);
-    s->used += (size_t)n;
-    s->ends[s->count] = s->used;
-    return PyLong_FromSsize_t(s->count++);
+    Py_ssize_t i = store(s, data, n);
+    return i < 0 ? NULL : PyLong_FromSsize_t(i);
 }
 
 static PyObject *stash_get(Stash *s, PyObject *arg) {
@@ -66,22 +95,106 @@ static PyObject *stash_get(Stash *s, PyObject *arg) {
         PyErr_SetString(PyExc_IndexError, "stash index out of range");
         return NULL;
     }
-    size_t start = i ? s->ends[i - 1] : 0;
-    return PyBytes_FromStringAndSize(s->base + start, (Py_ssize_t)(s->ends[i] - start));
+    size_t n;
+    const char *data = item(s, i, &n);
+    return PyBytes_FromStringAndSize(data, (Py_ssize_t)n);
+}
+
+/* FNV-1a: keys are job sources the zygote already holds, so any fair spread will do. */
+static uint64_t key_hash(const char *data, size_t n) {
+    uint64_t h = 1469598103934665603ULL;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)data[i]) * 1099511628211ULL;
+    return h;
+}
+
+/* The slot of key (filled: it is there; empty: where it would go). */
+static struct slot *lookup(Stash *s, const char *key, size_t n, uint64_t h) {
+    size_t mask = s->index_size - 1;
+    for (size_t at = h & mask;; at = (at + 1) & mask) {
+        struct slot *slot = &s->index[at];
+        if (slot->item < 0) return slot;
+        size_t m;
+        const char *stored = item(s, slot->item, &m);
+        if (slot->hash == h && m == n && memcmp(stored, key, n) == 0) return slot;
+    }
+}
+
+static int grow_index(Stash *s) {
+    size_t size = s->index_size ? 2 * s->index_size : 1024;
+    struct slot *old = s->index;
+    size_t old_size = s->index_size;
+    struct slot *fresh = dontfork_region(NULL, 0, size * sizeof(struct slot));
+    if (fresh == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    for (size_t i = 0; i < size; i++) fresh[i].item = -1;
+    s->index = fresh;
+    s->index_size = size;
+    for (size_t i = 0; i < old_size; i++) {
+        if (old[i].item < 0) continue;
+        size_t n;
+        const char *key = item(s, old[i].item, &n);
+        *lookup(s, key, n, old[i].hash) = old[i];
+    }
+    if (old) munmap(old, old_size * sizeof(struct slot));
+    return 0;
+}
+
+static PyObject *stash_put(Stash *s, PyObject *args) {
+    const char *key, *value;
+    Py_ssize_t nk, nv;
+    if (!PyArg_ParseTuple(args, "y#y#", &key, &nk, &value, &nv)) return NULL;
+    if (2 * (s->keys + 1) > s->index_size && grow_index(s) < 0) return NULL;
+    uint64_t h = key_hash(key, (size_t)nk);
+    struct slot *slot = lookup(s, key, (size_t)nk, h);
+    if (slot->item >= 0) Py_RETURN_NONE; /* already there: the first value stays */
+    Py_ssize_t at = store(s, key, nk);
+    if (at < 0 || store(s, value, nv) < 0) return NULL;
+    slot->hash = h;
+    slot->item = at;
+    s->keys++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *stash_find(Stash *s, PyObject *arg) {
+    char *key;
+    Py_ssize_t n;
+    if (PyBytes_AsStringAndSize(arg, &key, &n) < 0) return NULL;
+    if (s->index == NULL) Py_RETURN_NONE;
+    struct slot *slot = lookup(s, key, (size_t)n, key_hash(key, (size_t)n));
+    if (slot->item < 0) Py_RETURN_NONE;
+    size_t m;
+    const char *value = item(s, slot->item + 1, &m);
+    return PyBytes_FromStringAndSize(value, (Py_ssize_t)m);
 }
 
 static Py_ssize_t stash_len(Stash *s) { return s->count; }
 
+static PyObject *stash_nbytes(Stash *s, void *closure) {
+    (void)closure;
+    return PyLong_FromSize_t(s->used);
+}
+
 static void stash_dealloc(Stash *s) {
     if (s->base) munmap(s->base, s->capacity);
-    PyMem_Free(s->ends);
+    if (s->ends) munmap(s->ends, (size_t)s->slots * sizeof(size_t));
+    if (s->index) munmap(s->index, s->index_size * sizeof(struct slot));
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
 static PyMethodDef stash_methods[] = {
     {"append", (PyCFunction)stash_append, METH_O, "Store a bytes object; return its index."},
     {"get", (PyCFunction)stash_get, METH_O, "The bytes stored at an index (in the zygote only)."},
+    {"put", (PyCFunction)stash_put, METH_VARARGS,
+     "put(key, value): store value under key (both bytes); a key already there keeps its value."},
+    {"find", (PyCFunction)stash_find, METH_O, "The value put under key, or None."},
     {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef stash_getset[] = {
+    {"nbytes", (getter)stash_nbytes, NULL, "Bytes stored, keys included.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PySequenceMethods stash_sequence = {.sq_length = (lenfunc)stash_len};
@@ -95,5 +208,6 @@ PyTypeObject fz_stash_type = {
     .tp_new = PyType_GenericNew,
     .tp_dealloc = (destructor)stash_dealloc,
     .tp_methods = stash_methods,
+    .tp_getset = stash_getset,
     .tp_as_sequence = &stash_sequence,
 };

@@ -1,5 +1,7 @@
 #include "supervise.h"
 
+#include "trace.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -100,7 +102,10 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
             if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
             if (take(fds[i].fd, bufs[i]) <= 0) fds[i].fd = -fds[i].fd - 1; /* poll skips negatives */
         }
-        if (fds[3].revents & POLLIN) exited = 1;
+        if (fds[3].revents & POLLIN) {
+            fz_stamp(FZ_STAMP_exit_seen);
+            exited = 1;
+        }
         if (o->out.len + o->err.len > output_cap || o->result.len > result_cap) {
             o->killed = FZ_KILLED_OUTPUT;
             break;
@@ -132,6 +137,7 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
     /* Reaped, and it could not fork: no writer is left, so these reads end. */
     for (int i = 0; i < 3; i++) drain(fds[i].fd < 0 ? -fds[i].fd - 1 : fds[i].fd, bufs[i]);
     close_all(fds, pidfd);
+    fz_stamp(FZ_STAMP_reaped);
     return 0;
 }
 

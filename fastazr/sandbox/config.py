@@ -6,11 +6,17 @@ import os
 from dataclasses import dataclass, field
 
 # Modules AZR programs use, imported once per zygote so no child pays for them. A child's
-# lazy import of anything else still works (read-only, within Landlock's stdlib rule) at
-# ~0.1-1 ms each; preloading more grows the zygote, and fork time grows with it.
+# lazy import of anything else still works (read-only, within Landlock's stdlib rule). Every
+# job pays for what is preloaded: fork copies, and exit tears down, one page-table entry per
+# private page of the zygote, ~45 us a job per MiB on the 2-core dev VM (Linux 6.18). So a
+# module is preloaded only where that beats what the jobs importing it would pay themselves:
+# dataclasses (1.3 MiB with inspect, ast and dis; ~7 ms to import in a child), statistics,
+# fractions and decimal (0.4 MiB, 10 mappings; ~2.4 ms) cost every job ~75 us to save that only
+# for the few that import them (break-even near 1 job in 100); typing (0.6 MiB, ~2.9 ms) is in
+# most model-written programs' first line.
 AZR_MODULES = (
     "math", "itertools", "collections", "functools", "heapq", "bisect", "re", "string",
-    "typing", "dataclasses", "copy", "operator", "statistics", "fractions", "decimal",
+    "typing", "copy", "operator",
     # the zygote reseeds it before every fork
     "random",
 )
@@ -77,6 +83,12 @@ class SandboxConfig:
     order, hash() and all built from them repeat on every run: a program validated at this
     seed gives its validated output on any later run. Determinism checks run a second time
     at another seed (groups in Sandbox.call_many)."""
+
+    trace: bool = False
+    """Stamp every stage of every job (Result.stages; `bench/bench_sandbox.py --breakdown`):
+    ~50 us a job (5% of the bench's mix on the 2-core VM) of clock and fault-counter reads and
+    carrying them back, and one page that zygote and child share.
+    For measuring only: a job could overwrite its own stamps."""
 
     def __post_init__(self) -> None:
         def bad(option: str, why: str) -> ValueError:

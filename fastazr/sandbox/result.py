@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,8 @@ class Result:
     error: exception type and message, the denied syscall on "violation", or what was exceeded.
     duration_s: wall time from handing the job to the child until its exit was seen.
     stdout / stderr: what the job printed (exec_many; call_many captures them too).
+    stages: with SandboxConfig.trace on, {stage: (seconds, minor page faults or None)} in the
+        order they ran (fastazr.sandbox.trace.STAGES); None otherwise.
     """
 
     status: str
@@ -23,6 +25,7 @@ class Result:
     duration_s: float = 0.0
     stdout: str = ""
     stderr: str = ""
+    stages: dict | None = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:

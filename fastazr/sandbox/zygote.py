@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import gc
 import importlib
-import json
 import marshal
 import os
 import random
@@ -29,7 +28,16 @@ from . import child
 from .protocol import parse_child_frame, read_frame, split_frames, write_frame
 
 SYSCALL_NAMES = _sandbox.syscall_names()
+stamp = _sandbox.stamp  # a no-op unless SandboxConfig.trace is on
+JOB_ENTER, JOB_LEAVE = (_sandbox.stamp_names().index(name) for name in ("job_enter", "job_leave"))
 KILLED = {0: None, 1: "timeout", 2: "output_limit"}
+# Compiled jobs a zygote keeps across batches, found by the job's own bytes (its kind and
+# sources): a program checked again in a later call (validated, then run on inputs, then
+# deduced from) compiles once, and the bench's repeated programs not once a batch (~40 us a
+# job there on the 2-core VM). Past this many bytes (~3,000 AZR-sized jobs; a 16-core node's
+# 32 zygotes could hold 512 MiB) the cache starts over.
+CODE_CACHE_BYTES = 16 << 20
+CACHED_KINDS = {ord("c"): "call", ord("e"): "exec"}
 # random's C-level seeding from the kernel's entropy, without the Python-level Random.seed.
 reseed = super(random.Random, random._inst).seed
 
@@ -51,7 +59,9 @@ class Settings:
                            address_space=raw["memory_mb"] << 20,
                            open_files=raw["open_files"], drop_to_uid=raw["drop_to_uid"], landlock_fd=landlock_fd,
                            output_cap=self.max_output_bytes, result_cap=self.result_cap,
-                           result_pipe_capacity=pipe_capacity)
+                           result_pipe_capacity=pipe_capacity, trace=raw["trace"])
+        self.trace: bool = raw["trace"]
+        self.code_cache = _sandbox.Stash()  # job bytes -> kind's first letter + marshal'd Job
 
 
 def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
@@ -63,24 +73,47 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
     after the last. No job may reach another's program or output, and a child can walk the
     stack it inherited (sys._getframe().f_back...): so compiled jobs and outputs wait in a
     Stash, memory no child inherits, and a job's own objects live only in run_one's frame.
-    What the frames above hold when a child forks is the empty `jobs` list, the two Stashes,
-    job kinds and small numbers."""
+    What the frames above hold when a child forks is the empty `jobs` list, the Stashes, job
+    kinds and small numbers."""
     cpu_seconds = int(timeout_s) + 2  # RLIMIT_CPU backs the wall clock up
-    compiled, kinds = compile_batch(jobs)
+    # With SandboxConfig.trace, each job's compile time (ns), kept where no child can read it.
+    compile_times = _sandbox.Stash() if s.trace else None
+    if s.code_cache.nbytes > CODE_CACHE_BYTES:
+        s.code_cache = _sandbox.Stash()
+    compiled, kinds = compile_batch(jobs, s.code_cache, compile_times)
     outputs = _sandbox.Stash()
+    # The collector stays off in the zygote, yet counts every container it allocates; a child
+    # whose count passed the threshold (700) collected the zygote's young objects on its first
+    # allocation, writing (so copying) every page they sit on: 98 faults in a trivial job
+    # instead of 41 (2-core dev VM, preload=()). Frozen, they are out of its reach and the
+    # count is 0; freezing is O(1), it links lists.
+    gc.freeze()
     outcomes = [None if kind == "failed" else run_one(i, compiled, outputs, timeout_s, cpu_seconds, s)
                 for i, kind in enumerate(kinds)]
     return [compiled.get(i) if kind == "failed" else
-            marshal.dumps(judge_outcome(outcomes[i], outputs, kind == "call", timeout_s, cpu_seconds, s))
+            marshal.dumps(judge_outcome(outcomes[i], outputs, kind == "call", timeout_s, cpu_seconds, s,
+                                        None if compile_times is None else compile_times.get(i)))
             for i, kind in enumerate(kinds)]
 
 
-def compile_batch(jobs: list[bytes]):
-    """(Stash of compiled jobs or error replies, kinds), emptying `jobs`."""
+def compile_batch(jobs: list[bytes], cache, compile_times=None):
+    """(Stash of compiled jobs or error replies, kinds), emptying `jobs`. cache: a Stash of
+    jobs compiled before (see CODE_CACHE_BYTES). compile_times, a Stash, gets each job's
+    compile time in ns (8 bytes, little-endian)."""
     compiled = _sandbox.Stash()
     kinds = []
+    seen = {}  # each distinct source's code, dropped with this frame before the first fork
     for blob in jobs:
-        code, kind = compile_blob(blob)
+        start = time.monotonic_ns()
+        hit = cache.find(blob)
+        if hit is not None:
+            code, kind = hit[1:], CACHED_KINDS[hit[0]]
+        else:
+            code, kind = compile_blob(blob, seen)
+            if kind != "failed":
+                cache.put(blob, kind[0].encode() + code)
+        if compile_times is not None:
+            compile_times.append((time.monotonic_ns() - start).to_bytes(8, "little"))
         compiled.append(code)
         kinds.append(kind)
     jobs.clear()
@@ -89,7 +122,9 @@ def compile_batch(jobs: list[bytes]):
 
 def run_one(i: int, compiled, outputs, timeout_s: float, cpu_seconds: int, s: Settings) -> tuple:
     """Run job i in a fresh hardened child. Returns (killed, wait status, CPU seconds,
-    duration, and the Stash indices of its result frame, stdout and stderr)."""
+    duration, and the Stash indices of its result frame, stdout, stderr and stamps; the
+    last is -1 unless SandboxConfig.trace is on)."""
+    stamp(JOB_ENTER)
     # Unmarshalled and reseeded here, between children, not in the child, which would copy
     # every page this touches (~40 faults fewer there). Each child still starts from fresh
     # entropy: _sandbox.spawn skips the at-fork hook that reseeds random.
@@ -102,16 +137,19 @@ def run_one(i: int, compiled, outputs, timeout_s: float, cpu_seconds: int, s: Se
     if outcome is None:
         child.serve(job, s.max_value_chars)
     killed, wait_status, cpu, duration, result, out, err = outcome
-    return killed, wait_status, cpu, duration, outputs.append(result), outputs.append(out), outputs.append(err)
+    where = outputs.append(result), outputs.append(out), outputs.append(err)
+    stamp(JOB_LEAVE)
+    stamps = outputs.append(marshal.dumps(_sandbox.trace_take())) if s.trace else -1
+    return killed, wait_status, cpu, duration, *where, stamps
 
 
-def compile_blob(blob: bytes) -> tuple[bytes, str]:
+def compile_blob(blob: bytes, seen: dict | None = None) -> tuple[bytes, str]:
     """(marshal'd Job, "call" or "exec"), or (marshal'd error reply, "failed") when the source
-    does not compile."""
+    does not compile. seen: see child.compile_job."""
     start = time.monotonic()
     job = marshal.loads(blob)
     try:
-        compiled = child.compile_job(job["kind"], job["program"], job.get("entry"), job.get("args", ""))
+        compiled = child.compile_job(job["kind"], job["program"], job.get("entry"), job.get("args", ""), seen)
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
         reply = {"status": "error", "error": child.describe(exc), "duration_s": time.monotonic() - start}
         return marshal.dumps(reply), "failed"
@@ -119,10 +157,11 @@ def compile_blob(blob: bytes) -> tuple[bytes, str]:
 
 
 def judge_outcome(outcome: tuple, outputs, is_call: bool, timeout_s: float, cpu_seconds: int,
-                  s: Settings) -> dict:
+                  s: Settings, compile_time: bytes | None = None) -> dict:
+    start = time.monotonic_ns()
     if outcome[0] is None:
         return {"status": "error", "error": f"could not start a child: {os.strerror(outcome[1])}"}
-    killed, wait_status, cpu, duration, *where = outcome
+    killed, wait_status, cpu, duration, *where, stamps = outcome
     result, out, err = (outputs.get(k) for k in where)
     if killed == 0 and len(out) + len(err) > s.max_output_bytes:
         killed = 2  # it wrote past the cap just before exiting
@@ -137,6 +176,11 @@ def judge_outcome(outcome: tuple, outputs, is_call: bool, timeout_s: float, cpu_
         reply["stdout"] = out.decode("utf-8", "replace")
     if err:
         reply["stderr"] = err.decode("utf-8", "replace")
+    if stamps >= 0:
+        ns, faults = marshal.loads(outputs.get(stamps))
+        if all(ns):  # every stamp taken: a job killed, or stopped by its filter, skipped some
+            # the raw stamps, then the compile and judge times: fastazr/sandbox/trace.py reads them
+            reply["trace"] = ns, faults, int.from_bytes(compile_time, "little"), time.monotonic_ns() - start
     return reply
 
 
@@ -193,7 +237,7 @@ def main() -> None:
     # at a number it writes to.
     channel = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD_CLOEXEC, 100)
     os.close(int(sys.argv[1]))
-    raw = json.loads(sys.argv[2])
+    raw = marshal.loads(bytes.fromhex(sys.argv[2]))
     if len(os.listdir("/proc/self/task")) != 1:
         raise SystemExit("the zygote must be single-threaded: _sandbox.spawn skips Python's at-fork handling")
     os.environ.clear()  # unsets the C environment too: children start with none at all
