@@ -14,17 +14,24 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-static int child_pipes(size_t result_capacity, int fds[6]) {
+/* *watch: the result pipe must be polled, as it could not be made big enough for any result. */
+static int child_pipes(size_t result_capacity, int fds[6], int *watch) {
     for (int i = 0; i < 3; i++) {
         if (pipe2(fds + 2 * i, O_CLOEXEC) != 0) {
             for (int j = 0; j < 2 * i; j++) close(fds[j]);
             return -1;
         }
     }
-    /* Big enough for any allowed result, so the child never blocks on it (see fz_supervise). */
+    /* Big enough for any allowed result, so the child never blocks on it (see fz_supervise).
+     * EPERM: the uid's pipe-buffer quota (pipe-user-pages-soft, shared by every process of the
+     * uid) is spent and no capability lifts it; a watched pipe of the default size still works. */
+    *watch = result_capacity == 0;
     if (result_capacity > 0 && fcntl(fds[1], F_SETPIPE_SZ, (int)result_capacity) < 0) {
-        for (int j = 0; j < 6; j++) close(fds[j]);
-        return -1;
+        if (errno != EPERM) {
+            for (int j = 0; j < 6; j++) close(fds[j]);
+            return -1;
+        }
+        *watch = 1;
     }
     return 0;
 }
@@ -57,8 +64,8 @@ struct fz_trace *fz_trace;
 int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_seconds, struct fz_outcome *o) {
     fz_stamp(FZ_STAMP_spawn_enter);
     fz_reap_dying(); /* the last killed child has had a whole job's setup to finish dying */
-    int fds[6];
-    if (child_pipes(c->result_pipe_capacity, fds) != 0) return -1;
+    int fds[6], watch;
+    if (child_pipes(c->result_pipe_capacity, fds, &watch) != 0) return -1;
     fz_stamp(FZ_STAMP_pipes_made);
     pid_t pid = fork();
     if (pid < 0) {
@@ -98,8 +105,7 @@ int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_sec
         return -1;
     }
     fz_stamp(FZ_STAMP_supervising);
-    if (fz_supervise(pid, pidfd, fds[0], fds[2], fds[4], timeout_s, c->output_cap, c->result_cap,
-                     c->result_pipe_capacity == 0, o) != 0)
+    if (fz_supervise(pid, pidfd, fds[0], fds[2], fds[4], timeout_s, c->output_cap, c->result_cap, watch, o) != 0)
         return -1;
     return 1;
 }

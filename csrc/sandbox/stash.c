@@ -3,8 +3,10 @@
  * The zygote keeps a batch's compiled jobs and its children's outputs here, and across batches
  * the code each job source compiled to (found by that source: put/find). With MADV_DONTFORK
  * every region of a Stash (the bytes, where each item ends, the key index) is absent from
- * every child, so no job can read another job's data, nor so much as its length or whether
- * its program ran before, however it walks the heap; nothing needs zeroing per child, and the
+ * every child, so no job can read another job's data however it walks the heap; the counts
+ * and sizes kept in the object itself (which a child does inherit) answer only the process
+ * that made the Stash, so a child learns neither the lengths of other jobs' outputs nor
+ * whether a program ran before. Nothing needs zeroing per child, and the
  * zygote's writes here never take a copy-on-write fault (they cost ~10 faults a job as wiped
  * Python bytes). */
 #define PY_SSIZE_T_CLEAN
@@ -12,6 +14,7 @@
 
 #include <stdint.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 /* A key's slot in the index: its hash, and the item holding the key (its value is the next). */
 struct slot {
@@ -27,14 +30,25 @@ typedef struct {
     Py_ssize_t count, slots;
     struct slot *index; /* open addressing, at most half full; NULL until the first put */
     size_t index_size, keys;
+    pid_t owner; /* the process that made it: a forked child gets an error, not even a length */
 } Stash;
+
+static int foreign(Stash *s) {
+    if (getpid() == s->owner) return 0;
+    PyErr_SetString(PyExc_PermissionError, "a Stash answers only the process that made it");
+    return 1;
+}
 
 /* (Re)map a region of `size` bytes that children do not inherit; old (of old_size) is moved. */
 static void *dontfork_region(void *old, size_t old_size, size_t size) {
-    void *p = old ? mremap(old, old_size, size, MREMAP_MAYMOVE)
-                  : mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (old) {
+        /* MADV_DONTFORK is a flag of the mapping: mremap moves and grows it with the mapping
+         * (tests/test_sandbox.py checks a grown Stash), and on failure `old` is left as it was */
+        void *p = mremap(old, old_size, size, MREMAP_MAYMOVE);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
-    /* mremap keeps the flag; set it on every (re)mapping all the same */
     if (madvise(p, size, MADV_DONTFORK) != 0) {
         munmap(p, size);
         return NULL;
@@ -81,6 +95,7 @@ static const char *item(Stash *s, Py_ssize_t i, size_t *n) {
 }
 
 static PyObject *stash_append(Stash *s, PyObject *arg) {
+    if (foreign(s)) return NULL;
     char *data;
     Py_ssize_t n;
     if (PyBytes_AsStringAndSize(arg, &data, &n) < 0) return NULL;
@@ -89,6 +104,7 @@ static PyObject *stash_append(Stash *s, PyObject *arg) {
 }
 
 static PyObject *stash_get(Stash *s, PyObject *arg) {
+    if (foreign(s)) return NULL;
     Py_ssize_t i = PyLong_AsSsize_t(arg);
     if (i == -1 && PyErr_Occurred()) return NULL;
     if (i < 0 || i >= s->count) {
@@ -144,6 +160,7 @@ static int grow_index(Stash *s) {
 static PyObject *stash_put(Stash *s, PyObject *args) {
     const char *key, *value;
     Py_ssize_t nk, nv;
+    if (foreign(s)) return NULL;
     if (!PyArg_ParseTuple(args, "y#y#", &key, &nk, &value, &nv)) return NULL;
     if (2 * (s->keys + 1) > s->index_size && grow_index(s) < 0) return NULL;
     uint64_t h = key_hash(key, (size_t)nk);
@@ -158,6 +175,7 @@ static PyObject *stash_put(Stash *s, PyObject *args) {
 }
 
 static PyObject *stash_find(Stash *s, PyObject *arg) {
+    if (foreign(s)) return NULL;
     char *key;
     Py_ssize_t n;
     if (PyBytes_AsStringAndSize(arg, &key, &n) < 0) return NULL;
@@ -169,11 +187,17 @@ static PyObject *stash_find(Stash *s, PyObject *arg) {
     return PyBytes_FromStringAndSize(value, (Py_ssize_t)m);
 }
 
-static Py_ssize_t stash_len(Stash *s) { return s->count; }
+static Py_ssize_t stash_len(Stash *s) { return foreign(s) ? -1 : s->count; }
 
 static PyObject *stash_nbytes(Stash *s, void *closure) {
     (void)closure;
-    return PyLong_FromSize_t(s->used);
+    return foreign(s) ? NULL : PyLong_FromSize_t(s->used);
+}
+
+static PyObject *stash_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    Stash *s = (Stash *)PyType_GenericNew(type, args, kwargs);
+    if (s != NULL) s->owner = getpid();
+    return (PyObject *)s;
 }
 
 static void stash_dealloc(Stash *s) {
@@ -205,7 +229,7 @@ PyTypeObject fz_stash_type = {
     .tp_basicsize = sizeof(Stash),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Byte strings in memory that forked children do not inherit (MADV_DONTFORK).",
-    .tp_new = PyType_GenericNew,
+    .tp_new = stash_new,
     .tp_dealloc = (destructor)stash_dealloc,
     .tp_methods = stash_methods,
     .tp_getset = stash_getset,

@@ -14,6 +14,7 @@ import gc
 import io
 import os
 import sys
+import warnings
 
 from .. import _sandbox
 from .protocol import CHILD_STATUSES
@@ -49,11 +50,16 @@ def compile_job(kind: str, program: str, entry: str | None, args_source: str, se
 
 
 def _compile(source: str, filename: str, mode: str, seen: dict | None):
-    if seen is None:
-        return compile(source, filename, mode, dont_inherit=True)
-    code = seen.get((source, mode))
+    code = None if seen is None else seen.get((source, mode))
     if code is None:
-        code = seen[(source, mode)] = compile(source, filename, mode, dont_inherit=True)
+        # Compile-time warnings (SyntaxWarning: "is" with a literal...) would go to the zygote's
+        # buffered stderr, which every later child inherits and flushes as its own, and 3,000
+        # of them filled the zygote's stderr pipe, which nobody reads, wedging it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code = compile(source, filename, mode, dont_inherit=True)
+        if seen is not None:
+            seen[(source, mode)] = code
     return code
 
 

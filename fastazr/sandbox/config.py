@@ -20,6 +20,10 @@ AZR_MODULES = (
     # the zygote reseeds it before every fork
     "random",
 )
+# Preloaded as well when children run as another uid (SandboxConfig.drop_privileges): that uid
+# may be unable to read the stdlib at all (a pyenv under /root), so a lazy import in a child,
+# which works under Landlock's stdlib rule, would fail there.
+AZR_MODULES_UNDER_ANOTHER_UID = ("dataclasses", "statistics", "fractions", "decimal")
 
 STATUSES = ("ok", "error", "timeout", "memory", "violation", "output_limit")
 

@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import _sandbox
-from .config import SandboxConfig
+from .config import AZR_MODULES_UNDER_ANOTHER_UID, SandboxConfig
 from .protocol import HEADER, encode
 from .result import Result
 from .trace import stages
@@ -239,7 +239,9 @@ class Sandbox:
                 "drop_to_uid": p["uid"] if p["uid"] != os.geteuid() else -1,
                 "landlock_paths": landlock_read_paths(self._workdir) if p["landlock_abi"] else [],
                 "max_output_bytes": c.max_output_bytes,
-                "max_value_chars": c.max_value_chars, "preload": list(c.preload),
+                "max_value_chars": c.max_value_chars,
+                "preload": list(c.preload) + ([m for m in AZR_MODULES_UNDER_ANOTHER_UID if m not in c.preload]
+                                              if p["uid"] != os.geteuid() else []),
                 "cpus": sorted(os.sched_getaffinity(0)) if c.pin_cpus else [], "trace": c.trace}
 
     def _start(self, group: int) -> list[Zygote]:
