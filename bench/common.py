@@ -63,6 +63,23 @@ def profiled(directory: str | None, name: str):
     path = os.path.join(directory, f"{name}.json")
     prof.export_chrome_trace(path)
     print(f"profile: {path}")
+    print_top_kernels(prof)
+
+
+def print_top_kernels(prof, rows: int = 12) -> None:
+    """The kernels that took the most GPU time in a profile: a trace of a whole generate() holds
+    ~80K kernel events, too many to read off a timeline."""
+    import torch
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+               and e.device_time_total > 0]
+    if not kernels:
+        return
+    total = sum(e.device_time_total for e in kernels)
+    print(f"GPU time {total / 1e3:.1f} ms in {sum(e.count for e in kernels)} kernels; the top {rows}:")
+    print_table(["kernel", "calls", "ms", "us a call", "share"],
+                [[e.key[:70], e.count, f"{e.device_time_total / 1e3:.2f}", f"{e.device_time_total / e.count:.2f}",
+                  f"{e.device_time_total / total:.0%}"]
+                 for e in sorted(kernels, key=lambda e: -e.device_time_total)[:rows]])
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:

@@ -267,9 +267,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def vocab_splits(hidden: torch.Tensor, n_blocks: int, v_tiles: int) -> int:
-    """Vocabulary splits so that the forward grid fills the GPU about twice."""
-    programs = 2 * _multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 4
+def vocab_splits(hidden: torch.Tensor, n_blocks: int, v_tiles: int, per_sm: int = 2) -> int:
+    """Vocabulary splits so that the forward grid has about per_sm programs an SM."""
+    programs = per_sm * _multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 4
     return max(1, min(v_tiles, math.ceil(programs / n_blocks)))
 
 

@@ -28,6 +28,9 @@ __all__ = ["gumbel_sample", "linear_gumbel_sample"]
 
 # 4096 columns a trip: 37 trips over Qwen's vocabulary, 16 KB of fp32 loads in flight per program.
 _BLOCK_V = 4096
+# The split merge's block: 16 rows x 128 splits (SmolLM2's 64-row decode has 192 splits). The
+# interpreter takes 2 splits a trip, so that CI's 4 splits span two trips.
+_MERGE_ROWS, _MERGE_SPLITS = (16, 2) if interpreting() else (16, 128)
 
 
 @triton.jit
@@ -161,25 +164,42 @@ def _linear_sample_kernel(h, w, temp_ptr, seeds_ptr, samples_ptr, steps_ptr, par
 
 
 @triton.jit
-def _linear_merge_kernel(part_ptr, col_ptr, tokens_ptr, logprobs_ptr, N, splits, BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _linear_merge_kernel(part_ptr, col_ptr, tokens_ptr, logprobs_ptr, N, splits, BLOCK_R: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    # A [BLOCK_S splits, BLOCK_R rows] block a trip, folded online. A loop of one split a trip
+    # was a chain of dependent loads: 42 us at 64 rows in 192 splits (SmolLM2's decode, H100, 3%
+    # of a step). With this merge and sampling_tiles' small-model tiles the step took 49 us less.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < N
-    top = tl.full([BLOCK], float("-inf"), tl.float32)
-    for sp in range(0, splits):
-        top = tl.maximum(top, tl.load(part_ptr + sp * 4 * N + rows, mask=ok, other=0.0))
-    total = tl.zeros([BLOCK], tl.float32)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    col = tl.zeros([BLOCK], tl.int32)
-    picked = tl.zeros([BLOCK], tl.float32)
-    for sp in range(0, splits):
-        base = part_ptr + sp * 4 * N + rows
-        total += tl.load(base + N, mask=ok, other=0.0) * tl.exp(tl.load(base, mask=ok, other=0.0) - top)
-        score = tl.load(base + 2 * N, mask=ok, other=float("-inf"))
-        # strictly greater: an earlier split (lower columns) keeps a tie
-        better = score > best
-        best = tl.where(better, score, best)
-        col = tl.where(better, tl.load(col_ptr + sp * N + rows, mask=ok, other=0), col)
-        picked = tl.where(better, tl.load(base + 3 * N, mask=ok, other=0.0), picked)
+    top = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    best = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    col = tl.zeros([BLOCK_R], tl.int32)
+    picked = tl.zeros([BLOCK_R], tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        inside = (sp < splits)[:, None] & ok[None, :]
+        base = part_ptr + sp[:, None] * 4 * N + rows[None, :]
+        # every real split's max is finite (each holds a column inside the vocabulary); padding
+        # reads -inf with a sum of 0, so it adds 0 * exp(-inf) = 0 and never wins
+        m = tl.load(base, mask=inside, other=float("-inf"))
+        new_top = tl.maximum(top, tl.max(m, 0))
+        safe = tl.where(new_top > float("-inf"), new_top, 0.0)
+        total = total * tl.exp(top - safe) + tl.sum(tl.load(base + N, mask=inside, other=0.0) *
+                                                    tl.exp(m - safe[None, :]), 0)
+        top = new_top
+        score = tl.load(base + 2 * N, mask=inside, other=float("-inf"))
+        block_best = tl.max(score, 0)
+        # the block's first split holding its best score (lower columns win a tie), and an
+        # earlier block keeps a tie: strictly greater
+        first = tl.min(tl.where(score == block_best[None, :], sp[:, None], splits), 0)
+        at_first = sp[:, None] == first[None, :]
+        better = block_best > best
+        best = tl.where(better, block_best, best)
+        col = tl.where(better, tl.max(tl.where(at_first, tl.load(col_ptr + sp[:, None] * N + rows[None, :],
+                                                                   mask=inside, other=0), -1), 0), col)
+        picked = tl.where(better, tl.max(tl.where(at_first, tl.load(base + 3 * N, mask=inside, other=0.0),
+                                                  float("-inf")), 0), picked)
     tl.store(tokens_ptr + rows, col.to(tl.int64), mask=ok)
     tl.store(logprobs_ptr + rows, picked - (top + tl.log(total)), mask=ok)
 
@@ -202,17 +222,24 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     return tokens, logprobs
 
 
-def sampling_tiles(hidden: torch.Tensor) -> Tiles:
-    """Block shape of linear_gumbel_sample's GEMM: the logprob forward's (logprobs.py), but 128
-    vocabulary columns a tile instead of 256 at 16-bit: the epilogue holds ~5 fp32 values per
-    logit (scaled logit, hash, noise, score, exp) for 64 x 128 / 128 threads = 64 logits a
-    thread. H100, 256 rows x 151,936, us: 64 x 128, 4 warps, 4 stages, flattened 362; 3 stages
-    390; 128 x 128 or 128 x 64 385-390; 64 x 64 431; 64 x 256 453 with 8 warps, 1,316-1,610
-    with 4 (spills); unflattened 10-15% slower."""
+def sampling_tiles(hidden: torch.Tensor) -> tuple[Tiles, int]:
+    """Block shape of linear_gumbel_sample's GEMM and its programs an SM (vocabulary splits).
+    The logprob forward's (logprobs.py), but 128 vocabulary columns a tile instead of 256 at
+    16-bit: the epilogue holds ~5 fp32 values per logit (scaled logit, hash, noise, score, exp)
+    for 64 x 128 / 128 threads = 64 logits a thread. H100, 256 rows x 151,936, us: 64 x 128, 4
+    warps, 4 stages, flattened, 2 programs an SM 362; 3 stages 390; 128 x 128 or 128 x 64
+    385-390; 64 x 64 431; 64 x 256 453 with 8 warps, 1,316-1,610 with 4 (spills); unflattened
+    10-15% slower. One row block of a small model (SmolLM2's decode: 64 rows, H = 576, V =
+    49,152, L2 flushed between calls, bound 18.9 us at 3 TB/s): 64 x 128 x 64 tiles with 8 warps
+    and one program an SM (128 splits) 42.6 us (41.1 with 128-deep K steps, which leave a
+    partial step at H = 576), the large model's choice 78."""
     tiles = default_tiles(hidden, backward=False)
     if interpreting() or hidden.dtype == torch.float32:
-        return tiles
-    return Tiles(block_n=64, block_v=128, block_k=64, num_warps=4, num_stages=4, tma=tiles.tma, flatten=tiles.tma)
+        return tiles, 2
+    if hidden.shape[0] <= 64 and hidden.shape[1] <= 1024:
+        return Tiles(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=4, tma=tiles.tma,
+                     flatten=tiles.tma), 1
+    return Tiles(block_n=64, block_v=128, block_k=64, num_warps=4, num_stages=4, tma=tiles.tma, flatten=tiles.tma), 2
 
 
 def linear_gumbel_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
@@ -232,10 +259,10 @@ def linear_gumbel_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature
     logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if not n:
         return tokens, logprobs
-    tiles = tiles or sampling_tiles(hidden)
+    tiles, per_sm = (tiles, 2) if tiles else sampling_tiles(hidden)
     n_blocks = triton.cdiv(n, tiles.block_n)
     v_tiles = triton.cdiv(vocab, tiles.block_v)
-    per_split = triton.cdiv(v_tiles, vocab_splits(hidden, n_blocks, v_tiles))
+    per_split = triton.cdiv(v_tiles, vocab_splits(hidden, n_blocks, v_tiles, per_sm))
     splits = triton.cdiv(v_tiles, per_split)
     partials = torch.empty(splits, 4, n, dtype=torch.float32, device=hidden.device)
     columns = torch.empty(splits, n, dtype=torch.int32, device=hidden.device)
@@ -246,7 +273,6 @@ def linear_gumbel_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature
         MULTIPLIER=COLUMN_MULTIPLIER, NOISE=not all_greedy, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
         BLOCK_K=tiles.block_k, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0, PRECISION=dot_precision(hidden.dtype),
         FLATTEN=tiles.flatten, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    block = 128
-    _linear_merge_kernel[(triton.cdiv(n, block),)](partials, columns, tokens, logprobs, n, splits, BLOCK=block,
-                                                   num_warps=4)
+    _linear_merge_kernel[(triton.cdiv(n, _MERGE_ROWS),)](partials, columns, tokens, logprobs, n, splits,
+                                                         BLOCK_R=_MERGE_ROWS, BLOCK_S=_MERGE_SPLITS, num_warps=4)
     return tokens, logprobs

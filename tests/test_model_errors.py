@@ -43,7 +43,7 @@ def test_missing_paths(tmp_path):
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ModelError, match="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b"):
+    with pytest.raises(ModelError, match="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b, smollm2-135m"):
         load("qwen9-100b")
 
 

@@ -151,6 +151,25 @@ def test_sampling_from_hidden_states_matches_reference(dtype):
     torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=LINEAR_LOGPROB_ATOL[dtype])
 
 
+def test_the_split_merge_keeps_the_first_best_over_several_trips():
+    """5 rows fill one row block, so the 1,000 columns fall in 4 vocabulary splits of 256 that
+    the interpreter's merge folds 2 a trip. Greedy row 4 ties columns 300 (split 1), 700 and 900
+    (splits 2 and 3, the second trip) above split 0: the first split holding the best wins
+    within a trip, and an earlier trip keeps a tie."""
+    args = linear_rows(5, 48, 1000, torch.float32, "cpu", seed=3)
+    hidden, weight = args[0], args[1]
+    hidden[4] = 0.0
+    hidden[4, 2] = 1.0
+    weight[:, 2] = weight[:, 2].clamp(max=1.0)
+    weight[300, 2] = weight[700, 2] = weight[900, 2] = 5.0
+    args[2][4] = 0.0
+    tokens, logprobs = linear_gumbel_sample(*args)
+    want_tokens, want_logprobs = linear_gumbel_sample_reference(*args)
+    assert tokens[4] == 300 and tokens[2] == 999
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=LINEAR_LOGPROB_ATOL[torch.float32])
+
+
 def test_sampling_from_hidden_states_follows_the_softmax():
     """1000 rows whose logits are log(0.5, 0.25, 0.15, 0.1) and -30 elsewhere (37 columns, 3
     tiles): frequencies within 4 standard errors of the softmax."""
