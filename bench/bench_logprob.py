@@ -21,11 +21,22 @@ for everyone (the forward GEMM and the two backward GEMMs, no recompute); "extra
 allocation during forward + backward beyond the inputs, gradients included; errors are against
 the fp32 reference computed over row blocks. The fused contender's forward makes its gradients
 too, so only its fwd+bwd compares with the others'.
+
+Random weights give a flat softmax (mean top probability ~1e-4 here), where Cut Cross-Entropy's
+gradient filtering has nothing to skip. `--inputs embedded` takes real ones instead: the
+embedded SmolLM2-135M's final-normed hidden states over real text (this repository's own Python
+sources and docs, packed into 2,048-token sequences), its lm_head (H = 576, V = 49,152) and the
+text's next tokens as targets; --hidden and --vocab are then the model's. The table's header line
+gives the softmax's mean top probability and the share of entries below bf16 resolution (what
+filtering skips).
+
+    python bench/bench_logprob.py --inputs embedded --tokens 16384,65536
 """
 from __future__ import annotations
 
 import argparse
 import gc
+from pathlib import Path
 
 import torch
 
@@ -128,6 +139,36 @@ def measure(fn, hidden, weight, targets, policy, warmup, rounds):
     return median(fwd), median(bwd), extra, out
 
 
+def embedded_inputs(count: int):
+    """The embedded model's final-normed hidden states predicting `count` tokens of real text
+    (see the module docstring), its lm_head and the targets."""
+    from fastazr.model import load, pack
+    model, tokenizer = load(device="cuda", dtype=torch.bfloat16)
+    root = Path(__file__).resolve().parent.parent
+    text = "\n\n".join(p.read_text() for p in sorted(root.glob("fastazr/**/*.py")) + sorted(root.glob("docs/*.md")))
+    ids = tokenizer.encode(text)
+    while len(ids) <= count:  # repeated if the sources are shorter than --tokens
+        ids = ids + ids
+    ids = ids[:count + 1]
+    hidden, targets = [], []
+    with torch.no_grad():
+        for i in range(0, count, 2048):
+            chunk = ids[i:i + 2049]
+            p = pack([chunk[:-1]])
+            hidden.append(model(p.input_ids.cuda(), p.position_ids.cuda(), p.cu_seqlens.cuda()))
+            targets.append(torch.tensor(chunk[1:], device="cuda"))
+    return torch.cat(hidden), model.lm_head_weight.detach().clone(), torch.cat(targets)
+
+
+def peakedness(hidden, weight, rows: int = 2048) -> tuple[float, float]:
+    """(mean top probability, share of softmax entries below bf16's resolution at the row's top:
+    p < 2^-8 * max p, the entries a filtered backward skips) over the first rows."""
+    with torch.no_grad():
+        p = torch.softmax(hidden[:rows].float() @ weight.float().t(), dim=-1)
+        top = p.max(dim=-1, keepdim=True).values
+        return top.mean().item(), (p < top / 256).float().mean().item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", default="1536", help="comma-separated hidden sizes")
@@ -136,6 +177,8 @@ def main() -> None:
     parser.add_argument("--contenders", default="fastazr fused,fastazr,fastazr +entropy,naive,torch.compile,"
                         "chunked torch,liger,cce,cce unfiltered", help="comma-separated; liger and cce need "
                         "liger-kernel and cut-cross-entropy installed")
+    parser.add_argument("--inputs", choices=("random", "embedded"), default="random",
+                        help="random bf16 tensors, or the embedded SmolLM2's hidden states over real text")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", help="write a torch.profiler trace of one round of each contender here")
@@ -144,12 +187,25 @@ def main() -> None:
         raise SystemExit("bench_logprob.py compares GPU kernels: run it on a CUDA machine (the device tool)")
     names = args.contenders.split(",")
     rows, results = [], []
+    sizes = [int(n) for n in args.tokens.split(",")]
+    real = embedded_inputs(max(sizes)) if args.inputs == "embedded" else None
+    if real is not None:
+        args.hidden, args.vocab = str(real[0].shape[1]), real[1].shape[0]
+    peaks = []
     for h in map(int, args.hidden.split(",")):
-        for n in map(int, args.tokens.split(",")):
+        for n in sizes:
             gen = torch.Generator(device="cuda").manual_seed(0)
-            hidden = torch.randn(n, h, device="cuda", generator=gen).bfloat16().requires_grad_()
-            weight = (torch.randn(args.vocab, h, device="cuda", generator=gen) * 3 / h ** 0.5).bfloat16().requires_grad_()
-            targets = torch.randint(0, args.vocab, (n,), device="cuda", generator=gen)
+            if real is None:
+                hidden = torch.randn(n, h, device="cuda", generator=gen).bfloat16().requires_grad_()
+                weight = (torch.randn(args.vocab, h, device="cuda", generator=gen) * 3 / h ** 0.5).bfloat16()
+                weight.requires_grad_()
+                targets = torch.randint(0, args.vocab, (n,), device="cuda", generator=gen)
+            else:
+                hidden = real[0][:n].clone().requires_grad_()
+                weight = real[1].clone().requires_grad_()
+                targets = real[2][:n].clone()
+            top, below = peakedness(hidden.detach(), weight.detach())
+            peaks.append(f"H={h} N={n}: mean top probability {top:.3f}, {below:.4f} of entries below bf16 resolution")
             ref_logprobs, ref_entropy = reference(hidden.detach(), weight.detach(), targets)
             policy = policy_inputs(ref_logprobs, gen)
             fns = contenders(names, policy)
@@ -203,10 +259,14 @@ def main() -> None:
             del hidden, weight, targets, policy, fns, ref_logprobs, ref_entropy
             gc.collect()
             torch.cuda.empty_cache()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {machine()}; bf16, V={args.vocab}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {machine()}; bf16, V={args.vocab}; "
+          f"inputs: {args.inputs}")
+    for line in peaks:
+        print(line)
     print_table(["H", "N", "contender", "fwd ms", "bwd ms", "fwd+bwd ms", "TFLOP/s", "extra GiB",
                  "max|err| logp / ent", "vs naive"], rows)
-    json_line({"bench": "logprob", "device": torch.cuda.get_device_name(), "vocab": args.vocab, "results": results})
+    json_line({"bench": "logprob", "device": torch.cuda.get_device_name(), "vocab": args.vocab, "inputs": args.inputs,
+               "results": results})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ Per model (random init, bf16 compute, fp32 master weights and AdamW state):
 
 - update: fastazr.update.PolicyUpdate on AZR-like rollouts (prompts 300-1500 tokens, completions
   128-1024) packed into --micro-tokens micro-batches, one optimizer step per update: with the
-  fused policy loss (UpdateConfig.policy_loss='fused'), with the two-kernel one (the default),
-  the fused one with activation checkpointing; against the same update with the logits materialized
+  fused policy loss (UpdateConfig.policy_loss='fused'), with the two-kernel one ('composable';
+  the default 'auto' picks between them by hidden size), the fused one with activation
+  checkpointing; against the same update with the logits materialized
   (F.linear + log_softmax in fp32, what a plain torch trainer does). Training tokens/s (prompt +
   completion tokens), MFU and peak memory. MFU counts the model FLOPs the update needs: 6 x the
   matmul parameters per token (the lm_head only on the scored completion tokens), plus causal
@@ -239,7 +240,7 @@ def main() -> None:
         base = UpdateConfig(micro_batch_tokens=args.micro_tokens)
         fused = replace(base, policy_loss="fused")
         contenders = [("fused loss", fused, PolicyUpdate),
-                      ("two-kernel loss", base, PolicyUpdate),
+                      ("two-kernel loss", replace(base, policy_loss="composable"), PolicyUpdate),
                       ("fused loss + checkpointing", replace(fused, activation_checkpointing=True), PolicyUpdate)]
         if not args.skip_plain:
             contenders.append(("materialized logits", base, MaterializedLogits))

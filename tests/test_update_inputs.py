@@ -311,6 +311,22 @@ def test_lr_changed_after_construction_and_scheduled_takes_effect():
 # metrics
 
 
+def test_auto_policy_loss_follows_the_hidden_size(monkeypatch):
+    """'auto' (the default) takes the fused loss where it measured faster (H >= 2048), the
+    composable one below; the other two choices are taken as given."""
+    import fastazr.update.policy_update as module
+    model = tiny_model("cpu")
+    hidden = model.lm_head_weight.shape[1]
+    assert not PolicyUpdate(model, UpdateConfig(**CONFIG)).fused_loss
+    monkeypatch.setattr(module, "FUSED_LOSS_MIN_HIDDEN", hidden)
+    assert PolicyUpdate(model, UpdateConfig(**CONFIG)).fused_loss
+    assert not PolicyUpdate(model, UpdateConfig(**{**CONFIG, "policy_loss": "composable"})).fused_loss
+    monkeypatch.setattr(module, "FUSED_LOSS_MIN_HIDDEN", hidden + 1)
+    assert PolicyUpdate(model, UpdateConfig(**{**CONFIG, "policy_loss": "fused"})).fused_loss
+    with pytest.raises(ValueError, match="policy_loss"):
+        UpdateConfig(policy_loss="fast")
+
+
 def test_metrics_not_computed_are_absent():
     """The issue: `entropy` read 0.0 when entropy_coef = 0 never computed it. The composable loss
     computes it only for the entropy bonus; the fused one always does, at no cost."""

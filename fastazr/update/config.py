@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 OLD_LOGPROBS = ("engine", "recompute")
-POLICY_LOSSES = ("fused", "composable")
+POLICY_LOSSES = ("auto", "fused", "composable")
 OFFLOAD = ("auto", "cpu", "gpu")
 
 
@@ -65,13 +65,16 @@ class UpdateConfig:
     """Where the PPO ratio's denominator comes from: 'engine' (each Rollout.old_logprobs, the
     sampler's own) or 'recompute' (a no-grad pass with the weights before the first step)."""
 
-    policy_loss: str = "composable"
-    """How the PPO-clip loss meets the lm_head: 'composable' (linear_logprobs + pg_loss: logits
-    never stored, recomputed in backward, 8*N*H*V FLOP) or 'fused' (fastazr.kernels.linear_pg_loss:
-    the gradient made in the forward from each row chunk's logits, 6*N*H*V). Both give the same
-    logprobs and loss to fp32 rounding and the same gradients to bf16 rounding (the fused loss
-    rounds the lm_head's gradient once per chunk of ~1,300 rows, the other once). 'fused' becomes the default once it has run on
-    a GPU: so far it has run only in Triton's interpreter."""
+    policy_loss: str = "auto"
+    """How the PPO-clip loss meets the lm_head: 'fused' (fastazr.kernels.linear_pg_loss: the
+    gradient made in the forward from each row chunk's fp32 logits, 6*N*H*V FLOP, plus 10 bytes
+    of memory traffic a logit), 'composable' (linear_logprobs + pg_loss: logits never stored,
+    recomputed in backward, 8*N*H*V) or 'auto': fused from a hidden size of 2048 up, where the
+    FLOP it saves outweigh its traffic. H100, N = 16K, fwd + bwd, fused vs composable: 7.45 vs
+    6.20 ms at SmolLM2's H = 576 (V = 49,152, its real hidden states), 44.4 vs 45.0 at H = 1536
+    and 90.8 vs 107.9 at H = 3584 (V = 151,936; bench_logprob.py). Both give the same logprobs
+    and loss to fp32 rounding and the same gradients to bf16 rounding (the fused loss rounds the
+    lm_head's gradient once per chunk of ~1,300 rows, the other once)."""
 
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward: a layer's activations instead of all of them

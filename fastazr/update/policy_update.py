@@ -7,8 +7,9 @@ For each mini-batch (one optimizer step): micro-batches of packed sequences run 
 forward in bf16, fastazr.kernels.linear_logprobs scores the completion tokens straight from the
 hidden states (no logits tensor), fastazr.kernels.pg_loss gives the PPO-clip loss divided by the
 mini-batch's total count of loss tokens (so the micro-batches' gradients add up to the one big
-batch's); UpdateConfig.policy_loss='fused' does both in fastazr.kernels.linear_pg_loss, which
-makes the gradient in the forward instead of recomputing the logits. Then backward, and the bf16
+batch's); UpdateConfig.policy_loss='fused' (and 'auto' from a hidden size of 2048 up) does both
+in fastazr.kernels.linear_pg_loss, which makes the gradient in the forward instead of
+recomputing the logits. Then backward, and the bf16
 gradients go into the fp32 buffer of MasterOptimizer, whose step clips, runs AdamW on fp32
 master weights and refreshes the bf16 parameters in place.
 
@@ -30,6 +31,10 @@ from .optimizer import MasterOptimizer
 from .rollouts import MicroBatch, Rollout, build_micro_batch, plan_micro_batches
 
 METRICS = ("loss", "clip_fraction", "approx_kl", "mean_ratio", "entropy")
+# UpdateConfig.policy_loss='auto' takes the fused loss from this hidden size up: it tied the
+# composable one at H = 1536 and lost at 576 (its fp32 logits' traffic outweighs the recompute
+# it saves when the GEMMs are small), and won by 16% at 3584 (H100, N = 16K).
+FUSED_LOSS_MIN_HIDDEN = 2048
 
 
 def split_mini_batches(count: int, parts: int) -> list[range]:
@@ -45,6 +50,8 @@ class PolicyUpdate:
         passes its sharded one, fastazr.distributed.DataParallelUpdate)."""
         self.model = model
         self.config = config or UpdateConfig()
+        self.fused_loss = self.config.policy_loss == "fused" or (
+            self.config.policy_loss == "auto" and model.lm_head_weight.shape[1] >= FUSED_LOSS_MIN_HIDDEN)
         model.activation_checkpointing = self.config.activation_checkpointing
         self.optimizer = optimizer or MasterOptimizer(model, self.config)
 
@@ -81,7 +88,7 @@ class PolicyUpdate:
     def _loss(self, batch: MicroBatch, normalizer: int):
         """The micro-batch's PPO-clip loss (divided by the mini-batch's token count) and metrics."""
         config = self.config
-        if config.policy_loss == "composable":
+        if not self.fused_loss:
             logprobs, entropy = self._logprobs(batch)
             return pg_loss(logprobs, batch.old_logprobs, batch.advantages, batch.mask, config.clip_low,
                            config.clip_high, entropy, config.entropy_coef, normalizer)
@@ -148,7 +155,7 @@ class PolicyUpdate:
         sums = self._sum(sums)
         metrics = {}
         if loss_tokens:
-            computed = METRICS if config.entropy_coef > 0 or config.policy_loss == "fused" else METRICS[:-1]
+            computed = METRICS if config.entropy_coef > 0 or self.fused_loss else METRICS[:-1]
             metrics.update(zip(computed, (sums / loss_tokens).tolist()))
         if norms:
             metrics["grad_norm"] = float(torch.stack(norms).mean())
