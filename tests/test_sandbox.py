@@ -407,3 +407,80 @@ def test_children_under_another_uid_get_the_modules_they_may_not_read():
         assert set(AZR_MODULES_UNDER_ANOTHER_UID) <= set(other._zygote_settings()["preload"])
         program = "import dataclasses, statistics, fractions, decimal\nprint(statistics.mean([1, 2]))\n"
         assert [r.stdout for r in own.exec_many([program]) + other.exec_many([program])] == ["1.5\n", "1.5\n"]
+
+
+def test_zygote_object_arenas_sit_in_huge_pages_only_when_asked(sb):
+    """SandboxConfig.huge_arenas: the zygote starts with the C module preloaded, whose allocator
+    carves Python's object arenas out of 2 MiB chunks (csrc/sandbox/stash.c); a child still maps
+    its own new arenas page by page, sees none of the preload in its environment, and runs the
+    same. Off, nothing is preloaded."""
+    hello = sb._zygotes[0].hello
+    assert hello["huge_arena_bytes"] >= 2 << 20 and hello["huge_arena_bytes"] % (2 << 20) == 0
+    if os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        # The chunks are advised (VmFlags "hg"); whether the kernel grants a huge page at a fault
+        # depends on its THP mode and on fragmentation, so a CI machine may hold none.
+        assert any("hg" in line.split()[1:] for line in open(f"/proc/{hello['pid']}/smaps")
+                   if line.startswith("VmFlags:")), "no mapping of the zygote is advised MADV_HUGEPAGE"
+    grow = "def f(n):\n    return len([[i] for i in range(n)])\n"  # ~15 MiB of new arenas in the child
+    environ = "import os\ndef f():\n    return dict(os.environ)\n"
+    with Sandbox(workers=1, huge_arenas=False) as plain:
+        assert plain._zygotes[0].hello["huge_arena_bytes"] == 0
+        off = plain.call_many([(grow, "f", "200_000"), (environ, "f", "")])
+    on = sb.call_many([(grow, "f", "200_000"), (environ, "f", "")])
+    assert [(r.status, r.value) for r in on] == [(r.status, r.value) for r in off] == [("ok", "200000"), ("ok", "{}")]
+
+
+def test_huge_arenas_stay_off_where_ld_preload_would_split_the_path(monkeypatch):
+    from fastazr.sandbox import pool
+
+    assert pool.huge_arena_env(False) == {}
+    monkeypatch.setattr(_sandbox, "__file__", "/opt/my env/_sandbox.so")
+    assert pool.huge_arena_env(True) == {}
+    monkeypatch.setattr(_sandbox, "__file__", "/opt/env/_sandbox.so")
+    assert pool.huge_arena_env(True)["LD_PRELOAD"] == "/opt/env/_sandbox.so"
+
+
+# a fake bytearray over the whole address space, reached with an out-of-range LOAD_CONST in
+# bytecode the job wrote itself; from there it scans the memory around its frames, which it
+# inherited from the zygote, for what earlier jobs printed or returned (Python 3.11's opcodes)
+_MEMORY_READER = r"""
+def f():
+    import re, sys
+    fake = (1).to_bytes(8, "little") + id(bytearray).to_bytes(8, "little") + (2**62).to_bytes(8, "little") \
+        + (2**62).to_bytes(8, "little") + bytes(24)
+    ptr = (id(fake) + 32).to_bytes(8, "little")
+    g = lambda: 0
+    consts = g.__code__.co_consts
+    index = (id(ptr) + 32 - (id(consts) + 24)) // 8
+    b = (index if 0 < index < 2**31 else 0).to_bytes(4, "big")  # ptr below consts: no read, same refusal
+    g.__code__ = g.__code__.replace(co_code=bytes([151, 0, 144, b[0], 144, b[1], 144, b[2], 100, b[3], 83, 0]))
+    mem, frame, hits = g(), sys._getframe(), set()
+    while frame is not None:
+        base = id(frame) & ~0x3FFF
+        hits |= set(re.findall(rb"EARLIER[A-Z]+", bytes(mem[base:base + 0x4000])))
+        frame = frame.f_back
+    return sorted(hits)
+"""
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the reader's bytecode is Python 3.11's")
+def test_jobs_cannot_build_code_objects(sb):
+    """Found in review: the zygote decodes every job's stdout and value into objects whose freed
+    memory later children inherit, and a job that writes its own bytecode can read any address.
+    Children refuse code objects a job builds (an audit hook in C): the reader fails before it
+    reads. Defence in depth, not the fix (docs/sandbox.md): marshal.loads is still allowed
+    because imports need it. Compiling source still works."""
+    sb.call_many([("def f():\n    return 'EARLIERVALUE' * 10\n", "f", "")] * 3)
+    sb.exec_many(["print('EARLIEROUTPUT' * 20)"] * 3)
+    reader, = sb.call_many([(_MEMORY_READER, "f", "")])
+    assert reader.status == "error" and "code.__new__ is refused" in reader.error, (reader.status, reader.value)
+    builder = ("import types\ndef f():\n    c = f.__code__\n    return types.CodeType(*[getattr(c, 'co_' + n) for n in "
+               "('argcount', 'posonlyargcount', 'kwonlyargcount', 'nlocals', 'stacksize', 'flags', 'code', "
+               "'consts', 'names', 'varnames', 'filename', 'name', 'qualname', 'firstlineno', 'linetable', "
+               "'exceptiontable', 'freevars', 'cellvars')])\n")
+    built, = sb.call_many([(builder, "f", "")])
+    assert built.status == "error" and "code.__new__ is refused" in built.error, (built.status, built.error)
+    ordinary = ("import collections, dataclasses\n@dataclasses.dataclass\nclass P:\n    x: int\n"
+                "def f():\n    T = collections.namedtuple('T', 'a b')\n    ns = {}\n"
+                "    exec(compile('y = 2', '<s>', 'exec'), ns)\n    return (P(1).x, T(1, 2).b, ns['y'])\n")
+    assert [(r.status, r.value) for r in sb.call_many([(ordinary, "f", "")])] == [("ok", "(1, 2, 2)")]

@@ -7,11 +7,13 @@
  *   reap()                  wait for the children spawn() killed
  *   send_result(...)        a child's one result frame, immune to the job's monkeypatching
  *   Stash                   byte strings the children never inherit (MADV_DONTFORK)
+ *   huge_arena_bytes()      bytes of huge-page chunks holding this zygote's object arenas (stash.c)
  *   landlock_abi()          the kernel's Landlock ABI version, 0 when absent
  *   landlock_ruleset(paths) a ruleset fd allowing reads beneath paths only (built once per zygote)
  *   syscall_names()         {number: name} for every syscall the policy names
  *   stamp(i), trace_take()  per-stage stamps of a job when configure(trace=True) (trace.h)
  *   stamp_names()           the stamps' names, in index order
+ *   refuse_code_objects()   a child's audit hook refusing code objects the job builds itself
  *   have_libseccomp()       whether this build can use libseccomp
  */
 #define PY_SSIZE_T_CLEAN
@@ -197,6 +199,30 @@ static PyObject *py_trace_take(PyObject *self, PyObject *unused) {
     return Py_BuildValue("(NN)", ns, faults);
 }
 
+/* Code objects a job builds itself (code.replace, types.CodeType, a pickle that reaches them)
+ * run bytecode the compiler never checked: an out-of-range LOAD_CONST reads any address, from
+ * which a job could scan the memory it inherited from the zygote, where earlier jobs' outputs
+ * were decoded (docs/sandbox.md). Defence in depth only: marshal.loads, which the import system
+ * needs for .pyc files, and _imp.get_frozen_object(name, data) still build code from bytes; the
+ * fix is a zygote that never holds outputs in memory children inherit. compile() of source
+ * raises only "compile" and is not touched. A C hook: no Python object a job could find
+ * (gc.get_objects) and rebind, and no hook removal exists. */
+static int refuse_code_hook(const char *event, PyObject *args, void *data) {
+    (void)args; (void)data;
+    if (strcmp(event, "code.__new__") == 0) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "%s is refused in the sandbox: a job may not build code objects", event);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_refuse_code_objects(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    if (PySys_AddAuditHook(refuse_code_hook, NULL) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_stamp_names(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
 #define FZ_STAMP_NAME(name) #name,
@@ -276,6 +302,13 @@ fail:
     return NULL;
 }
 
+size_t fz_huge_arena_bytes(void);
+
+static PyObject *py_huge_arena_bytes(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyLong_FromSize_t(fz_huge_arena_bytes());
+}
+
 static PyObject *py_have_libseccomp(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     return PyBool_FromLong(fz_have_libseccomp());
@@ -294,6 +327,8 @@ static PyMethodDef methods[] = {
     {"trace_take", py_trace_take, METH_NOARGS,
      "The last job's stamps, (ns, minor faults) tuples indexed like stamp_names(); None unless tracing."},
     {"stamp_names", py_stamp_names, METH_NOARGS, "The names of the per-stage stamps, in index order."},
+    {"refuse_code_objects", py_refuse_code_objects, METH_NOARGS,
+     "In a child, before its job: refuse code objects the job builds itself (an audit hook)."},
     {"reap", py_reap, METH_NOARGS, "Wait for the children spawn() killed (it also does so itself)."},
     {"confine_zygote", py_confine_zygote, METH_O,
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},
@@ -303,6 +338,9 @@ static PyMethodDef methods[] = {
     {"landlock_ruleset", py_landlock_ruleset, METH_O,
      "Return a Landlock ruleset fd allowing reads beneath the given directories only."},
     {"syscall_names", py_syscall_names, METH_NOARGS, "{number: name} of syscalls the policy names."},
+    {"huge_arena_bytes", py_huge_arena_bytes, METH_NOARGS,
+     "Bytes of 2 MiB chunks holding this process's object arenas: 0 unless started with the module "
+     "in LD_PRELOAD and FASTAZR_HUGE_ARENAS=1 (a zygote)."},
     {"have_libseccomp", py_have_libseccomp, METH_NOARGS, "Whether libseccomp was compiled in."},
     {NULL, NULL, 0, NULL},
 };

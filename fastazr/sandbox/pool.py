@@ -13,6 +13,7 @@ run, on zygotes of a second seed that share each worker's CPU with the canonical
 
 from __future__ import annotations
 
+import fcntl
 import marshal
 import os
 import selectors
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from .. import _sandbox
 from .config import AZR_MODULES_UNDER_ANOTHER_UID, SandboxConfig
-from .protocol import HEADER, encode
+from .protocol import HEADER_SIZE, encode, length_at
 from .result import Result
 from .trace import stages
 
@@ -62,6 +63,11 @@ class Zygote:
         cpus = settings["cpus"]
         settings = {**settings, "cpu": cpus[index % len(cpus)] if cpus else None}
         self.sock, theirs = socket.socketpair()
+        # Handed over above every descriptor a child is built from, so no child ever holds
+        # the trainer's socket at a number it writes to; duplicated here, not in the zygote,
+        # which then needs no fcntl module (5 mappings every fork copies).
+        channel = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
+        theirs.close()
         package_root = str(Path(__file__).resolve().parents[2])
         # What -I would do but keep PYTHONHASHSEED: no working directory on the path (-P is 3.11+).
         bootstrap = (f"import sys; sys.path[:] = [{package_root!r}, *filter(None, sys.path)]; "
@@ -72,13 +78,14 @@ class Zygote:
             # site-packages .pth hooks, which imported pathlib, zipfile, tempfile... here.
             # Settings as marshal in hex: json would cost the zygote, and so every fork, 116 KiB
             # and 5 mappings more.
-            [sys.executable, "-s", "-S", "-c", bootstrap, str(theirs.fileno()), marshal.dumps(settings).hex()],
+            [sys.executable, "-s", "-S", "-c", bootstrap, str(channel), marshal.dumps(settings).hex()],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            pass_fds=(theirs.fileno(),), env={**scrubbed_env(), "PYTHONHASHSEED": str(hash_seed)},
+            pass_fds=(channel,),
+            env={**scrubbed_env(), **huge_arena_env(settings["huge_arenas"]), "PYTHONHASHSEED": str(hash_seed)},
             cwd=settings["workdir"],
             start_new_session=True,
         )
-        theirs.close()
+        os.close(channel)
         self.sock.setblocking(False)
         self.buffer = bytearray()
         self.batch: list[int] = []
@@ -107,13 +114,13 @@ class Zygote:
         if not data:
             return None
         self.buffer += data
-        if len(self.buffer) < HEADER.size:
+        if len(self.buffer) < HEADER_SIZE:
             return []
-        (n,) = HEADER.unpack_from(self.buffer)
-        if len(self.buffer) < HEADER.size + n:
+        n = length_at(self.buffer)
+        if len(self.buffer) < HEADER_SIZE + n:
             return []
-        body = bytes(self.buffer[HEADER.size:HEADER.size + n])
-        del self.buffer[:HEADER.size + n]
+        body = bytes(self.buffer[HEADER_SIZE:HEADER_SIZE + n])
+        del self.buffer[:HEADER_SIZE + n]
         return [marshal.loads(body)]
 
     def wait_hello(self, timeout_s: float) -> dict:
@@ -174,6 +181,26 @@ def scrubbed_env() -> dict:
     LD_BIND_NOW resolves every shared-library symbol once, in the zygote; resolved lazily,
     each child would look up and write (so copy) its GOT entries again (~8 faults a job)."""
     return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "LD_BIND_NOW": "1"}
+
+
+def huge_arena_env(wanted: bool) -> dict:
+    """What makes a zygote keep its object arenas and glibc heap in huge pages
+    (SandboxConfig.huge_arenas; csrc/sandbox/stash.c): the C module preloaded, so its allocator
+    is in place before the interpreter's first arena, and glibc told to grow its heap in
+    madvised 2 MiB steps (children inherit that: a job's heap past the zygote's grows in huge
+    pages too, where its arenas are mapped page by page as without it)."""
+    path = _sandbox.__file__
+    if not wanted or " " in path or ":" in path:  # LD_PRELOAD splits paths on both
+        return {}
+    # The module needs libpython's symbols: preloaded into a launcher script's shell (some
+    # nix or Bazel setups make sys.executable one), it would stop the zygote from starting.
+    try:
+        with open(sys.executable, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                return {}
+    except OSError:
+        return {}
+    return {"LD_PRELOAD": path, "FASTAZR_HUGE_ARENAS": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 class Sandbox:
@@ -242,7 +269,8 @@ class Sandbox:
                 "max_value_chars": c.max_value_chars,
                 "preload": list(c.preload) + ([m for m in AZR_MODULES_UNDER_ANOTHER_UID if m not in c.preload]
                                               if p["uid"] != os.geteuid() else []),
-                "cpus": sorted(os.sched_getaffinity(0)) if c.pin_cpus else [], "trace": c.trace}
+                "cpus": sorted(os.sched_getaffinity(0)) if c.pin_cpus else [], "trace": c.trace,
+                "huge_arenas": c.huge_arenas}
 
     def _start(self, group: int) -> list[Zygote]:
         """One zygote of hash-seed group `group` per worker, started side by side."""

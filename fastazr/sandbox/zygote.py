@@ -13,7 +13,6 @@ few pages as it can: compiling happens once per batch, the fork-to-reap path is 
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import importlib
 import marshal
@@ -233,10 +232,7 @@ def judge(wait_status: int, cpu: float, killed_for: str | None, result: bytes, i
 
 
 def main() -> None:
-    # Above every descriptor a child is built from, so no child ever holds the trainer's socket
-    # at a number it writes to.
-    channel = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD_CLOEXEC, 100)
-    os.close(int(sys.argv[1]))
+    channel = int(sys.argv[1])  # above every descriptor a child is built from (Zygote in pool.py)
     raw = marshal.loads(bytes.fromhex(sys.argv[2]))
     if len(os.listdir("/proc/self/task")) != 1:
         raise SystemExit("the zygote must be single-threaded: _sandbox.spawn skips Python's at-fork handling")
@@ -255,7 +251,7 @@ def main() -> None:
     # The zygote's own loop makes no reference cycles; a collection would only walk (and so
     # fault in) pages. Children turn the collector back on for the job.
     gc.disable()
-    write_frame(channel, {"pid": os.getpid(), "vm_bytes": vm_bytes()})
+    write_frame(channel, {"pid": os.getpid(), "vm_bytes": vm_bytes(), "huge_arena_bytes": _sandbox.huge_arena_bytes()})
     while (batch := read_frame(channel)) is not None:
         write_frame(channel, run_batch(*batch, settings))
     _sandbox.reap()
