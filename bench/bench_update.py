@@ -239,11 +239,13 @@ def main() -> None:
         flops = update_flops(model, rollouts)
         base = UpdateConfig(micro_batch_tokens=args.micro_tokens)
         fused = replace(base, policy_loss="fused")
+        # MaterializedLogits replaces the composable path's logprobs: it must take that path
+        composable = replace(base, policy_loss="composable")
         contenders = [("fused loss", fused, PolicyUpdate),
-                      ("two-kernel loss", replace(base, policy_loss="composable"), PolicyUpdate),
+                      ("two-kernel loss", composable, PolicyUpdate),
                       ("fused loss + checkpointing", replace(fused, activation_checkpointing=True), PolicyUpdate)]
         if not args.skip_plain:
-            contenders.append(("materialized logits", base, MaterializedLogits))
+            contenders.append(("materialized logits", composable, MaterializedLogits))
         with profiled(args.profile, f"bench_update_{name}") as mark:
             for label, update_config, cls in contenders:
                 row = run_update(label, model, rollouts, update_config, cls, flops, args, mark)

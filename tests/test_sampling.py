@@ -10,6 +10,7 @@ import torch
 
 from fastazr.rollout.sampler import gumbel_sample_cpu, uniform_noise_cpu
 
+from fastazr.kernels import sampling as sampling_module
 from fastazr.kernels.sampling import gumbel_sample, linear_gumbel_sample
 from fastazr.kernels.sampling_reference import (gumbel_noise, gumbel_sample_reference,
                                                 linear_gumbel_sample_reference, uniform_noise)
@@ -151,11 +152,19 @@ def test_sampling_from_hidden_states_matches_reference(dtype):
     torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=LINEAR_LOGPROB_ATOL[dtype])
 
 
-def test_the_split_merge_keeps_the_first_best_over_several_trips():
-    """5 rows fill one row block, so the 1,000 columns fall in 4 vocabulary splits of 256 that
-    the interpreter's merge folds 2 a trip. Greedy row 4 ties columns 300 (split 1), 700 and 900
-    (splits 2 and 3, the second trip) above split 0: the first split holding the best wins
-    within a trip, and an earlier trip keeps a tie."""
+@pytest.mark.parametrize("merge_splits", [2, 4, 8])
+def test_the_split_merge_keeps_the_first_best_over_several_trips(monkeypatch, merge_splits):
+    """5 rows fill one row block, so the 1,000 columns fall in 4 vocabulary splits of 256, which
+    the merge folds `merge_splits` a trip: two full trips, one, or one part-filled. Greedy row 4
+    ties columns 300 (split 1), 700 and 900 (splits 2 and 3) above split 0: the first split
+    holding the best wins within a trip, and an earlier trip keeps a tie. Then 150 columns in 3
+    splits, whose last trip is part-filled at every size."""
+    monkeypatch.setattr(sampling_module, "_MERGE_SPLITS", merge_splits)
+    for rows in (linear_rows(5, 48, 150, torch.float32, "cpu", seed=4), linear_rows(5, 48, 150, torch.float16, "cpu")):
+        tokens, logprobs = linear_gumbel_sample(*rows)
+        want_tokens, want_logprobs = linear_gumbel_sample_reference(*rows)
+        assert torch.equal(tokens, want_tokens) and tokens[2] == 149
+        torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=LINEAR_LOGPROB_ATOL[rows[0].dtype])
     args = linear_rows(5, 48, 1000, torch.float32, "cpu", seed=3)
     hidden, weight = args[0], args[1]
     hidden[4] = 0.0
@@ -185,12 +194,15 @@ def test_sampling_from_hidden_states_follows_the_softmax():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows,hidden_size,vocab", [(300, 1536, 151936), (64, 576, 49152), (37, 576, 49152)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_sampling_from_hidden_states_matches_the_logits_path(dtype):
-    """Qwen2.5-1.5B's lm_head (H = 1536, V = 151,936) at 300 rows: the same tokens as sampling the
-    fp32 logits that torch.mm computes (the GEMM's fp32 accumulation is the same at every tile
-    shape without split-K) and logprobs within 2e-5 of the reference."""
-    hidden, weight, *params = linear_rows(300, 1536, 151936, dtype, "cuda")
+def test_gpu_sampling_from_hidden_states_matches_the_logits_path(dtype, rows, hidden_size, vocab):
+    """Qwen2.5-1.5B's lm_head (H = 1536, V = 151,936) at 300 rows, and SmolLM2's (H = 576, V =
+    49,152) at one row block, which takes sampling_tiles' small-model tiles and ~128 splits: the
+    same tokens as sampling the fp32 logits that torch.mm computes (the GEMM's fp32 accumulation
+    is the same at every tile shape without split-K), greedy ties across splits included, and
+    logprobs within 2e-5 of the reference."""
+    hidden, weight, *params = linear_rows(rows, hidden_size, vocab, dtype, "cuda")
     weight = weight * 0.05
     tokens, logprobs = linear_gumbel_sample(hidden, weight, *params)
     logits = hidden.float() @ weight.float().t() if dtype == torch.float32 else \

@@ -322,7 +322,10 @@ def test_auto_policy_loss_follows_the_hidden_size(monkeypatch):
     assert PolicyUpdate(model, UpdateConfig(**CONFIG)).fused_loss
     assert not PolicyUpdate(model, UpdateConfig(**{**CONFIG, "policy_loss": "composable"})).fused_loss
     monkeypatch.setattr(module, "FUSED_LOSS_MIN_HIDDEN", hidden + 1)
-    assert PolicyUpdate(model, UpdateConfig(**{**CONFIG, "policy_loss": "fused"})).fused_loss
+    update = PolicyUpdate(model, UpdateConfig(**{**CONFIG, "policy_loss": "fused"}))
+    assert update.fused_loss
+    update.config.policy_loss = "auto"  # read at each update, like the other fields
+    assert not update.fused_loss
     with pytest.raises(ValueError, match="policy_loss"):
         UpdateConfig(policy_loss="fast")
 

@@ -33,7 +33,8 @@ from .rollouts import MicroBatch, Rollout, build_micro_batch, plan_micro_batches
 METRICS = ("loss", "clip_fraction", "approx_kl", "mean_ratio", "entropy")
 # UpdateConfig.policy_loss='auto' takes the fused loss from this hidden size up: it tied the
 # composable one at H = 1536 and lost at 576 (its fp32 logits' traffic outweighs the recompute
-# it saves when the GEMMs are small), and won by 16% at 3584 (H100, N = 16K).
+# it saves when the GEMMs are small), and won by 16% at 3584 (H100, N = 16K). 2048 (Qwen2.5-3B)
+# lies between the measured sizes, on the side where the saved GEMM work grows with H.
 FUSED_LOSS_MIN_HIDDEN = 2048
 
 
@@ -50,10 +51,16 @@ class PolicyUpdate:
         passes its sharded one, fastazr.distributed.DataParallelUpdate)."""
         self.model = model
         self.config = config or UpdateConfig()
-        self.fused_loss = self.config.policy_loss == "fused" or (
-            self.config.policy_loss == "auto" and model.lm_head_weight.shape[1] >= FUSED_LOSS_MIN_HIDDEN)
         model.activation_checkpointing = self.config.activation_checkpointing
         self.optimizer = optimizer or MasterOptimizer(model, self.config)
+
+    @property
+    def fused_loss(self) -> bool:
+        """Whether the next update takes linear_pg_loss (UpdateConfig.policy_loss, read each time
+        like the other fields)."""
+        policy_loss = self.config.policy_loss
+        return policy_loss == "fused" or (policy_loss == "auto" and
+                                          self.model.lm_head_weight.shape[1] >= FUSED_LOSS_MIN_HIDDEN)
 
     def sync_from_model(self) -> None:
         """Train from the model's current weights (loaded into it after this update was built):
