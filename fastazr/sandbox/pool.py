@@ -66,26 +66,36 @@ class Zygote:
         # Handed over above every descriptor a child is built from, so no child ever holds
         # the trainer's socket at a number it writes to; duplicated here, not in the zygote,
         # which then needs no fcntl module (5 mappings every fork copies).
-        channel = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
-        theirs.close()
+        try:
+            channel = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            theirs.close()
         package_root = str(Path(__file__).resolve().parents[2])
         # What -I would do but keep PYTHONHASHSEED: no working directory on the path (-P is 3.11+).
         bootstrap = (f"import sys; sys.path[:] = [{package_root!r}, *filter(None, sys.path)]; "
                      "from fastazr.sandbox.zygote import main; main()")
-        self.process = subprocess.Popen(
-            # Not -I, which ignores PYTHONHASHSEED: the environment is scrubbed_env() plus the
-            # seed, so no other PYTHON* variable can reach it. -s: no user site. -S: no
-            # site-packages .pth hooks, which imported pathlib, zipfile, tempfile... here.
-            # Settings as marshal in hex: json would cost the zygote, and so every fork, 116 KiB
-            # and 5 mappings more.
-            [sys.executable, "-s", "-S", "-c", bootstrap, str(channel), marshal.dumps(settings).hex()],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            pass_fds=(channel,),
-            env={**scrubbed_env(), **huge_arena_env(settings["huge_arenas"]), "PYTHONHASHSEED": str(hash_seed)},
-            cwd=settings["workdir"],
-            start_new_session=True,
-        )
-        os.close(channel)
+        try:
+            self.process = subprocess.Popen(
+                # Not -I, which ignores PYTHONHASHSEED: the environment is scrubbed_env() plus the
+                # seed, so no other PYTHON* variable can reach it. -s: no user site. -S: no
+                # site-packages .pth hooks, which imported pathlib, zipfile, tempfile... here.
+                # Settings as marshal in hex: json would cost the zygote, and so every fork, 116 KiB
+                # and 5 mappings more.
+                [sys.executable, "-s", "-S", "-c", bootstrap, str(channel), marshal.dumps(settings).hex()],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=(channel,),
+                env={**scrubbed_env(), **huge_arena_env(settings["huge_arenas"]), "PYTHONHASHSEED": str(hash_seed)},
+                cwd=settings["workdir"],
+                start_new_session=True,
+            )
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            os.close(channel)
         self.sock.setblocking(False)
         self.buffer = bytearray()
         self.batch: list[int] = []
