@@ -467,8 +467,8 @@ def f():
 def test_jobs_cannot_build_code_objects(sb):
     """Found in review: the zygote decodes every job's stdout and value into objects whose freed
     memory later children inherit, and a job that writes its own bytecode can read any address.
-    Children refuse code objects a job builds (an audit hook in C): the reader fails before it
-    reads. Defence in depth, not the fix (docs/sandbox.md): marshal.loads is still allowed
+    Zygotes, and so their children, refuse code objects a job builds (an audit hook in C): the
+    reader fails before it reads. Defence in depth, not the fix (docs/sandbox.md): marshal.loads is still allowed
     because imports need it. Compiling source still works."""
     sb.call_many([("def f():\n    return 'EARLIERVALUE' * 10\n", "f", "")] * 3)
     sb.exec_many(["print('EARLIEROUTPUT' * 20)"] * 3)

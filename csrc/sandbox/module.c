@@ -13,7 +13,7 @@
  *   syscall_names()         {number: name} for every syscall the policy names
  *   stamp(i), trace_take()  per-stage stamps of a job when configure(trace=True) (trace.h)
  *   stamp_names()           the stamps' names, in index order
- *   refuse_code_objects()   a child's audit hook refusing code objects the job builds itself
+ *   refuse_code_objects()   an audit hook, inherited by children, refusing code objects a job builds
  *   have_libseccomp()       whether this build can use libseccomp
  */
 #define PY_SSIZE_T_CLEAN
@@ -328,7 +328,8 @@ static PyMethodDef methods[] = {
      "The last job's stamps, (ns, minor faults) tuples indexed like stamp_names(); None unless tracing."},
     {"stamp_names", py_stamp_names, METH_NOARGS, "The names of the per-stage stamps, in index order."},
     {"refuse_code_objects", py_refuse_code_objects, METH_NOARGS,
-     "In a child, before its job: refuse code objects the job builds itself (an audit hook)."},
+     "Refuse code objects built by code.replace or types.CodeType in this process and the "
+     "children it forks (an audit hook)."},
     {"reap", py_reap, METH_NOARGS, "Wait for the children spawn() killed (it also does so itself)."},
     {"confine_zygote", py_confine_zygote, METH_O,
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},

@@ -25,7 +25,6 @@ _send, _status_index = _sandbox.send_result, CHILD_STATUSES.index
 _repr, _str, _type, _isinstance, _len = repr, str, type, isinstance, len
 _exec, _eval, _BaseException = exec, eval, BaseException
 _stamp = _sandbox.stamp  # per-stage stamps: a no-op unless SandboxConfig.trace is on
-_refuse_code_objects = _sandbox.refuse_code_objects
 _JOB_START, _JOB_DONE, _RESULT_SENT = (_sandbox.stamp_names().index(n) for n in ("job_start", "job_done", "result_sent"))
 
 
@@ -120,7 +119,6 @@ def _run(job: Job, max_value_chars: int) -> tuple[str, str | None, str | None]:
 def serve(job: Job, max_value_chars: int) -> None:
     """Run one job and exit. Called in a hardened child; never returns."""
     _gc_enable()  # the zygote runs with it off
-    _refuse_code_objects()
     _stamp(_JOB_START)
     try:
         outcome = _run(job, max_value_chars)

@@ -63,21 +63,16 @@ class Zygote:
         cpus = settings["cpus"]
         settings = {**settings, "cpu": cpus[index % len(cpus)] if cpus else None}
         self.sock, theirs = socket.socketpair()
-        # Handed over above every descriptor a child is built from, so no child ever holds
-        # the trainer's socket at a number it writes to; duplicated here, not in the zygote,
-        # which then needs no fcntl module (5 mappings every fork copies).
-        try:
-            channel = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
-        except BaseException:
-            self.sock.close()
-            raise
-        finally:
-            theirs.close()
         package_root = str(Path(__file__).resolve().parents[2])
         # What -I would do but keep PYTHONHASHSEED: no working directory on the path (-P is 3.11+).
         bootstrap = (f"import sys; sys.path[:] = [{package_root!r}, *filter(None, sys.path)]; "
                      "from fastazr.sandbox.zygote import main; main()")
+        channel = -1
         try:
+            # Handed over above every descriptor a child is built from, so no child ever holds
+            # the trainer's socket at a number it writes to; duplicated here, not in the zygote,
+            # which then needs no fcntl module (5 mappings every fork copies).
+            channel = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
             self.process = subprocess.Popen(
                 # Not -I, which ignores PYTHONHASHSEED: the environment is scrubbed_env() plus the
                 # seed, so no other PYTHON* variable can reach it. -s: no user site. -S: no
@@ -95,7 +90,9 @@ class Zygote:
             self.sock.close()
             raise
         finally:
-            os.close(channel)
+            theirs.close()
+            if channel >= 0:
+                os.close(channel)
         self.sock.setblocking(False)
         self.buffer = bytearray()
         self.batch: list[int] = []

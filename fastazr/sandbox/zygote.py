@@ -245,6 +245,9 @@ def main() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     settings = Settings(raw)
     _sandbox.confine_zygote(raw["backend"])
+    # Installed once here, children inherit it: no job may build code objects (module.c). The
+    # zygote builds none itself (compile() and marshal raise other events).
+    _sandbox.refuse_code_objects()
     # Everything imported so far is shared copy-on-write with every child; moving it out of
     # the collector's reach keeps a child's GC from touching (and so copying) those pages.
     gc.freeze()

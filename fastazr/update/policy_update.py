@@ -9,9 +9,9 @@ hidden states (no logits tensor), fastazr.kernels.pg_loss gives the PPO-clip los
 mini-batch's total count of loss tokens (so the micro-batches' gradients add up to the one big
 batch's); UpdateConfig.policy_loss='fused' (and 'auto' from a hidden size of 2048 up) does both
 in fastazr.kernels.linear_pg_loss, which makes the gradient in the forward instead of
-recomputing the logits. Then backward, and the bf16
-gradients go into the fp32 buffer of MasterOptimizer, whose step clips, runs AdamW on fp32
-master weights and refreshes the bf16 parameters in place.
+recomputing the logits. Then backward, and the bf16 gradients go into the fp32 buffer of
+MasterOptimizer, whose step clips, runs AdamW on fp32 master weights and refreshes the bf16
+parameters in place.
 
 A mini-batch without a loss token is no step at all (Adam's momentum would still move the
 weights). A non-finite loss or gradient norm (a NaN or inf advantage, a NaN logprob on a counted
