@@ -29,6 +29,18 @@ def descendants_of(pid: int) -> set[int]:
     return found
 
 
+def comm(pid: int) -> str | None:
+    """The process's name, None once it is gone (or a zombie: a container's init may never reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "Z":
+                return None
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def open_fds() -> set[str]:
     fds = set()
     for fd in os.listdir("/proc/self/fd"):

@@ -10,9 +10,14 @@ import pytest
 
 from fastazr.sandbox import Sandbox
 from fastazr.sandbox.hostile import ATTACKS
-from helpers import descendants_of, open_fds
+from helpers import comm, descendants_of, open_fds
 
 CANARY = "print(sum(range(10)))"
+
+
+def jobs_alive(zygote_pid: int) -> set[int]:
+    """The zygote's descendants but its compiler, which lives as long as the zygote."""
+    return {p for p in descendants_of(zygote_pid) if comm(p) != "fastazr-compile"}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def run(tmp_path_factory):
             result, canary = sb.exec_many([source, CANARY], timeout_s=attack.timeout_s)
             outcomes[attack.name] = dict(result=result, canary=canary, sentinel=sentinel, drop=drop,
                                          wall=time.monotonic() - start,
-                                         leftover=descendants_of(zygote_pid))
+                                         leftover=jobs_alive(zygote_pid))
         workdir = sb._workdir
     gone = not os.path.exists(workdir)
     return outcomes, fds_before, open_fds(), gone, zygote_pid

@@ -14,6 +14,8 @@
  *   stamp(i), trace_take()  per-stage stamps of a job when configure(trace=True) (trace.h)
  *   stamp_names()           the stamps' names, in index order
  *   refuse_code_objects()   an audit hook, inherited by children, refusing code objects a job builds
+ *   wipe_freed_memory()     from now on the zygote wipes every block it frees (scrub.c)
+ *   fork_compiler(limit)    a raw fork for the process that compiles jobs' sources
  *   have_libseccomp()       whether this build can use libseccomp
  */
 #define PY_SSIZE_T_CLEAN
@@ -21,10 +23,14 @@
 
 #include "harden.h"
 #include "policy.h"
+#include "scrub.h"
 #include "spawn.h"
 #include "trace.h"
 
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 
 static int parse_backend(const char *name, enum fz_backend *out) {
     if (strcmp(name, "bpf") == 0) *out = FZ_BACKEND_BPF;
@@ -200,11 +206,10 @@ static PyObject *py_trace_take(PyObject *self, PyObject *unused) {
 }
 
 /* Code objects a job builds itself (code.replace, types.CodeType, a pickle that reaches them)
- * run bytecode the compiler never checked: an out-of-range LOAD_CONST reads any address, from
- * which a job could scan the memory it inherited from the zygote, where earlier jobs' outputs
- * were decoded (docs/sandbox.md). Defence in depth only: marshal.loads, which the import system
- * needs for .pyc files, and _imp.get_frozen_object(name, data) still build code from bytes; the
- * fix is a zygote that never holds outputs in memory children inherit. compile() of source
+ * run bytecode the compiler never checked: an out-of-range LOAD_CONST reads any address.
+ * Defence in depth beside the wiping of the zygote's freed memory (scrub.c), which is what keeps
+ * earlier jobs' data out of reach: marshal.loads, which the import system needs for .pyc files,
+ * and _imp.get_frozen_object(name, data) still build code from bytes. compile() of source
  * raises only "compile" and is not touched. A C hook: no Python object a job could find
  * (gc.get_objects) and rebind, and no hook removal exists. */
 static int refuse_code_hook(const char *event, PyObject *args, void *data) {
@@ -221,6 +226,33 @@ static PyObject *py_refuse_code_objects(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     if (PySys_AddAuditHook(refuse_code_hook, NULL) < 0) return NULL;
     Py_RETURN_NONE;
+}
+
+static PyObject *py_wipe_freed_memory(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    if (fz_scrub_install() < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* The zygote's compiler process (zygote.Compiler): a raw fork, as spawn()'s, that stops wiping
+ * in the child (the wiping table is not inherited) and caps its address space as a job's. Not
+ * hardened beyond what it inherits from the zygote (its seccomp filter among it): it runs
+ * compile(), never a job's code, and forks nothing. Returns the pid, 0 in the compiler. */
+static PyObject *py_fork_compiler(PyObject *self, PyObject *arg) {
+    (void)self;
+    unsigned long long address_space = PyLong_AsUnsignedLongLong(arg);
+    if (address_space == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    pid_t zygote = getpid(), pid = fork();
+    if (pid < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    if (pid == 0) {
+        fz_scrub_child();
+        struct rlimit limit = {address_space, address_space};
+        if (setrlimit(RLIMIT_AS, &limit) != 0) _exit(70);
+        prctl(PR_SET_NAME, "fastazr-compile"); /* told apart from jobs in ps, and by the tests */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);       /* dies with the zygote, however the zygote ends */
+        if (getppid() != zygote) _exit(0);      /* the zygote died before the line above */
+    }
+    return PyLong_FromLong(pid);
 }
 
 static PyObject *py_stamp_names(PyObject *self, PyObject *unused) {
@@ -330,6 +362,10 @@ static PyMethodDef methods[] = {
     {"refuse_code_objects", py_refuse_code_objects, METH_NOARGS,
      "Refuse code objects built by code.replace or types.CodeType in this process and the "
      "children it forks (an audit hook)."},
+    {"wipe_freed_memory", py_wipe_freed_memory, METH_NOARGS,
+     "From now on, wipe each block freed in this process (children of spawn() do not)."},
+    {"fork_compiler", py_fork_compiler, METH_O,
+     "fork_compiler(address_space): fork the process that compiles jobs; its pid, 0 in it."},
     {"reap", py_reap, METH_NOARGS, "Wait for the children spawn() killed (it also does so itself)."},
     {"confine_zygote", py_confine_zygote, METH_O,
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},

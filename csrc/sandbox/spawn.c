@@ -3,6 +3,7 @@
  * copy-on-write faults. */
 #include "spawn.h"
 
+#include "scrub.h"
 #include "trace.h"
 
 #include <errno.h>
@@ -75,6 +76,7 @@ int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_sec
         return -1;
     }
     if (pid == 0) {
+        fz_scrub_child();
         fz_stamp(FZ_STAMP_child_start);
         struct fz_harden_opts h = c->harden;
         h.result_fd = fds[1];

@@ -342,9 +342,8 @@ static void *arena_alloc(void *ctx, size_t size) {
 }
 
 /* A freed arena in a chunk is zeroed and kept, where the default unmapped it: unmapping part of
- * a huge page splits it, and a whole arena's old contents (jobs' code and outputs among them)
- * must not reach later children. Objects freed inside arenas still in use keep their bytes:
- * that leak is open (docs/sandbox.md). A child's copy stays as it is: it exits soon. */
+ * a huge page splits it. Its blocks were wiped one by one as they were freed (scrub.c), but
+ * its pool headers and free-list links were not. A child's copy stays as it is: it exits soon. */
 static void arena_free(void *ctx, void *p, size_t size) {
     (void)ctx;
     if (!in_chunks(p)) {

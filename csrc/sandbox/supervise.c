@@ -24,12 +24,20 @@ static double now(void) {
 static ssize_t take(int fd, struct fz_buffer *b) {
     if (b->len > b->limit) {
         char sink[4096];
-        return read(fd, sink, sizeof(sink));
+        ssize_t n = read(fd, sink, sizeof(sink));
+        explicit_bzero(sink, sizeof(sink)); /* the zygote's stack: every later child inherits it */
+        return n;
     }
     if (b->cap - b->len < 512) {
+        /* not realloc, which would leave the old copy of the output in freed heap memory */
         size_t cap = b->cap ? b->cap * 2 : 1024;
-        char *grown = realloc(b->data, cap);
+        char *grown = malloc(cap);
         if (grown == NULL) return -1;
+        if (b->data) {
+            memcpy(grown, b->data, b->len);
+            explicit_bzero(b->data, b->cap);
+            free(b->data);
+        }
         b->data = grown;
         b->cap = cap;
     }
@@ -141,8 +149,11 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
     return 0;
 }
 
+/* Wiped, as every block the zygote frees (scrub.c): these hold the child's outputs. */
 void fz_outcome_free(struct fz_outcome *o) {
-    free(o->result.data);
-    free(o->out.data);
-    free(o->err.data);
+    struct fz_buffer *buffers[3] = {&o->result, &o->out, &o->err};
+    for (int i = 0; i < 3; i++) {
+        if (buffers[i]->data) explicit_bzero(buffers[i]->data, buffers[i]->cap);
+        free(buffers[i]->data);
+    }
 }

@@ -16,7 +16,7 @@ CHILD_STAMPS = frozenset(STAMPS[STAMPS.index("child_start"):STAMPS.index("result
 
 # (stage, stamp it ends at); each starts where the previous one ended.
 CYCLE = (
-    ("zygote: unmarshal job, reseed random", "spawn_enter"),
+    ("zygote: fetch job, reseed random", "spawn_enter"),
     ("zygote: reap, make 3 pipes", "pipes_made"),
     ("zygote: fork (parent side)", "forked"),
     ("zygote: close ends, pidfd_open", "supervising"),
@@ -28,7 +28,7 @@ CYCLE = (
     ("child: SIGSYS handler", "child_sigsys"),
     ("child: seccomp filter", "child_seccomp"),
     ("child: back into Python", "job_start"),
-    ("child: the job (exec, call, repr)", "job_done"),
+    ("child: the job (unmarshal, exec, call, repr)", "job_done"),
     ("child: flush, result frame", "result_sent"),
     ("child exit, zygote wakeup", "exit_seen"),
     ("zygote: wait4, drain, close", "reaped"),

@@ -9,7 +9,11 @@ wall clock (SIGKILL from outside the child), the output caps and the frame forma
 Cost model, measured on the 2-core dev VM: after each fork every page the zygote or the child
 writes faults once (both share it copy-on-write), so the work per job is arranged to touch as
 few pages as it can: compiling happens once per batch, the fork-to-reap path is C
-(_sandbox.spawn), and the child's own Python is the job and little else."""
+(_sandbox.spawn), and the child's own Python is the job and little else.
+
+No job's data stays in the zygote's memory, which every later child inherits: sources compile
+in the zygote's compiler process (Compiler), jobs' children unmarshal their own code, and what
+the zygote frees is wiped (csrc/sandbox/scrub.c; docs/sandbox.md)."""
 
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ class Settings:
                            output_cap=self.max_output_bytes, result_cap=self.result_cap,
                            result_pipe_capacity=pipe_capacity, trace=raw["trace"])
         self.trace: bool = raw["trace"]
+        self.compiler = Compiler(raw["memory_mb"] << 20)
         self.code_cache = _sandbox.Stash()  # job bytes -> kind's first letter + marshal'd Job
 
 
@@ -67,10 +72,9 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
     """Run a batch of jobs (each a marshal'd dict) one child at a time; one marshal'd reply
     per job, in order.
 
-    Work that writes many pages is done once per batch, not once per fork: compiling before
-    the first child (per job it cost ~100 more zygote faults), judging and encoding replies
-    after the last. No job may reach another's program or output, and a child can walk the
-    stack it inherited (sys._getframe().f_back...): so compiled jobs and outputs wait in a
+    Work that writes many pages is done once per batch, not once per fork: compiling (in the
+    Compiler) before the first child, judging and encoding replies after the last. No job may
+    reach another's program or output, and a child can walk the stack it inherited (sys._getframe().f_back...): so compiled jobs and outputs wait in a
     Stash, memory no child inherits, and a job's own objects live only in run_one's frame.
     What the frames above hold when a child forks is the empty `jobs` list, the Stashes, job
     kinds and small numbers."""
@@ -79,7 +83,9 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
     compile_times = _sandbox.Stash() if s.trace else None
     if s.code_cache.nbytes > CODE_CACHE_BYTES:
         s.code_cache = _sandbox.Stash()
-    compiled, kinds = compile_batch(jobs, s.code_cache, compile_times)
+        if s.compiler.pid:
+            s.compiler.stop()
+    compiled, kinds = compile_batch(jobs, s, compile_times)
     outputs = _sandbox.Stash()
     # The collector stays off in the zygote, yet counts every container it allocates; a child
     # whose count passed the threshold (700) collected the zygote's young objects on its first
@@ -95,28 +101,106 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
             for i, kind in enumerate(kinds)]
 
 
-def compile_batch(jobs: list[bytes], cache, compile_times=None):
-    """(Stash of compiled jobs or error replies, kinds), emptying `jobs`. cache: a Stash of
-    jobs compiled before (see CODE_CACHE_BYTES). compile_times, a Stash, gets each job's
-    compile time in ns (8 bytes, little-endian)."""
+def compile_batch(jobs: list[bytes], s: Settings, compile_times=None):
+    """(Stash of compiled jobs or error replies, kinds), emptying `jobs`. Jobs compiled before
+    come from s.code_cache (see CODE_CACHE_BYTES); the rest compile in a child
+    (Compiler). compile_times, a Stash, gets each job's compile time in ns (8 bytes,
+    little-endian; 0 for a cached job)."""
+    found = [s.code_cache.find(blob) for blob in jobs]
+    missing = [blob for blob, hit in zip(jobs, found) if hit is None]
+    fresh = iter(s.compiler.compile(missing) if missing else ())
     compiled = _sandbox.Stash()
     kinds = []
-    seen = {}  # each distinct source's code, dropped with this frame before the first fork
-    for blob in jobs:
-        start = time.monotonic_ns()
-        hit = cache.find(blob)
+    for blob, hit in zip(jobs, found):
         if hit is not None:
-            code, kind = hit[1:], CACHED_KINDS[hit[0]]
+            code, kind, ns = hit[1:], CACHED_KINDS[hit[0]], 0
         else:
-            code, kind = compile_blob(blob, seen)
+            kind, code, ns = next(fresh)
             if kind != "failed":
-                cache.put(blob, kind[0].encode() + code)
+                s.code_cache.put(blob, kind[0].encode() + code)
         if compile_times is not None:
-            compile_times.append((time.monotonic_ns() - start).to_bytes(8, "little"))
+            compile_times.append(ns.to_bytes(8, "little"))
         compiled.append(code)
         kinds.append(kind)
     jobs.clear()
     return compiled, kinds
+
+
+class Compiler:
+    """A child of the zygote that compiles jobs' sources for it, so that no job's source, name or
+    constant is ever an object in the zygote: compiling interns a program's names and name-like
+    string constants, which from Python 3.12 are immortal, out of reach of the wiping of freed
+    memory (scrub.c), and every later child would inherit them. No child is forked from the
+    compiler and it runs no job, so what it keeps reaches no job. Long-lived: a fork per batch
+    cost 0.35-0.7 ms a job on the 2-core VM (batches shrink to a few jobs as a call drains);
+    started again when the zygote's code cache starts over, which bounds what it accumulates,
+    and after it dies. Its memory is capped as a job's; a source that kills it (exhausting
+    memory, crashing the compiler) fails the jobs of its batch, not the zygote."""
+
+    def __init__(self, address_space: int):
+        self.address_space = address_space
+        self.pid = 0
+
+    def compile(self, blobs: list[bytes]) -> list[tuple[str, bytes, int]]:
+        """(kind, marshal'd Job or error reply, compile ns) for each blob (see compile_blob). A
+        compiler lost between batches is replaced and the batch sent again, once."""
+        for _ in range(2):
+            try:
+                if not self.pid:
+                    self.start()
+                write_frame(self.to_child, blobs)
+                results = read_frame(self.from_child)
+            except OSError as exc:
+                results, why = None, os.strerror(exc.errno)
+            except (EOFError, ValueError, TypeError):  # a reply cut short by the compiler's death
+                results, why = None, "its reply was cut short"
+            else:
+                why = "it closed its channel"
+            if results is not None and len(results) == len(blobs):
+                return results
+            if self.pid:
+                why = self.stop() or why
+        return [("failed", compile_failure(f"the compiler process failed twice ({why}): the batch's sources may "
+                                           f"need more than memory_mb to compile"), 0)] * len(blobs)
+
+    def start(self) -> None:
+        down, up = os.pipe(), os.pipe()
+        try:
+            pid = _sandbox.fork_compiler(self.address_space)
+        except OSError:
+            for fd in down + up:
+                os.close(fd)
+            raise
+        if pid == 0:
+            os.close(down[1])
+            os.close(up[0])
+            try:
+                while (blobs := read_frame(down[0])) is not None:
+                    seen = {}
+                    write_frame(up[1], [compile_blob(blob, seen) for blob in blobs])
+            finally:
+                os._exit(0)
+        os.close(down[0])
+        os.close(up[1])
+        self.pid, self.to_child, self.from_child = pid, down[1], up[0]
+
+    def stop(self) -> str | None:
+        """Close its channel and reap it; how it ended, if it did not exit cleanly."""
+        os.close(self.to_child)
+        os.close(self.from_child)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL:
+            return f"killed by signal {os.WTERMSIG(status)}"
+        return None
+
+
+def compile_failure(error: str) -> bytes:
+    return marshal.dumps({"status": "error", "error": error, "duration_s": 0.0})
 
 
 def run_one(i: int, compiled, outputs, timeout_s: float, cpu_seconds: int, s: Settings) -> tuple:
@@ -124,17 +208,17 @@ def run_one(i: int, compiled, outputs, timeout_s: float, cpu_seconds: int, s: Se
     duration, and the Stash indices of its result frame, stdout, stderr and stamps; the
     last is -1 unless SandboxConfig.trace is on)."""
     stamp(JOB_ENTER)
-    # Unmarshalled and reseeded here, between children, not in the child, which would copy
-    # every page this touches (~40 faults fewer there). Each child still starts from fresh
-    # entropy: _sandbox.spawn skips the at-fork hook that reseeds random.
-    job = marshal.loads(compiled.get(i))
+    # Unmarshalled in the child, not here: code objects intern their names (immortal from
+    # Python 3.12: see Compiler). Reseeded here, between children: each child starts
+    # from fresh entropy, though _sandbox.spawn skips the at-fork hook that reseeds random.
+    code = compiled.get(i)
     reseed()
     try:
         outcome = _sandbox.spawn(timeout_s, cpu_seconds)
     except OSError as exc:  # no fork, pipe or pidfd to be had right now
         return None, exc.errno
     if outcome is None:
-        child.serve(job, s.max_value_chars)
+        child.serve(code, s.max_value_chars)
     killed, wait_status, cpu, duration, result, out, err = outcome
     where = outputs.append(result), outputs.append(out), outputs.append(err)
     stamp(JOB_LEAVE)
@@ -142,17 +226,18 @@ def run_one(i: int, compiled, outputs, timeout_s: float, cpu_seconds: int, s: Se
     return killed, wait_status, cpu, duration, *where, stamps
 
 
-def compile_blob(blob: bytes, seen: dict | None = None) -> tuple[bytes, str]:
-    """(marshal'd Job, "call" or "exec"), or (marshal'd error reply, "failed") when the source
-    does not compile. seen: see child.compile_job."""
-    start = time.monotonic()
+def compile_blob(blob: bytes, seen: dict | None = None) -> tuple[str, bytes, int]:
+    """(kind, marshal'd Job, compile ns) with kind "call" or "exec", or ("failed", marshal'd
+    error reply, ns) when the source does not compile. seen: see child.compile_job. Runs in
+    the compiler (Compiler)."""
+    start = time.monotonic_ns()
     job = marshal.loads(blob)
     try:
         compiled = child.compile_job(job["kind"], job["program"], job.get("entry"), job.get("args", ""), seen)
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
-        reply = {"status": "error", "error": child.describe(exc), "duration_s": time.monotonic() - start}
-        return marshal.dumps(reply), "failed"
-    return marshal.dumps(compiled), job["kind"]
+        ns = time.monotonic_ns() - start
+        return "failed", marshal.dumps({"status": "error", "error": child.describe(exc), "duration_s": ns / 1e9}), ns
+    return job["kind"], marshal.dumps(compiled), time.monotonic_ns() - start
 
 
 def judge_outcome(outcome: tuple, outputs, is_call: bool, timeout_s: float, cpu_seconds: int,
@@ -254,9 +339,17 @@ def main() -> None:
     # The zygote's own loop makes no reference cycles; a collection would only walk (and so
     # fault in) pages. Children turn the collector back on for the job.
     gc.disable()
+    # From here on, what the zygote frees is wiped (scrub.c): it holds every job's compiled
+    # code and outputs for a while, and later children inherit its freed memory. Collected
+    # first, so that the free lists hold no object from before the hook, which it would not wipe.
+    gc.collect()
+    _sandbox.wipe_freed_memory()
     write_frame(channel, {"pid": os.getpid(), "vm_bytes": vm_bytes(), "huge_arena_bytes": _sandbox.huge_arena_bytes()})
     while (batch := read_frame(channel)) is not None:
         write_frame(channel, run_batch(*batch, settings))
+        # Free lists keep freed objects unwiped (floats, tuples, small dict keys with their
+        # hashes); a full collection empties them into the wiping free.
+        gc.collect()
     _sandbox.reap()
     os._exit(0)  # skip interpreter teardown: nothing to flush, and fewer syscalls to allow
 
