@@ -49,6 +49,8 @@ __all__ = ["LinearPGLoss", "linear_pg_loss"]
 # The interpreter gets small blocks so that CI's odd vocabularies span several of them.
 _BLOCK_V = 64 if interpreting() else 2048
 _WARPS = 8
+# elements a program of _scale_kernel; small under the interpreter so CI's gradients span several
+_SCALE_BLOCK = 64 if interpreting() else 4096
 
 
 # Per-token tensors come whole with the chunk's first row as a number, not as slices: a slice's
@@ -111,6 +113,26 @@ def _rows_kernel(z_ptr, dz_ptr, tgt_ptr, old_ptr, adv_ptr, mask_ptr, denom_ptr, 
         # load of the trip completes first.
         tl.debug_barrier()
         tl.store(dz_row + c0 + cols, (g * inv_temp).to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        x = tl.load(x_ptr + offs, mask=ok)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=ok)
+
+
+def _scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad *= scale (a 1-element device tensor), in place: each product in fp32, rounded once
+    to grad's dtype; nothing but the scale is read when it is 1 (loss.backward()'s, and
+    PolicyUpdate's). torch's grad.mul_(scale) broadcasts the
+    0-dim tensor through its unvectorized kernel: 1.06 ms for dHidden and dWeight at N = 16K,
+    H = 1536 on the H100, 2.98 ms at H = 3584, 2-3% of the whole loss."""
+    n = grad.numel()
+    _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale, n, BLOCK=_SCALE_BLOCK, num_warps=4)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
@@ -187,11 +209,10 @@ class _LinearPGLossFunction(torch.autograd.Function):
         ctx.grads = None
         if grad_loss is None:
             return (None,) * 15
-        # In place: a scaled copy of dWeight would be 0.47 GB more at qwen2.5-1.5b. The scale is
-        # rounded to the gradient's dtype first (PolicyUpdate's is 1: exact).
+        # In place: a scaled copy of dWeight would be 0.47 GB more at qwen2.5-1.5b.
         for grad in (grad_hidden, grad_weight):
             if grad is not None:
-                grad.mul_(grad_loss)
+                _scale_(grad, grad_loss)
         return (grad_hidden, grad_weight) + (None,) * 13
 
 

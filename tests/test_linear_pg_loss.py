@@ -134,6 +134,25 @@ def test_upstream_gradient_scales_and_a_second_backward_is_refused():
         out.loss.backward()
 
 
+@pytest.mark.parametrize("scale", [1.0, 1 / 3, -2.5])
+def test_upstream_gradient_scales_as_torch_mul_rounds_it(scale):
+    """The stored fp16 gradients scaled in place by the upstream gradient: each product in fp32,
+    rounded once, bit for bit; 1.0 (skipped) included."""
+    # on the GPU where there is one: on CPU tensors only the interpreter runs the fused kernels
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, *rest = (t.to(device) for t in make_inputs(37, 48, 257, torch.float16))
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    targets, old, advantages, mask = rest
+    linear_pg_loss(hidden, weight, targets, old, advantages, mask).loss.backward()
+    once = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    upstream = torch.tensor(scale, dtype=torch.float32, device=device)
+    linear_pg_loss(hidden, weight, targets, old, advantages, mask).loss.backward(upstream)
+    assert hidden.grad.dtype == torch.float16
+    for grad, unscaled in zip((hidden.grad, weight.grad), once):
+        assert torch.equal(grad, (unscaled.float() * upstream).half())
+
+
 def test_a_frozen_input_gets_no_gradient_and_the_other_its_own():
     hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)
     both = run(linear_pg_loss, hidden, weight, targets, old, advantages, mask)
