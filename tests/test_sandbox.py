@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -482,6 +483,38 @@ def test_jobs_compile_in_the_zygotes_compiler_which_is_replaced_when_lost():
     while comm(again[0]) is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert comm(compilers[0]) is None and comm(again[0]) is None, "a compiler outlived its zygote"
+
+
+def test_a_compiler_lost_mid_batch_costs_no_job_its_result():
+    """The compiler killed while it compiles a batch (a ~1 MB source keeps it busy for ~0.4 s):
+    the zygote compiles the batch's jobs again one at a time, and each gets its result."""
+    big = "def f():\n    return 7\n" + "".join(f"v{i} = {i}\n" for i in range(70_000))
+    jobs = [(f"def f():\n    return {k}\n", "f", "") for k in range(3)] + [(big, "f", "")]
+    with Sandbox(workers=1, max_program_chars=2_000_000, timeout_s=5.0) as box:
+        box.call_many(jobs[:1])
+        zygote = box._zygotes[0].process.pid
+        compiler, = (p for p in descendants_of(zygote) if comm(p) == "fastazr-compile")
+        killed = []
+
+        def kill_when_busy():
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline:
+                try:
+                    with open(f"/proc/{compiler}/stat") as f:
+                        if f.read().rpartition(")")[2].split()[0] == "R":
+                            os.kill(compiler, signal.SIGKILL)
+                            killed.append(True)
+                            return
+                except OSError:
+                    return
+                time.sleep(0.001)
+
+        killer = threading.Thread(target=kill_when_busy)
+        killer.start()
+        results = box.call_many(jobs)
+        killer.join()
+    assert killed, "the compiler never ran: nothing was tested"
+    assert [(r.status, r.value) for r in results] == [("ok", "0"), ("ok", "1"), ("ok", "2"), ("ok", "7")], results
 
 
 # Scans every private writable mapping the child has (the zygote's heap, arenas and stack,

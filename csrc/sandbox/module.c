@@ -15,7 +15,7 @@
  *   stamp_names()           the stamps' names, in index order
  *   refuse_code_objects()   an audit hook, inherited by children, refusing code objects a job builds
  *   wipe_freed_memory()     from now on the zygote wipes every block it frees (scrub.c)
- *   fork_compiler(limit)    a raw fork for the process that compiles jobs' sources
+ *   fork_compiler()         a raw fork for the process that compiles jobs' sources
  *   have_libseccomp()       whether this build can use libseccomp
  */
 #define PY_SSIZE_T_CLEAN
@@ -30,7 +30,6 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
-#include <sys/resource.h>
 
 static int parse_backend(const char *name, enum fz_backend *out) {
     if (strcmp(name, "bpf") == 0) *out = FZ_BACKEND_BPF;
@@ -235,22 +234,18 @@ static PyObject *py_wipe_freed_memory(PyObject *self, PyObject *unused) {
 }
 
 /* The zygote's compiler process (zygote.Compiler): a raw fork, as spawn()'s, that stops wiping
- * in the child (the wiping table is not inherited) and caps its address space as a job's. Not
- * hardened beyond what it inherits from the zygote (its seccomp filter among it): it runs
- * compile(), never a job's code, and forks nothing. Returns the pid, 0 in the compiler. */
-static PyObject *py_fork_compiler(PyObject *self, PyObject *arg) {
-    (void)self;
-    unsigned long long address_space = PyLong_AsUnsignedLongLong(arg);
-    if (address_space == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+ * in the child (the wiping table is not inherited), named for ps and the tests, and killed
+ * with the zygote. It keeps the zygote's seccomp filter and memory: it runs compile(), never
+ * a job's code, and forks nothing. Returns the pid, 0 in the compiler. */
+static PyObject *py_fork_compiler(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
     pid_t zygote = getpid(), pid = fork();
     if (pid < 0) return PyErr_SetFromErrno(PyExc_OSError);
     if (pid == 0) {
         fz_scrub_child();
-        struct rlimit limit = {address_space, address_space};
-        if (setrlimit(RLIMIT_AS, &limit) != 0) _exit(70);
-        prctl(PR_SET_NAME, "fastazr-compile"); /* told apart from jobs in ps, and by the tests */
-        prctl(PR_SET_PDEATHSIG, SIGKILL);       /* dies with the zygote, however the zygote ends */
-        if (getppid() != zygote) _exit(0);      /* the zygote died before the line above */
+        prctl(PR_SET_NAME, "fastazr-compile");
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != zygote) _exit(0); /* the zygote died before the line above */
     }
     return PyLong_FromLong(pid);
 }
@@ -364,8 +359,8 @@ static PyMethodDef methods[] = {
      "children it forks (an audit hook)."},
     {"wipe_freed_memory", py_wipe_freed_memory, METH_NOARGS,
      "From now on, wipe each block freed in this process (children of spawn() do not)."},
-    {"fork_compiler", py_fork_compiler, METH_O,
-     "fork_compiler(address_space): fork the process that compiles jobs; its pid, 0 in it."},
+    {"fork_compiler", py_fork_compiler, METH_NOARGS,
+     "fork_compiler(): fork the process that compiles jobs; its pid, 0 in it."},
     {"reap", py_reap, METH_NOARGS, "Wait for the children spawn() killed (it also does so itself)."},
     {"confine_zygote", py_confine_zygote, METH_O,
      "Set no_new_privs and install the zygote-stage filter ('bpf' or 'libseccomp'). Irreversible."},

@@ -34,7 +34,7 @@ CYCLE = (
     ("zygote: wait4, drain, close", "reaped"),
     ("zygote: back into Python, stash", "job_leave"),
 )
-BATCH = ("zygote: compile (per job)", "zygote: judge reply (per job)")
+BATCH = ("compiler: compile (per job; 0 if cached)", "zygote: judge reply (per job)")
 STAGES = tuple(name for name, _ in CYCLE) + BATCH
 
 

@@ -41,6 +41,10 @@ KILLED = {0: None, 1: "timeout", 2: "output_limit"}
 # 32 zygotes could hold 512 MiB) the cache starts over.
 CODE_CACHE_BYTES = 16 << 20
 CACHED_KINDS = {ord("c"): "call", ord("e"): "exec"}
+# Source bytes a compiler takes before it is replaced: from Python 3.12 the names it interns are
+# immortal, so its memory only grows (a review measured 38 -> 139 MB over 1.3M distinct names).
+# A replacement costs ~3 ms; 64 MiB of AZR-sized programs is ~100,000 of them.
+COMPILER_SOURCE_BYTES = 64 << 20
 # random's C-level seeding from the kernel's entropy, without the Python-level Random.seed.
 reseed = super(random.Random, random._inst).seed
 
@@ -64,7 +68,7 @@ class Settings:
                            output_cap=self.max_output_bytes, result_cap=self.result_cap,
                            result_pipe_capacity=pipe_capacity, trace=raw["trace"])
         self.trace: bool = raw["trace"]
-        self.compiler = Compiler(raw["memory_mb"] << 20)
+        self.compiler = Compiler()
         self.code_cache = _sandbox.Stash()  # job bytes -> kind's first letter + marshal'd Job
 
 
@@ -83,8 +87,6 @@ def run_batch(timeout_s: float, jobs: list[bytes], s: Settings) -> list[bytes]:
     compile_times = _sandbox.Stash() if s.trace else None
     if s.code_cache.nbytes > CODE_CACHE_BYTES:
         s.code_cache = _sandbox.Stash()
-        if s.compiler.pid:
-            s.compiler.stop()
     compiled, kinds = compile_batch(jobs, s, compile_times)
     outputs = _sandbox.Stash()
     # The collector stays off in the zygote, yet counts every container it allocates; a child
@@ -133,59 +135,77 @@ class Compiler:
     memory (scrub.c), and every later child would inherit them. No child is forked from the
     compiler and it runs no job, so what it keeps reaches no job. Long-lived: a fork per batch
     cost 0.35-0.7 ms a job on the 2-core VM (batches shrink to a few jobs as a call drains);
-    started again when the zygote's code cache starts over, which bounds what it accumulates,
-    and after it dies. Its memory is capped as a job's; a source that kills it (exhausting
-    memory, crashing the compiler) fails the jobs of its batch, not the zygote."""
+    replaced after COMPILER_SOURCE_BYTES and after it dies. It has the zygote's memory, no cap
+    of its own (a batch of 32 sources of 1M characters needs more than a job's memory_mb); a
+    source that kills it (crashing the compiler) fails its own job, not the batch or the zygote."""
 
-    def __init__(self, address_space: int):
-        self.address_space = address_space
+    def __init__(self):
         self.pid = 0
-
+        self.source_bytes = 0
     def compile(self, blobs: list[bytes]) -> list[tuple[str, bytes, int]]:
         """(kind, marshal'd Job or error reply, compile ns) for each blob (see compile_blob). A
-        compiler lost between batches is replaced and the batch sent again, once."""
-        for _ in range(2):
-            try:
-                if not self.pid:
-                    self.start()
-                write_frame(self.to_child, blobs)
-                results = read_frame(self.from_child)
-            except OSError as exc:
-                results, why = None, os.strerror(exc.errno)
-            except (EOFError, ValueError, TypeError):  # a reply cut short by the compiler's death
-                results, why = None, "its reply was cut short"
-            else:
-                why = "it closed its channel"
-            if results is not None and len(results) == len(blobs):
-                return results
-            if self.pid:
-                why = self.stop() or why
-        return [("failed", compile_failure(f"the compiler process failed twice ({why}): the batch's sources may "
-                                           f"need more than memory_mb to compile"), 0)] * len(blobs)
+        compiler lost mid-batch is replaced and the batch's jobs compiled one at a time, each
+        by a compiler of its own if need be: only a job that kills it alone fails."""
+        if self.pid and self.source_bytes > COMPILER_SOURCE_BYTES:
+            self.stop()
+        results, _ = self.send(blobs)
+        if results is not None:
+            return results
+        alone = []
+        for blob in blobs:
+            one, why = self.send([blob])
+            alone.append(one[0] if one is not None else (
+                "failed", compile_failure(f"the compiler process died compiling this job ({why})"), 0))
+        return alone
+
+    def send(self, blobs: list[bytes]) -> tuple[list | None, str]:
+        """(results, "") or, when the compiler was lost, (None, why), the compiler stopped."""
+        try:
+            if not self.pid:
+                self.start()
+            self.source_bytes += sum(map(len, blobs))
+            write_frame(self.to_child, blobs)
+            results = read_frame(self.from_child)
+        except OSError as exc:
+            results, why = None, os.strerror(exc.errno)
+        except (EOFError, ValueError, TypeError):  # a reply cut short by the compiler's death
+            results, why = None, "its reply was cut short"
+        else:
+            why = "it closed its channel"
+        if results is not None and len(results) == len(blobs):
+            return results, ""
+        if self.pid:
+            why = self.stop() or why
+        return None, why
 
     def start(self) -> None:
         down, up = os.pipe(), os.pipe()
         try:
-            pid = _sandbox.fork_compiler(self.address_space)
+            pid = _sandbox.fork_compiler()
         except OSError:
             for fd in down + up:
                 os.close(fd)
             raise
         if pid == 0:
-            os.close(down[1])
-            os.close(up[0])
+            status = 1  # an exception here: the zygote reports the exit status
             try:
+                # stdin, stdout and stderr and the two pipes: not the trainer's channel, not
+                # the Landlock ruleset
+                os.closerange(3, min(down[0], up[1]))
+                os.closerange(min(down[0], up[1]) + 1, max(down[0], up[1]))
+                os.closerange(max(down[0], up[1]) + 1, 1 << 20)
                 while (blobs := read_frame(down[0])) is not None:
                     seen = {}
                     write_frame(up[1], [compile_blob(blob, seen) for blob in blobs])
+                status = 0
             finally:
-                os._exit(0)
+                os._exit(status)
         os.close(down[0])
         os.close(up[1])
-        self.pid, self.to_child, self.from_child = pid, down[1], up[0]
+        self.pid, self.to_child, self.from_child, self.source_bytes = pid, down[1], up[0], 0
 
     def stop(self) -> str | None:
-        """Close its channel and reap it; how it ended, if it did not exit cleanly."""
+        """Close its channel and reap it; how it ended, if not by exiting cleanly or by this."""
         os.close(self.to_child)
         os.close(self.from_child)
         try:
@@ -196,6 +216,8 @@ class Compiler:
         self.pid = 0
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL:
             return f"killed by signal {os.WTERMSIG(status)}"
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
+            return f"exit status {os.WEXITSTATUS(status)}"
         return None
 
 
@@ -350,6 +372,8 @@ def main() -> None:
         # Free lists keep freed objects unwiped (floats, tuples, small dict keys with their
         # hashes); a full collection empties them into the wiping free.
         gc.collect()
+    if settings.compiler.pid:
+        settings.compiler.stop()  # reaped here, not left to its death signal and to init
     _sandbox.reap()
     os._exit(0)  # skip interpreter teardown: nothing to flush, and fewer syscalls to allow
 
