@@ -128,9 +128,9 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
 def _scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad *= scale (a 1-element device tensor), in place: each product in fp32, rounded once
     to grad's dtype; nothing but the scale is read when it is 1 (loss.backward()'s, and
-    PolicyUpdate's). torch's grad.mul_(scale) broadcasts the
-    0-dim tensor through its unvectorized kernel: 1.06 ms for dHidden and dWeight at N = 16K,
-    H = 1536 on the H100, 2.98 ms at H = 3584, 2-3% of the whole loss."""
+    PolicyUpdate's). torch's grad.mul_(scale) broadcasts the 0-dim tensor through its
+    unvectorized kernel: 1.06 ms for dHidden and dWeight at N = 16K, H = 1536 on the H100,
+    2.98 ms at H = 3584, 2-3% of the whole loss."""
     n = grad.numel()
     _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale, n, BLOCK=_SCALE_BLOCK, num_warps=4)
 
