@@ -4,7 +4,7 @@
  * job's code before its fork, decodes outputs to judge them), and CPython's allocators keep
  * freed blocks as they were: every later child inherited them, and a job able to read raw memory
  * (ctypes where Landlock is off; bytecode from marshal.loads) found earlier jobs' programs,
- * printed text and return values (tests/test_sandbox.py, test_freed_job_data_never_reaches_a_child).
+ * printed text and return values (tests/test_sandbox_isolation.py).
  *
  * A hook on all three allocator domains (raw, mem, object), installed in the zygote once its
  * startup imports are done, records each block it hands out (address -> size) in a table, and
