@@ -13,6 +13,7 @@ import weakref
 import pytest
 import torch
 
+from fastazr.kernels import attention_math
 from fastazr.model import Decoder, ModelConfig
 from fastazr.rollout import Engine, EngineConfig, Request, SamplingParams
 
@@ -83,6 +84,39 @@ def test_greedy_equals_naive_recompute(device, cuda_graphs):
         assert completion.finish_reason == "length"
         torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(want_logprobs),
                                    rtol=0, atol=1e-4)
+
+
+def test_the_kernel_decode_path_equals_naive_recompute(monkeypatch):
+    """The runner's CUDA path on CPU, its Triton kernels under the interpreter (no graphs):
+    exact decodes through the prefill kernel with each sequence's key chunks spread over
+    programs and folded (KEY_CHUNK made 64, so contexts of 70-133 tokens span 2-3 chunks and
+    the split plan changes mid-generation), the metadata advanced by one kernel, cos and sin
+    gathered from the rotary table; against the naive recompute."""
+    monkeypatch.setattr(attention_math, "KEY_CHUNK", 64)
+    model = tiny_model()
+    eng = engine(model, cuda_graphs=False, decode_steps=4)
+    eng.runner.kernels, eng.runner.num_sms = True, 132
+    plans = []
+    splits = eng.runner._splits
+    monkeypatch.setattr(eng.runner, "_splits", lambda *args: plans.append(splits(*args)) or plans[-1])
+    g = torch.Generator().manual_seed(5)
+    batch = [torch.randint(8, TINY.vocab_size, (n,), generator=g).tolist() for n in (70, 100, 121)]
+    results = eng.generate([Request(p, GREEDY) for p in batch])
+    for prompt, (completion,) in zip(batch, results):
+        want_ids, want_logprobs = naive_greedy(model, prompt, GREEDY.max_new_tokens)
+        assert completion.completion_ids == want_ids
+        torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(want_logprobs), rtol=0, atol=1e-4)
+    assert plans[0] == (2, 8) and plans[-1] == (4, 8), f"the longest context should cross 2 chunks: {plans}"
+
+
+def test_the_rotary_table_holds_each_positions_rotary(device):
+    """A decode pass gathers cos and sin from a table of every position (Runner._rotary): the
+    rotary is elementwise in the position, so each row must be model.rotary's bits for it."""
+    model = tiny_model(device=device)
+    positions = torch.tensor([0, 1, 17, 255, 300, 511], device=device)
+    table = model.rotary(torch.arange(TINY.max_position_embeddings, device=device))
+    for rows, want in zip(table, model.rotary(positions)):
+        assert torch.equal(rows.index_select(0, positions.int()), want)
 
 
 SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=60, max_new_tokens=10, ignore_eos=True)

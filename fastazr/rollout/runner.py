@@ -17,9 +17,10 @@ whose cuBLAS kernel gives the trainer's bits (gemm_rows.py; steps of thousands o
 gate_up with SwiGLU fused, a Triton GEMM that gives those bits at every row count); without it
 the leading one-token slices (decodes) take the faster split-K decode kernel. A step of decodes
 only (decode()) runs its passes from a static metadata buffer that the device advances between
-them, each pass replaying the CUDA graph captured for its batch-size bucket. On CPU the attention
-is cpu_attention.py: every decode row of a pass at once, block tables and masks built once a
-step (or a pass) for all layers."""
+them in one launch (kernels/decode_advance.py), each pass replaying the CUDA graph captured for
+its batch-size bucket; placeholders are resolved once a round, and a pass gathers its rows' cos
+and sin from a table of every position. On CPU the attention is cpu_attention.py: every decode
+row of a pass at once, block tables and masks built once a step (or a pass) for all layers."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from fastazr.kernels import attention_math
+from fastazr.kernels.decode_advance import advance_decode
+from fastazr.kernels.decode_advance_reference import META_ROWS
 from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache, swiglu_fused
 from fastazr.kernels.paged_attention import decode_splits, paged_decode_attention, paged_prefill_attention
 from fastazr.kernels.swiglu_linear import swiglu_linear
@@ -54,10 +57,6 @@ _DECODE_ROWS = 64
 # vs 38.6, 1,024 98.5 vs 98.8, 2,048 196 vs 176, 8,192 745-802 vs 677-754 (two machines): the
 # decode batches keep cuBLAS, prefill steps of a few thousand tokens take the fused kernel.
 _FUSED_MLP_ROWS = 2048
-
-# rows of the decode metadata buffer: ids, positions, slots, context lengths, table starts, last positions
-_META_ROWS = 6
-
 
 def graph_buckets(max_rows: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to max_rows (and max_rows): a batch pads at most
@@ -91,10 +90,11 @@ class Runner:
         self.fp32_lm_head = self.kernels and model.dtype != torch.float32 and _fp32_lm_head_supported(model.device)
         self.num_sms = torch.cuda.get_device_properties(model.device).multi_processor_count if self.kernels else 1
         self.buckets = graph_buckets(config.max_num_seqs)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        """(bucket, splits, state chunks) -> graph and its output"""
         self._meta: torch.Tensor | None = None
-        self._previous: torch.Tensor | None = None
         self._arange: torch.Tensor | None = None
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pool = None
         self._side_stream: torch.cuda.Stream | None = None
         # exact mode: every projection at a row count that gives the trainer's bits (gemm_rows.py)
@@ -109,7 +109,7 @@ class Runner:
     def reset(self) -> None:
         """Drop the CUDA graphs: they hold the KV cache's addresses (call before freeing it)."""
         self.graphs.clear()
-        self._meta = self._previous = self._arange = self._pool = None
+        self._meta = self._arange = self._rotary = self._pool = None
 
     # host side
 
@@ -136,11 +136,12 @@ class Runner:
 
     # device side
 
-    def _layers(self, ids, positions, slots, cache: KVCache, attend, previous) -> torch.Tensor:
-        """Final-normed hidden states [T, H]."""
+    def _layers(self, ids, positions, slots, cache: KVCache, attend, previous=None, rotary=None) -> torch.Tensor:
+        """Final-normed hidden states [T, H]. `rotary`: cos and sin of `positions` when the
+        caller has them (decode passes gather them from a table)."""
         model, c = self.model, self.model.config
         hidden = F.embedding(_resolve_ids(ids, previous), model.embed_tokens)
-        cos, sin = model.rotary(positions)
+        cos, sin = model.rotary(positions) if rotary is None else rotary
         if self.kernels:
             return self._fused_layers(hidden, cos, sin, slots, cache, attend)
         slots = slots.long()  # index_copy_ takes int64 only; the decode buffer is int32
@@ -246,21 +247,29 @@ class Runner:
         rows = self.buckets[-1]
         return rows, rows * -(-self._max_len // self.config.block_size)
 
-    def _splits(self, bucket: int, longest: int) -> int:
-        """Programs each sequence's key chunks spread over in exact mode. Only while a program a
-        sequence and KV head leaves SMs idle (H100, qwen2.5-1.5b: a 64 x 1,200-2,000-token
-        decode takes 56 us instead of 78, 8 x 2,000 20 us instead of 79; at 128 x 600-1,200 the
-        fold kernel costs more than it gains, 64 vs 61 us), never more than the longest context
-        has chunks, a power of two: a graph is captured per value."""
+    def _splits(self, bucket: int, longest: int) -> tuple[int, int]:
+        """(programs each sequence's key chunks spread over, chunks of state each sequence keeps)
+        for a decode round whose longest context is `longest`, in exact mode. At least 4
+        programs (more while a program a sequence and KV head would leave SMs idle), at large
+        batches too, where the programs of long contexts outlast the rest of the grid; never more
+        than the context has chunks. H100, one qwen2.5-1.5b layer, us, 1 / 2 / 4 programs a
+        sequence (CUDA-graph replays, the same bits each): 256 x 300-2,400 tokens 192 / 172 /
+        163, 128 x 300-2,400 107 / 99 / 84, 256 x 600-1,200 111 / 109 / 108, 128 x 600-1,200
+        61 / 63 / 58; SmolLM2, 256 x 300-1,500: 119 / 94 / 92. Both are powers of two, and a
+        graph is captured per pair (again after every release_memory()): the state (130 fp32 a
+        row, head and chunk) holds at least 8 chunks, so contexts up to 4K keys take one or two
+        graphs a bucket, and more only for longer ones, not max_model_len's worth (qwen2.5-1.5b,
+        256 rows: 13 MB; at its 32K positions it would be 100 MB)."""
         kv_heads = self.model.config.num_kv_heads
         chunks = -(-longest // attention_math.KEY_CHUNK)
-        if not (self.kernels and self.config.exact_logprobs) or chunks <= 1 or bucket * kv_heads >= self.num_sms:
-            return 1
-        return min(decode_splits(bucket, kv_heads, self.num_sms), 1 << (chunks - 1).bit_length())
+        if not (self.kernels and self.config.exact_logprobs) or chunks <= 1:
+            return 1, 0
+        fit = 1 << (chunks - 1).bit_length()
+        return min(max(4, decode_splits(bucket, kv_heads, self.num_sms)), fit), max(8, fit)
 
     def _rows(self, bucket: int) -> list[torch.Tensor]:
         rows, _ = self._decode_layout()
-        return [self._meta[i * rows:i * rows + bucket] for i in range(_META_ROWS)]
+        return [self._meta[i * rows:i * rows + bucket] for i in range(META_ROWS)]
 
     @torch.no_grad()
     def decode(self, work: list[Work], cache: KVCache, previous: torch.Tensor | None,
@@ -280,18 +289,19 @@ class Runner:
         tables = None if self.kernels else padded_tables([w.seq.blocks for w in work],
                                                          [w.start + w.steps for w in work], self.config.block_size,
                                                          self.model.device)
-        splits = self._splits(bucket, max(w.start + w.steps for w in work))
+        plan = self._splits(bucket, max(w.start + w.steps for w in work))
         tokens, logprobs = [], []
         for i in range(max(w.steps for w in work)):
             if i:
                 self._advance(bucket, cache, tokens[-1])
             if graphs:
-                if (bucket, splits) not in self.graphs:
-                    self.graphs[bucket, splits] = self._capture(bucket, splits, cache)
-                graph, hidden = self.graphs[bucket, splits]
+                key = (bucket, *plan)
+                if key not in self.graphs:
+                    self.graphs[key] = self._capture(bucket, plan, cache)
+                graph, hidden = self.graphs[key]
                 graph.replay()
             else:
-                hidden = self._decode_body(bucket, splits, cache, tables)
+                hidden = self._decode_body(bucket, plan, cache, tables)
             token, logprob = sample(hidden[:n], i)
             tokens.append(token)
             logprobs.append(logprob)
@@ -302,12 +312,13 @@ class Runner:
         n = len(work)
         if self._meta is None:
             device = self.model.device
-            self._meta = torch.zeros(_META_ROWS * rows + capacity, dtype=torch.int32, device=device)
-            self._previous = torch.zeros(self.config.decode_steps * rows, dtype=torch.int64, device=device)
+            self._meta = torch.zeros(META_ROWS * rows + capacity, dtype=torch.int32, device=device)
             # cu_seqlens of one query token a row, for decoding through the prefill kernel
             self._arange = torch.arange(rows + 1, dtype=torch.int32, device=device)
-        if previous is not None:
-            self._previous[:len(previous)].copy_(previous)
+            # cos and sin of every position, the rotary's bits (elementwise in the position): a
+            # pass gathers its rows' instead of computing them in ~7 launches. qwen2.5 (32K
+            # positions, head_dim 128, bf16): 16 MB; SmolLM2 (8K, 64): 2 MB.
+            self._rotary = self.model.rotary(torch.arange(self._max_len, device=device))
         bs = self.config.block_size
         seqs = [w.seq for w in work]
         positions = [w.start for w in work]
@@ -315,7 +326,7 @@ class Runner:
         if sum(table_lengths) > capacity:
             raise RuntimeError(f"{sum(table_lengths)} block-table entries overflow the decode buffer's {capacity}: a bug")
         # padding rows (to the graph's bucket) write to the scratch block and never advance
-        packed = np.zeros((_META_ROWS, rows), np.int64)
+        packed = np.zeros((META_ROWS, rows), np.int64)
         packed[2] = cache.scratch_slot
         packed[0, :n] = [seq.tokens[p] for seq, p in zip(seqs, positions)]
         packed[1, :n] = positions
@@ -325,25 +336,23 @@ class Runner:
         packed[5, :n] = packed[1, :n] + np.fromiter((w.steps - 1 for w in work), np.int64, n)
         flat = np.fromiter(itertools.chain.from_iterable(seq.blocks for seq in seqs), np.int64, sum(table_lengths))
         self._upload(np.concatenate([packed.reshape(-1), flat]), self._meta)
+        # placeholders for the tokens the previous step sampled, resolved once a round: the
+        # passes after the first take the tokens their own round sampled (_advance)
+        ids = self._meta[:n]
+        if previous is not None and previous.numel():
+            ids.copy_(_resolve_ids(ids, previous))
 
     def _advance(self, bucket: int, cache: KVCache, sampled: torch.Tensor) -> None:
         """The next pass's metadata, on the device: a row short of its last position moves one
         token on, with the token just sampled as its input; the others stay and write to scratch."""
-        ids, positions, slots, context, starts, last = self._rows(bucket)
         rows, _ = self._decode_layout()
-        bs = self.config.block_size
-        ids[:len(sampled)].copy_(sampled)
-        moving = positions < last
-        positions.add_(moving)
-        block = self._meta[_META_ROWS * rows:][starts + positions // bs]
-        slots.copy_(torch.where(moving, block * bs + positions % bs, cache.scratch_slot))
-        context.add_(moving)
+        advance_decode(self._meta, rows, bucket, sampled, self.config.block_size, cache.scratch_slot)
 
-    def _decode_body(self, bucket: int, splits: int, cache: KVCache,
+    def _decode_body(self, bucket: int, plan: tuple[int, int], cache: KVCache,
                      tables: torch.Tensor | None = None) -> torch.Tensor:
         rows, _ = self._decode_layout()
         ids, positions, slots, context, starts, _ = self._rows(bucket)
-        flat = self._meta[_META_ROWS * rows:]
+        flat = self._meta[META_ROWS * rows:]
         one_each = self._arange[:bucket + 1]
         if not self.kernels:
             mask = context_mask(context, tables.shape[1] * self.config.block_size)
@@ -353,14 +362,15 @@ class Runner:
                 return decode_attention(q, k_cache, v_cache, tables, mask, self.scale)
             if self.config.exact_logprobs:
                 return paged_prefill_attention(q, k_cache, v_cache, flat, starts, one_each, context, 1,
-                                               self.scale, rows=_DECODE_ROWS, splits=splits,
-                                               max_context=self._max_len)
+                                               self.scale, rows=_DECODE_ROWS, splits=plan[0],
+                                               max_context=max(1, plan[1]) * attention_math.KEY_CHUNK)
             return paged_decode_attention(q, k_cache, v_cache, flat, starts, context, self.scale,
                                           decode_splits(bucket, cache.k.shape[3], self.num_sms))
 
-        return self._layers(ids, positions, slots, cache, attend, self._previous)
+        rotary = tuple(table.index_select(0, positions) for table in self._rotary)
+        return self._layers(ids, positions, slots, cache, attend, rotary=rotary)
 
-    def _capture(self, bucket: int, splits: int, cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, plan: tuple[int, int], cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # A warm-up run on a side stream compiles the Triton kernels and settles the allocator
         # (capture must not compile); it computes the current pass's real rows, harmlessly.
         # One side stream for the runner's life: cuBLAS keeps a 32 MiB workspace per stream it
@@ -370,11 +380,11 @@ class Runner:
         stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._decode_body(bucket, splits, cache)
+            self._decode_body(bucket, plan, cache)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            hidden = self._decode_body(bucket, splits, cache)
+            hidden = self._decode_body(bucket, plan, cache)
         return graph, hidden
