@@ -110,12 +110,14 @@ def test_the_kernel_decode_path_equals_naive_recompute(monkeypatch):
 
 
 def test_the_rotary_table_holds_each_positions_rotary(device):
-    """A decode pass gathers cos and sin from a table of every position (Runner._rotary): the
-    rotary is elementwise in the position, so each row must be model.rotary's bits for it."""
+    """A decode pass gathers cos and sin from the runner's table of every position
+    (Runner._rotary): each row must be model.rotary's bits for its position, up to the last."""
     model = tiny_model(device=device)
-    positions = torch.tensor([0, 1, 17, 255, 300, 511], device=device)
-    table = model.rotary(torch.arange(TINY.max_position_embeddings, device=device))
-    for rows, want in zip(table, model.rotary(positions)):
+    eng = engine(model)
+    eng.generate([Request(prompts(1)[0], GREEDY)])  # a decode round builds the table
+    positions = torch.tensor([0, 1, 17, 255, 300, TINY.max_position_embeddings - 1], device=device)
+    assert all(len(rows) == TINY.max_position_embeddings for rows in eng.runner._rotary)
+    for rows, want in zip(eng.runner._rotary, model.rotary(positions)):
         assert torch.equal(rows.index_select(0, positions.int()), want)
 
 
