@@ -5,6 +5,7 @@ reassembled equal to the unsharded optimizer's master weights and moments."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -56,6 +57,28 @@ def rank_update(rank: int, size: int, port: int, out: str) -> None:
                 "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "optimizer": update.state_dict()}, f"{out}/rank{rank}.pt")
     world.close()
+
+
+def rank_close(rank: int, size: int, port: int, out: str) -> None:
+    os.environ.update(rank_env(rank, size, port))
+    world = World.from_env()
+    world.start(torch.device("cpu"), timeout_s=60)
+    if rank == 1:
+        time.sleep(0.5)  # the last rank to get there
+        world.store.set("closing", "1")
+    world.close()
+    if rank == 0:
+        # rank 0 hosts the store and outlives the group: it may still read it
+        with open(f"{out}/rank0", "w") as f:
+            f.write(str(world.store.check(["closing"])))
+
+
+def test_close_returns_only_once_every_rank_has_got_there(tmp_path):
+    """World.close() ends with every rank's collectives done everywhere before any rank tears its
+    connections down (a rank that left early aborted a peer once on CI): rank 0's close must not
+    return before rank 1, half a second later, reaches its own."""
+    mp.start_processes(rank_close, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank0").read_text() == "True"
 
 
 def single_process(monkeypatch):

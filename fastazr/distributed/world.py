@@ -76,7 +76,14 @@ class World:
                                 device_id=device if device.type == "cuda" else None)
 
     def close(self) -> None:
+        """Leave the process group at a normal end (after a failure, leave it to the process's
+        exit: a peer may never reach the barrier). The barrier makes every rank wait until all
+        have issued and finished their last collective before any tears its connections down:
+        gloo finishes a collective on a rank once that rank holds its result, while its peers may
+        still be exchanging with it. Without it CI once saw a rank of the 3-process update test
+        abort (SIGABRT, "terminate called without an active exception") while its peers ran on."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     # collectives: the identity alone
