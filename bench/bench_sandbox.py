@@ -34,6 +34,7 @@ from common import json_line, machine, median, percentile, print_table, profiled
 from fastazr.sandbox import Sandbox
 from fastazr.sandbox.hostile import ATTACKS
 from fastazr.sandbox.trace import CYCLE, STAGES
+from fastazr.sandbox.zygote import huge_page_bytes
 
 TRIVIAL = ("def f(x):\n    return x + 1\n", "f", "41")
 AZR = ("""
@@ -228,6 +229,7 @@ def breakdown(workers: int, n: int, rounds: int, mark) -> dict:
             results += batch
             with mark("fork ceiling"):
                 fork_rates.append(ceiling.rate(n // rounds))
+        huge = [(z.hello["huge_page_bytes"], huge_page_bytes(z.hello["pid"])) for z in sb._zygotes]
     traced = [r.stages for r in results if r.stages]
     stages = {}
     for name in STAGES:
@@ -236,7 +238,8 @@ def breakdown(workers: int, n: int, rounds: int, mark) -> dict:
         stages[name] = {"mean_us": sum(times) / len(times) * 1e6, "p50_us": median(times) * 1e6,
                         "faults": sum(faults) / len(faults) if faults else None}
     return {"stages": stages, "jobs": len(traced), "per_worker_us": wall * workers / len(results) * 1e6,
-            "trainer_cpu_us": trainer_cpu / len(results) * 1e6, "fork_ceiling": median(fork_rates)}
+            "trainer_cpu_us": trainer_cpu / len(results) * 1e6, "fork_ceiling": median(fork_rates),
+            "huge_page_mib": [[b / 2 ** 20 for b in pair] for pair in huge]}
 
 
 def print_breakdown(b: dict, workers: int) -> None:
@@ -256,6 +259,8 @@ def print_breakdown(b: dict, workers: int) -> None:
     kernel = sum(stages[name]["mean_us"] for name in ("zygote: fork (parent side)", "child exit, zygote wakeup"))
     print()
     print(f"trainer CPU per job: {b['trainer_cpu_us']:.1f} us (it shares the cores with the zygotes)")
+    print("zygotes' memory in huge pages, MiB at start -> after the run: "
+          + ", ".join(f"{start:g} -> {end:g}" for start, end in b["huge_page_mib"]))
     print(f"fork ceiling in the same rounds: {b['fork_ceiling']:,.0f}/s, {fork_us:.0f} us per fork+exit+wait a "
           f"worker; fastazr's fork and exit stages: {kernel:.0f} us; traced rate "
           f"{workers / per_worker * 1e6:,.0f} jobs/s = {fork_us / per_worker:.2f}x the fork ceiling")

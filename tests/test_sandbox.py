@@ -12,6 +12,7 @@ import pytest
 
 from fastazr import _sandbox
 from fastazr.sandbox import STATUSES, Sandbox, SandboxConfig, SandboxError
+from fastazr.sandbox import zygote
 from fastazr.sandbox.config import AZR_MODULES_UNDER_ANOTHER_UID
 
 ADD = "def f(a, b):\n    return a + b\n"
@@ -427,6 +428,27 @@ def test_zygote_object_arenas_sit_in_huge_pages_only_when_asked(sb):
         off = plain.call_many([(grow, "f", "200_000"), (environ, "f", "")])
     on = sb.call_many([(grow, "f", "200_000"), (environ, "f", "")])
     assert [(r.status, r.value) for r in on] == [(r.status, r.value) for r in off] == [("ok", "200000"), ("ok", "{}")]
+
+
+def test_the_zygote_keeps_its_huge_pages_through_compiles_timeouts_and_output():
+    """The zygote's next write into a huge page that a live child still maps splits the zygote's
+    own mapping of it for good (khugepaged merges it again only once no other process maps it).
+    Three such children: the compiler, which lives across batches (before it copied them at its
+    start, none was left after the startup probe's batch, and every fork and exit copied and tore
+    down ~1,500 more page-table entries); a child killed at its timeout and still tearing down
+    (now waited for, briefly); a child whose output the zygote reads while it runs (now into
+    memory no child inherits, not the heap). Measured from outside, after all three."""
+    loop = "def f():\n    while True:\n        pass\n"
+    printer = "def f():\n    print('x' * 100_000)\n    return 1\n"
+    with Sandbox(workers=1, timeout_s=0.5) as box:
+        hello = box._zygotes[0].hello
+        if hello["huge_page_bytes"] == 0:
+            pytest.skip("the kernel gave the zygote no huge page (THP off, or no free 2 MiB page)")
+        results = box.call_many([(ADD, "f", f"{i}, 1") for i in range(20)]
+                                + [("def f(:\n", "f", ""), (loop, "f", ""), (printer, "f", "")])
+        assert [r.status for r in results[-3:]] == ["error", "timeout", "ok"]
+        assert len(results[-1].stdout) == 100_001
+        assert zygote.huge_page_bytes(hello["pid"]) >= hello["huge_page_bytes"]
 
 
 def test_huge_arenas_stay_off_where_ld_preload_would_split_the_path(monkeypatch):

@@ -27,9 +27,12 @@
 #include "spawn.h"
 #include "trace.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <unistd.h>
 
 static int parse_backend(const char *name, enum fz_backend *out) {
     if (strcmp(name, "bpf") == 0) *out = FZ_BACKEND_BPF;
@@ -132,6 +135,7 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
     }
     c.harden.workdir = PyUnicode_AsUTF8(path);
     if (c.harden.workdir == NULL) return NULL;
+    if (fz_reserve_outputs(c.output_cap, c.result_cap) != 0) return PyErr_SetFromErrno(PyExc_OSError);
     char err[256] = {0};
     if (fz_prepare_zygote(&c.harden, err, sizeof(err)) != 0) {
         PyErr_SetString(PyExc_OSError, err);
@@ -233,20 +237,41 @@ static PyObject *py_wipe_freed_memory(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+void fz_unshare_huge_arenas(void);
+
 /* The zygote's compiler process (zygote.Compiler): a raw fork, as spawn()'s, that stops wiping
  * in the child (the wiping table is not inherited), named for ps and the tests, and killed
  * with the zygote. It keeps the zygote's seccomp filter and memory: it runs compile(), never
- * a job's code, and forks nothing. Returns the pid, 0 in the compiler. */
+ * a job's code, and forks nothing. It lives across batches, so before the zygote writes
+ * anything but its C stack again it waits until the child has copied the huge pages it would
+ * otherwise share (stash.c). Returns the pid, 0 in the compiler. */
 static PyObject *py_fork_compiler(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
+    int copied[2];
+    if (pipe2(copied, O_CLOEXEC) != 0) return PyErr_SetFromErrno(PyExc_OSError);
     pid_t zygote = getpid(), pid = fork();
-    if (pid < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    if (pid < 0) {
+        int saved = errno;
+        close(copied[0]);
+        close(copied[1]);
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     if (pid == 0) {
         fz_scrub_child();
         prctl(PR_SET_NAME, "fastazr-compile");
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != zygote) _exit(0); /* the zygote died before the line above */
+        fz_unshare_huge_arenas();
+        close(copied[0]);
+        close(copied[1]); /* end of file: done */
+        return PyLong_FromLong(0);
     }
+    close(copied[1]);
+    char byte;
+    while (read(copied[0], &byte, 1) < 0 && errno == EINTR) {
+    }
+    close(copied[0]);
     return PyLong_FromLong(pid);
 }
 

@@ -14,6 +14,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -276,6 +277,7 @@ static struct {
     size_t spare_size[FZ_MAX_SPARE];
     int nspare;
     size_t bytes;                                /* mapped in chunks */
+    char *heap;                                  /* where glibc's heap starts, 2 MiB aligned */
 } huge;
 
 static void *plain_arena(size_t size) {
@@ -376,6 +378,29 @@ __attribute__((constructor)) static void install_huge_arenas(void) {
     char *brk_now = sbrk(0);
     char *aligned = (char *)(((uintptr_t)brk_now + FZ_HUGE_PAGE - 1) & ~(uintptr_t)(FZ_HUGE_PAGE - 1));
     if (brk_now != (char *)-1 && aligned != brk_now) sbrk(aligned - brk_now);
+    huge.heap = brk_now == (char *)-1 ? NULL : aligned;
 }
 
 size_t fz_huge_arena_bytes(void) { return huge.bytes; }
+
+#ifndef MADV_POPULATE_WRITE /* headers before Linux 5.14 */
+#define MADV_POPULATE_WRITE 23
+#endif
+
+static void own_copy(char *lo, char *hi) {
+    if (lo >= hi || madvise(lo, (size_t)(hi - lo), MADV_POPULATE_WRITE) == 0 || errno != EINVAL) return;
+    for (volatile char *p = lo; p < hi; p += 4096) *p = *p; /* before Linux 5.14: one fault a page */
+}
+
+/* In a long-lived child of the zygote (its compiler): take private copies of every page of the
+ * chunks and the heap, so that the child maps none of the zygote's huge pages. Shared with a
+ * live child, the zygote's next write into a huge page would split its own mapping into 4 KiB
+ * entries for good (khugepaged does not merge pages another process maps): every huge page
+ * was split after the first batch, and fork and exit went back to copying and tearing down
+ * ~1,500 more entries a job. Costs the child ~1,500 copy-on-write copies (~2.5 ms on the
+ * 2-core VM), once per compiler. The zygote must not write into the chunks or the heap until
+ * this has returned (fork_compiler waits for it). */
+void fz_unshare_huge_arenas(void) {
+    for (int i = 0; i < huge.runs; i++) own_copy(huge.lo[i], huge.hi[i]);
+    if (huge.heap != NULL) own_copy(huge.heap, sbrk(0));
+}

@@ -6,8 +6,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -19,27 +19,42 @@ static double now(void) {
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
-/* Read what is available into b. Returns bytes read, 0 at end of file, -1 on error. Never
- * grows past limit + 1 bytes: one byte over is enough to know the limit was passed. */
+/* Where a running child's result and output land: one region per stream, reserved once
+ * (fz_reserve_outputs) in memory no child inherits (MADV_DONTFORK), so no child ever sees an
+ * earlier job's output, and writing there copies nothing. Output read into the heap while the
+ * child lived made the zygote copy that heap page, and split its mapping of the heap's huge
+ * page (stash.c) for good. */
+static struct fz_buffer regions[3];
+
+int fz_reserve_outputs(size_t output_cap, size_t result_cap) {
+    size_t caps[3] = {result_cap + 1, output_cap + 1, output_cap + 1};
+    for (int i = 0; i < 3; i++) {
+        if (regions[i].data != NULL && regions[i].cap >= caps[i]) continue;
+        if (regions[i].data != NULL) munmap(regions[i].data, regions[i].cap);
+        regions[i].data = NULL;
+        void *p = mmap(NULL, caps[i], PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return -1;
+        if (madvise(p, caps[i], MADV_DONTFORK) != 0) {
+            int saved = errno;
+            munmap(p, caps[i]);
+            errno = saved;
+            return -1;
+        }
+        regions[i].data = p;
+        regions[i].cap = caps[i];
+    }
+    return 0;
+}
+
+/* Read what is available into b. Returns bytes read, 0 at end of file, -1 on error. Keeps
+ * limit + 1 bytes at most (its region's size): one byte over is enough to know the limit was
+ * passed. */
 static ssize_t take(int fd, struct fz_buffer *b) {
     if (b->len > b->limit) {
         char sink[4096];
         ssize_t n = read(fd, sink, sizeof(sink));
         explicit_bzero(sink, sizeof(sink)); /* the zygote's stack: every later child inherits it */
         return n;
-    }
-    if (b->cap - b->len < 512) {
-        /* not realloc, which would leave the old copy of the output in freed heap memory */
-        size_t cap = b->cap ? b->cap * 2 : 1024;
-        char *grown = malloc(cap);
-        if (grown == NULL) return -1;
-        if (b->data) {
-            memcpy(grown, b->data, b->len);
-            explicit_bzero(b->data, b->cap);
-            free(b->data);
-        }
-        b->data = grown;
-        b->cap = cap;
     }
     ssize_t n = read(fd, b->data + b->len, b->cap - b->len);
     if (n > 0) b->len += (size_t)n;
@@ -50,6 +65,8 @@ static void drain(int fd, struct fz_buffer *b) {
     while (take(fd, b) > 0) {
     }
 }
+
+#define KILLED_WAIT_MS 20 /* how long a killed child may take to exit before it is left to die */
 
 /* Children killed and not yet reaped. A killed child cannot fork, so each is one zombie-to-be;
  * more than a few at once would mean the next spawn did not run fz_reap_dying. */
@@ -80,15 +97,26 @@ static void close_all(struct pollfd fds[3], int pidfd) {
 int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,
                  size_t output_cap, size_t result_cap, int watch_result, struct fz_outcome *o) {
     memset(o, 0, sizeof(*o));
-    o->result.limit = result_cap;
-    o->out.limit = output_cap;
-    o->err.limit = output_cap;
+    struct fz_buffer *bufs[3] = {&o->result, &o->out, &o->err};
+    size_t limits[3] = {result_cap, output_cap, output_cap};
+    for (int i = 0; i < 3; i++) {
+        if (regions[i].cap < limits[i] + 1) { /* fz_reserve_outputs was not called, or for smaller caps */
+            kill(pid, SIGKILL);
+            waitpid(pid, NULL, 0);
+            close(result_fd);
+            close(out_fd);
+            close(err_fd);
+            close(pidfd);
+            errno = ENOBUFS;
+            return -1;
+        }
+        *bufs[i] = (struct fz_buffer){regions[i].data, 0, regions[i].cap, limits[i]};
+    }
     /* An unwatched result pipe is large enough for any allowed result, so the child never
      * blocks on it and the zygote is woken once, at exit, instead of also at the write (each
      * cross-CPU wakeup costs ~0.1-0.3 ms on the dev VM). Negative fds are skipped by poll. */
     struct pollfd fds[4] = {{watch_result ? result_fd : -result_fd - 1, POLLIN, 0}, {out_fd, POLLIN, 0},
                             {err_fd, POLLIN, 0}, {pidfd, POLLIN, 0}};
-    struct fz_buffer *bufs[3] = {&o->result, &o->out, &o->err};
     double start = now(), deadline = start + timeout_s;
     int exited = 0;
     while (!exited) {
@@ -120,15 +148,24 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
         }
     }
     if (o->killed) {
-        /* Killed: the verdict is known now, and tearing down a big address space can take
-         * 50 ms (a 512 MiB heap), which must not count against "timeout + 100 ms". Take what
-         * is already in the result pipe, and leave the corpse to fz_reap_dying. */
+        /* Killed: the verdict is known now. While the child tears down its address space it
+         * still maps the zygote's pages, and the zygote's next write into a huge page would
+         * split the zygote's own mapping of it (all of them after one timeout, until
+         * khugepaged merged them again ~10 s later). A small child is gone within ~0.3 ms
+         * (2-core VM): waited for and reaped here, before the zygote's Python writes again. A
+         * big one (a 512 MiB heap: 50 ms) must not count against "timeout + 100 ms": left to
+         * fz_reap_dying. Then take what is already in the result pipe. */
         kill(pid, SIGKILL);
         o->duration_s = now() - start;
+        struct pollfd gone = {pidfd, POLLIN, 0};
+        int exited_now = poll(&gone, 1, KILLED_WAIT_MS) == 1;
         int flags = fcntl(result_fd, F_GETFL);
         if (flags >= 0 && fcntl(result_fd, F_SETFL, flags | O_NONBLOCK) == 0) drain(result_fd, &o->result);
         close_all(fds, pidfd);
-        return remember_dying(pid);
+        if (!exited_now) return remember_dying(pid);
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
+        }
+        return 0;
     }
     struct rusage ru;
     while (wait4(pid, &o->wait_status, 0, &ru) < 0) {
@@ -149,11 +186,9 @@ int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, do
     return 0;
 }
 
-/* Wiped, as every block the zygote frees (scrub.c): these hold the child's outputs. */
+/* Wiped once Python has its copies (children never inherit the regions; wiped all the same). */
 void fz_outcome_free(struct fz_outcome *o) {
     struct fz_buffer *buffers[3] = {&o->result, &o->out, &o->err};
-    for (int i = 0; i < 3; i++) {
-        if (buffers[i]->data) explicit_bzero(buffers[i]->data, buffers[i]->cap);
-        free(buffers[i]->data);
-    }
+    for (int i = 0; i < 3; i++)
+        if (buffers[i]->data) explicit_bzero(buffers[i]->data, buffers[i]->len);
 }

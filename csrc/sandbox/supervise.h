@@ -24,11 +24,18 @@ struct fz_outcome {
 
 /* Takes ownership of the descriptors (closes them). With watch_result 0 the result pipe is
  * read only after the child exits (its capacity must hold result_cap). A child killed for
- * time or output is left dying, to be reaped by fz_reap_dying; its wait_status and CPU time
- * stay 0. Returns 0, or -1 with errno set. */
+ * time or output is reaped if it exits within KILLED_WAIT_MS (supervise.c), else left dying,
+ * to be reaped by fz_reap_dying; either way its wait_status and CPU time stay 0. The outcome's
+ * buffers point into the regions fz_reserve_outputs reserved. Returns 0, or -1 with errno set
+ * (ENOBUFS: the regions are missing or smaller than these caps). */
 int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,
                  size_t output_cap, size_t result_cap, int watch_result, struct fz_outcome *o);
 
+/* Reserve where fz_supervise puts a child's result (result_cap + 1 bytes) and outputs
+ * (output_cap + 1 each), once per zygote. Returns 0, or -1 with errno set. */
+int fz_reserve_outputs(size_t output_cap, size_t result_cap);
+
+/* Wipes what the outcome's buffers hold (they point into the reserved regions). */
 void fz_outcome_free(struct fz_outcome *o);
 
 /* Wait for every child fz_supervise killed and left dying. */

@@ -366,7 +366,8 @@ def main() -> None:
     # first, so that the free lists hold no object from before the hook, which it would not wipe.
     gc.collect()
     _sandbox.wipe_freed_memory()
-    write_frame(channel, {"pid": os.getpid(), "vm_bytes": vm_bytes(), "huge_arena_bytes": _sandbox.huge_arena_bytes()})
+    write_frame(channel, {"pid": os.getpid(), "vm_bytes": vm_bytes(), "huge_arena_bytes": _sandbox.huge_arena_bytes(),
+                          "huge_page_bytes": huge_page_bytes(os.getpid())})
     while (batch := read_frame(channel)) is not None:
         write_frame(channel, run_batch(*batch, settings))
         # Free lists keep freed objects unwiped (floats, tuples, small dict keys with their
@@ -376,6 +377,19 @@ def main() -> None:
         settings.compiler.stop()  # reaped here, not left to its death signal and to init
     _sandbox.reap()
     os._exit(0)  # skip interpreter teardown: nothing to flush, and fewer syscalls to allow
+
+
+def huge_page_bytes(pid: int) -> int:
+    """Bytes of process pid's memory in transparent huge pages (what the kernel granted of the
+    arenas' MADV_HUGEPAGE chunks; 0 where THP is off or none was free)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def vm_bytes() -> int:
