@@ -3,6 +3,7 @@
  * copy-on-write faults. */
 #include "spawn.h"
 
+#include "bump.h"
 #include "scrub.h"
 #include "trace.h"
 
@@ -89,6 +90,7 @@ int fz_spawn(const struct fz_spawn_config *c, double timeout_s, uint64_t cpu_sec
             report_setup_failure(fds[1], err);
             _exit(70);
         }
+        fz_bump_install();
         return 0;
     }
     fz_stamp(FZ_STAMP_forked);
