@@ -467,7 +467,9 @@ def f():
     for i in range(50_000):
         data += b'xyz'
     table = {i: [i] * (i % 7) for i in range(50_000)}
-    return total, len(grown), sum(grown[-10:]), text[-30:], len(data), bytes(data[-6:]), sum(map(len, table.values()))
+    zeros = bytes(100_000)  # calloc: zeros whoever serves it
+    return (total, len(grown), sum(grown[-10:]), text[-30:], len(data), bytes(data[-6:]),
+            sum(map(len, table.values())), zeros.count(0))
 """
 
 
@@ -484,6 +486,31 @@ def test_a_job_churning_memory_past_its_fresh_region_runs_as_before(sb):
     counted = "import sys\ndef f():\n    a = sys.getallocatedblocks()\n    x = [[i] for i in range(1000)]\n" \
               "    return sys.getallocatedblocks() - a\n"
     assert int(sb.call_many([(counted, "f", "")])[0].value) < 100
+
+
+def test_output_regions_do_not_count_against_a_jobs_memory_limit():
+    """The zygote reserves room for a running child's result and outputs (2 x max_output_bytes
+    and more) in memory no child inherits; memory_mb bounds a child, so the check of memory_mb
+    against what the zygote maps leaves those regions out."""
+    with Sandbox(workers=1, memory_mb=128, max_output_bytes=200_000_000) as box:
+        assert box.call_many([(ADD, "f", "2, 3")])[0].value == "5"
+
+
+def test_a_big_output_is_not_kept_resident_in_the_zygote():
+    """The output regions are reserved once and reused: a job's output is wiped after it, and a
+    big one's pages are given back rather than kept dirty for the zygote's life."""
+    printer = "import sys\ndef f():\n    sys.stdout.write('x' * 20_000_000)\n    return 1\n"
+
+    def resident_mib(pid):
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    with Sandbox(workers=1, memory_mb=512, max_output_bytes=30_000_000) as box:
+        pid = box._zygotes[0].hello["pid"]
+        before = resident_mib(pid)
+        r = box.call_many([(printer, "f", "")])[0]
+        assert (r.status, len(r.stdout)) == ("ok", 20_000_000)
+        assert resident_mib(pid) < before + 5  # 20 MB kept would be +19 MiB
 
 
 def test_huge_arenas_stay_off_where_ld_preload_would_split_the_path(monkeypatch):

@@ -14,7 +14,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -387,9 +386,13 @@ size_t fz_huge_arena_bytes(void) { return huge.bytes; }
 #define MADV_POPULATE_WRITE 23
 #endif
 
+/* One fault a page, mapped pages only: a run of chunks has holes where arena_free unmapped an
+ * arena (MADV_POPULATE_WRITE stops at the first, ENOMEM), and kernels before 5.14 lack it
+ * (EINVAL). MADV_WILLNEED fails (ENOMEM) exactly where nothing is mapped. */
 static void own_copy(char *lo, char *hi) {
-    if (lo >= hi || madvise(lo, (size_t)(hi - lo), MADV_POPULATE_WRITE) == 0 || errno != EINVAL) return;
-    for (volatile char *p = lo; p < hi; p += 4096) *p = *p; /* before Linux 5.14: one fault a page */
+    if (lo >= hi || madvise(lo, (size_t)(hi - lo), MADV_POPULATE_WRITE) == 0) return;
+    for (char *p = lo; p < hi; p += 4096)
+        if (madvise(p, 4096, MADV_WILLNEED) == 0) *(volatile char *)p = *(volatile char *)p;
 }
 
 /* In a long-lived child of the zygote (its compiler): take private copies of every page of the

@@ -393,11 +393,19 @@ def huge_page_bytes(pid: int) -> int:
 
 
 def vm_bytes() -> int:
-    with open("/proc/self/status") as f:
+    """The address space a child inherits: every mapping but those marked MADV_DONTFORK
+    (VmFlags "dc": the stashes, the wiping table, the output regions, which a child never
+    maps and which its memory limit need not hold)."""
+    total = size = 0
+    with open("/proc/self/smaps") as f:
         for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):  # a mapping's first line: start-end perms ...
+                start, end = head.split("-")
+                size = int(end, 16) - int(start, 16)
+            elif head == "VmFlags:" and "dc" not in line.split()[1:]:
+                total += size
+    return total
 
 
 if __name__ == "__main__":
