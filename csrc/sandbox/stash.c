@@ -400,9 +400,9 @@ static void own_copy(char *lo, char *hi) {
  * live child, the zygote's next write into a huge page would split its own mapping into 4 KiB
  * entries for good (khugepaged does not merge pages another process maps): every huge page
  * was split after the first batch, and fork and exit went back to copying and tearing down
- * ~1,500 more entries a job. Costs the child ~1,500 copy-on-write copies (~2.5 ms on the
- * 2-core VM), once per compiler. The zygote must not write into the chunks or the heap until
- * this has returned (fork_compiler waits for it). */
+ * ~1,500 more entries a job. Costs the child ~1,500 copy-on-write copies once per compiler
+ * (fork_compiler took 2.9-5.5 ms in all on the 2-core VM). The zygote must not write into the
+ * chunks or the heap until this has returned (fork_compiler waits for it). */
 void fz_unshare_huge_arenas(void) {
     for (int i = 0; i < huge.runs; i++) own_copy(huge.lo[i], huge.hi[i]);
     if (huge.heap != NULL) own_copy(huge.heap, sbrk(0));
