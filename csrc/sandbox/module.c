@@ -135,6 +135,7 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
     }
     c.harden.workdir = PyUnicode_AsUTF8(path);
     if (c.harden.workdir == NULL) return NULL;
+    spawn_configured = 0; /* until this configuration is whole: the output regions fit its caps */
     if (fz_reserve_outputs(c.output_cap, c.result_cap) != 0) return PyErr_SetFromErrno(PyExc_OSError);
     char err[256] = {0};
     if (fz_prepare_zygote(&c.harden, err, sizeof(err)) != 0) {

@@ -26,8 +26,8 @@ struct fz_outcome {
  * read only after the child exits (its capacity must hold result_cap). A child killed for
  * time or output is reaped if it exits within KILLED_WAIT_MS (supervise.c), else left dying,
  * to be reaped by fz_reap_dying; either way its wait_status and CPU time stay 0. The outcome's
- * buffers point into the regions fz_reserve_outputs reserved. Returns 0, or -1 with errno set
- * (ENOBUFS: the regions are missing or smaller than these caps). */
+ * buffers point into the regions fz_reserve_outputs reserved for these caps (call it first).
+ * Returns 0, or -1 with errno set. */
 int fz_supervise(pid_t pid, int pidfd, int result_fd, int out_fd, int err_fd, double timeout_s,
                  size_t output_cap, size_t result_cap, int watch_result, struct fz_outcome *o);
 
