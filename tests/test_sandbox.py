@@ -90,6 +90,23 @@ def test_stdout_is_captured_and_capped():
     assert r[2].status == "output_limit" and r[2].stdout.startswith("x")
 
 
+def test_every_way_of_writing_text_is_flushed(sb):
+    """A child flushes its streams only once they were written (child._Output): writelines,
+    stderr alone, text before an exception, before sys.exit and before a MemoryError all count."""
+    r = sb.exec_many(["import sys\nsys.stdout.writelines(['a', 'b\\n'])",
+                      "import sys\nsys.stderr.write('only err')",
+                      "print('before')\nraise ValueError('after')",
+                      "import sys\nprint('bye')\nsys.exit(3)",
+                      "print('big')\nx = bytearray(10 ** 12)",
+                      "x = 1"])
+    assert (r[0].stdout, r[0].stderr) == ("ab\n", "")
+    assert (r[1].stdout, r[1].stderr) == ("", "only err")
+    assert r[2].status == "error" and r[2].stdout == "before\n"
+    assert r[3].stdout == "bye\n"
+    assert r[4].status == "memory" and r[4].stdout == "big\n"
+    assert r[5].status == "ok" and (r[5].stdout, r[5].stderr) == ("", "")
+
+
 def test_output_survives_a_swapped_stdout(sb):
     r = sb.exec_many(["import sys, io\nprint('kept')\nsys.stdout = io.StringIO()\nprint('swallowed')"])[0]
     assert r.status == "ok" and r.stdout == "kept\n"
