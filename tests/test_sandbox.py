@@ -92,19 +92,32 @@ def test_stdout_is_captured_and_capped():
 
 def test_every_way_of_writing_text_is_flushed(sb):
     """A child flushes its streams only once they were written (child._Output): writelines,
-    stderr alone, text before an exception, before sys.exit and before a MemoryError all count."""
+    stderr alone, a warning, an exception raised in __del__ (the unraisable hook writes from C),
+    text before an exception, before sys.exit and before a MemoryError all count."""
     r = sb.exec_many(["import sys\nsys.stdout.writelines(['a', 'b\\n'])",
                       "import sys\nsys.stderr.write('only err')",
+                      "import warnings\nwarnings.warn('careful')",
+                      "class A:\n    def __del__(self):\n        raise KeyError('in del')\nA()",
                       "print('before')\nraise ValueError('after')",
                       "import sys\nprint('bye')\nsys.exit(3)",
                       "print('big')\nx = bytearray(10 ** 12)",
                       "x = 1"])
     assert (r[0].stdout, r[0].stderr) == ("ab\n", "")
     assert (r[1].stdout, r[1].stderr) == ("", "only err")
-    assert r[2].status == "error" and r[2].stdout == "before\n"
-    assert r[3].stdout == "bye\n"
-    assert r[4].status == "memory" and r[4].stdout == "big\n"
-    assert r[5].status == "ok" and (r[5].stdout, r[5].stderr) == ("", "")
+    assert "UserWarning: careful" in r[2].stderr
+    assert "KeyError: 'in del'" in r[3].stderr
+    assert r[4].status == "error" and r[4].stdout == "before\n"
+    assert r[5].stdout == "bye\n"
+    assert r[6].status == "memory" and r[6].stdout == "big\n"
+    assert r[7].status == "ok" and (r[7].stdout, r[7].stderr) == ("", "")
+
+
+def test_children_start_with_nothing_written_and_a_write_marks_it(sb):
+    """The saving itself: children start with the flag clear (the zygote never writes to these
+    streams, which would turn the skip off for every job), and a write sets it."""
+    flag = "def f(text):\n    if text:\n        print(text)\n    import sys\n    return sys.modules['fastazr.sandbox.child']._written[0]\n"
+    r = sb.call_many([(flag, "f", "''"), (flag, "f", "'x'"), (flag, "f", "''")])
+    assert [x.value for x in r] == ["False", "True", "False"]
 
 
 def test_output_survives_a_swapped_stdout(sb):
