@@ -113,8 +113,9 @@ def test_every_way_of_writing_text_is_flushed(sb):
 
 
 def test_children_start_with_nothing_written_and_a_write_marks_it(sb):
-    """The saving itself: children start with the flag clear (the zygote never writes to these
-    streams, which would turn the skip off for every job), and a write sets it."""
+    """The flag the skipped flush hangs on: children start with it clear (a zygote that wrote to
+    these streams would turn the skip off for every job, silently), and a write sets it. That
+    serve() then skips the flush is a cost, seen in --breakdown, not an output."""
     flag = "def f(text):\n    if text:\n        print(text)\n    import sys\n    return sys.modules['fastazr.sandbox.child']._written[0]\n"
     r = sb.call_many([(flag, "f", "''"), (flag, "f", "'x'"), (flag, "f", "''")])
     assert [x.value for x in r] == ["False", "True", "False"]
