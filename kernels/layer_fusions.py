@@ -17,20 +17,35 @@ __all__ = ["add_rms_norm", "rope_to_cache", "swiglu_fused"]
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, width, eps,
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, total_ptr, width, eps,
                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * width
     cols = tl.arange(0, BLOCK)
     inside = cols < width
     x = tl.load(x_ptr + row + cols, mask=inside, other=0.0)
     if HAS_RESIDUAL:
-        # hidden + delta, rounded to the dtype as torch's add does, and written back in place
+        # hidden + delta, rounded to the dtype as torch's add does: the residual stream, written
+        # to total_ptr (x itself in the engine, a new tensor for autograd in the trainer)
         x = (x.to(tl.float32) + tl.load(residual_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)).to(x.dtype)
-        tl.store(x_ptr + row + cols, x, mask=inside)
+        tl.store(total_ptr + row + cols, x, mask=inside)
     xf = x.to(tl.float32)
     normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / width + eps)).to(x.dtype)
     weight = tl.load(weight_ptr + cols, mask=inside, other=0.0)
     tl.store(out_ptr + row + cols, (weight.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=inside)
+
+
+@triton.jit
+def rope_math(x, rot, sign, cos, sin):
+    """x * cos + rotate_half(x) * sin for x, its partner columns rot (unsigned) and their signs
+    (-1 in the first half), each product rounded to the dtype as torch does: the trainer's rotary
+    (training_fusions.fused_rope_qkv) and the engine's share it, so both give apply_rope's bits.
+    Launches that use it turn FP fusion off: with it, ptxas-bound LLVM contracts the rounded
+    product and the sum into one fma.rn.bf16, and 18% of q and k differed from torch's rotary by
+    a bit (enough to move logprobs 2.5e-2 from the engine's over 30 layers)."""
+    dtype = cos.dtype
+    rot = (rot.to(tl.float32) * sign).to(dtype).to(tl.float32)
+    return ((x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
+            + (rot * sin.to(tl.float32)).to(dtype).to(tl.float32)).to(dtype)
 
 
 @triton.jit
@@ -48,27 +63,20 @@ def _rope_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_cache_p
     row = qkv_ptr + t.to(tl.int64) * stride_qkv
     cos = tl.load(cos_ptr + t * HEAD_DIM + d, mask=d_ok, other=0.0)
     sin = tl.load(sin_ptr + t * HEAD_DIM + d, mask=d_ok, other=0.0)
-    dtype = cos.dtype
     h = tl.arange(0, BLOCK_H)
     slot = tl.load(slots_ptr + t).to(tl.int64)
 
     q_mask = (h < HEADS)[:, None] & d_ok[None, :]
     x = tl.load(row + h[:, None] * HEAD_DIM + d[None, :], mask=q_mask, other=0.0)
-    rot = tl.load(row + h[:, None] * HEAD_DIM + partner[None, :], mask=q_mask, other=0.0).to(tl.float32) * sign
-    # x * cos + rotate_half(x) * sin, each product rounded to the dtype as torch does. The launch
-    # turns FP fusion off: with it, ptxas-bound LLVM contracts the rounded product and the sum
-    # into one fma.rn.bf16, and 18% of q and k differed from the trainer's torch rotary by a bit
-    # (enough to move its logprobs 2.5e-2 from the engine's over 30 layers).
-    q = ((x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
-         + (rot.to(dtype).to(tl.float32) * sin.to(tl.float32)).to(dtype).to(tl.float32)).to(dtype)
+    rot = tl.load(row + h[:, None] * HEAD_DIM + partner[None, :], mask=q_mask, other=0.0)
+    q = rope_math(x, rot, sign, cos, sin)
     tl.store(q_ptr + t.to(tl.int64) * stride_q + h[:, None] * HEAD_DIM + d[None, :], q, mask=q_mask)
 
     kv_mask = (h < KV_HEADS)[:, None] & d_ok[None, :]
     k_row = row + HEADS * HEAD_DIM
     x = tl.load(k_row + h[:, None] * HEAD_DIM + d[None, :], mask=kv_mask, other=0.0)
-    rot = tl.load(k_row + h[:, None] * HEAD_DIM + partner[None, :], mask=kv_mask, other=0.0).to(tl.float32) * sign
-    k = ((x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
-         + (rot.to(dtype).to(tl.float32) * sin.to(tl.float32)).to(dtype).to(tl.float32)).to(dtype)
+    rot = tl.load(k_row + h[:, None] * HEAD_DIM + partner[None, :], mask=kv_mask, other=0.0)
+    k = rope_math(x, rot, sign, cos, sin)
     dest = slot * (KV_HEADS * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
     tl.store(k_cache_ptr + dest, k, mask=kv_mask)
     v = tl.load(k_row + KV_HEADS * HEAD_DIM + h[:, None] * HEAD_DIM + d[None, :], mask=kv_mask, other=0.0)
@@ -95,14 +103,16 @@ def _swiglu_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * width + cols, swiglu_math(gate, up), mask=inside)
 
 
-def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """rms_norm(x + residual) of rows x [T, H] (contiguous). With `residual`, x is updated in
-    place to x + residual first (the residual stream), saving a separate add."""
-    if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 total: torch.Tensor | None = None) -> torch.Tensor:
+    """rms_norm(x + residual) of rows x [T, H] (contiguous). With `residual`, x + residual (the
+    residual stream) is written to `total`, by default x itself (in place), saving a separate add."""
+    total = x if total is None else total
+    if not (x.is_contiguous() and total.is_contiguous()) or (residual is not None and not residual.is_contiguous()):
         raise ValueError("add_rms_norm needs contiguous [T, H] rows")
     out = torch.empty_like(x)
     if x.shape[0]:
-        _add_rms_norm_kernel[(x.shape[0],)](x, x if residual is None else residual, weight, out, x.shape[1], eps,
+        _add_rms_norm_kernel[(x.shape[0],)](x, x if residual is None else residual, weight, out, total, x.shape[1], eps,
                                             HAS_RESIDUAL=residual is not None,
                                             BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4)
     return out

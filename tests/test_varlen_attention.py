@@ -129,3 +129,26 @@ def test_gpu_matches_reference_and_engine(dtype):
     # a Qwen2.5-1.5B layer's heads over AZR-like lengths
     check([700, 1, 1500, 333], 12, 2, 128, dtype, "cuda")
     check_engine_agreement([700, 1, 1500, 333], 12, 2, 128, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dq,dkdv", [
+    (dict(BLOCK_M=64, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=64, SPLIT=3)),
+    (dict(BLOCK_M=32, BLOCK_N=32), dict(BLOCK_M=16, BLOCK_N=128, SPLIT=2)),  # 2 does not divide 3 groups: gcd 1
+])
+def test_backward_tilings_agree(monkeypatch, dq, dkdv):
+    """Every backward tiling the launcher may be tuned to: the masked (diagonal) and unmasked loop
+    bounds at tiles of other sizes, and dK/dV summed over programs that split a KV head's query
+    heads, against the reference."""
+    from fastazr.kernels import varlen_attention as module
+    monkeypatch.setattr(module, "_DQ", dict(module._DQ, **dq))
+    monkeypatch.setattr(module, "_DKDV", dict(module._DKDV, **dkdv))
+    check([1, 37, 130, 200], 9, 3, 48, torch.float16, "cpu")  # 16-bit inputs take _DQ and _DKDV
+
+
+def test_backward_tiles_that_do_not_nest_are_refused(monkeypatch):
+    from fastazr.kernels import varlen_attention as module
+    monkeypatch.setattr(module, "_DQ", dict(module._DQ, BLOCK_M=32, BLOCK_N=64))
+    q, k, v, cu, dout = make([5], 2, 1, 16, torch.float16, "cpu")
+    q.requires_grad_()
+    with pytest.raises(ValueError, match="tiles must nest"):
+        varlen_attention(q, k, v, cu, 5).backward(dout)

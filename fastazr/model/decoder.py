@@ -31,6 +31,20 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return rms_norm(x, weight, eps)
 
 
+def _add_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the residual stream hidden + delta, its RMSNorm). On CUDA one kernel each way: the add
+    and, in backward, the sum of the stream's two gradients ride in the norm's pass (four
+    [T, H] bf16 adds a layer fewer: ~0.2 ms net a qwen2.5-1.5b layer at 16K tokens, H100)."""
+    if delta is None:
+        return hidden, _norm(hidden, weight, eps)
+    if hidden.is_cuda and hidden.dim() == 2:
+        from fastazr.kernels.training_fusions import fused_add_rms_norm
+        return fused_add_rms_norm(hidden, delta, weight, eps)
+    hidden = hidden + delta
+    return hidden, rms_norm(hidden, weight, eps)
+
+
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda and gate_up.dim() == 2:
         from fastazr.kernels.training_fusions import fused_swiglu
@@ -61,7 +75,11 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Normed hidden [T, H] -> rotated q [T, Hq, D], rotated k and v [T, Hkv, D]."""
         c = self.config
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        if qkv.is_cuda and qkv.dim() == 2:
+            from fastazr.kernels.training_fusions import fused_rope_qkv
+            return fused_rope_qkv(qkv, cos, sin, c.num_heads, c.num_kv_heads)
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
         return q, k, v.view(-1, c.num_kv_heads, c.head_dim)
@@ -89,11 +107,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = _param(config.hidden_size, device=device, dtype=dtype)
         self.mlp = MLP(config, device, dtype)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int, backend: str) -> torch.Tensor:
-        q, k, v = self.attn.qkv(_norm(hidden, self.input_norm, self.eps), cos, sin)
-        hidden = hidden + self.attn.output(varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, backend))
-        return hidden + self.mlp(_norm(hidden, self.post_attention_norm, self.eps))
+    def forward(self, hidden: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: torch.Tensor, max_seqlen: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, the previous layer's MLP output or None) -> the same pair after this
+        layer: each add into the stream is left to the next norm, which fuses it."""
+        hidden, normed = _add_norm(hidden, delta, self.input_norm, self.eps)
+        q, k, v = self.attn.qkv(normed, cos, sin)
+        attended = self.attn.output(varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, backend))
+        hidden, normed = _add_norm(hidden, attended, self.post_attention_norm, self.eps)
+        return hidden, self.mlp(normed)
 
 
 class Decoder(nn.Module):
@@ -159,12 +181,14 @@ class Decoder(nn.Module):
         hidden = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary(position_ids)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        delta = None
         for layer in self.layers:
             if recompute:
-                hidden = checkpoint(layer, hidden, cos, sin, cu_seqlens, max_seqlen, backend, use_reentrant=False)
+                hidden, delta = checkpoint(layer, hidden, delta, cos, sin, cu_seqlens, max_seqlen, backend,
+                                           use_reentrant=False)
             else:
-                hidden = layer(hidden, cos, sin, cu_seqlens, max_seqlen, backend)
-        return _norm(hidden, self.norm, self.config.rms_norm_eps)
+                hidden, delta = layer(hidden, delta, cos, sin, cu_seqlens, max_seqlen, backend)
+        return _add_norm(hidden, delta, self.norm, self.config.rms_norm_eps)[1]
 
     def rotary(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [T, head_dim] in the model's dtype for integer positions [T]."""
