@@ -137,7 +137,9 @@ def _dkdv_step(q_ptr, do_ptr, lse_ptr, delta_ptr, k, v, dk, dv, m0, start, lengt
     return dk, dv
 
 
-@triton.jit
+# `tokens` changes with every micro-batch; specialized (divisible by 16 or not), it would cost a
+# compile mid-update
+@triton.jit(do_not_specialize=["tokens"])
 def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dk_ptr, dv_ptr, qk_scale, scale,
                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, heads, tokens,
                  GROUPS: tl.constexpr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,

@@ -184,7 +184,10 @@ class Decoder(nn.Module):
         delta = None
         for layer in self.layers:
             if recompute:
-                hidden, delta = checkpoint(layer, hidden, delta, cos, sin, cu_seqlens, max_seqlen, backend,
+                # the add outside the checkpoint (the same bits as the fused one): a checkpoint
+                # keeps its inputs, and one [T, H] a layer is what checkpointing is for
+                hidden = hidden if delta is None else hidden + delta
+                hidden, delta = checkpoint(layer, hidden, None, cos, sin, cu_seqlens, max_seqlen, backend,
                                            use_reentrant=False)
             else:
                 hidden, delta = layer(hidden, delta, cos, sin, cu_seqlens, max_seqlen, backend)
