@@ -49,21 +49,26 @@ def rope_math(x, rot, sign, cos, sin):
 
 
 @triton.jit
+def rope_lanes(HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns d and heads h of a program's [BLOCK_H, BLOCK_D] rotary tile, which columns are
+    real, and rope_math's partner columns and signs: rotate_half pairs column d with d + D/2
+    (negated) in the first half and with d - D/2 after."""
+    d = tl.arange(0, BLOCK_D)
+    half: tl.constexpr = HEAD_DIM // 2
+    return (d, tl.arange(0, BLOCK_H), d < HEAD_DIM, tl.where(d < half, d + half, d - half),
+            tl.where(d < half, -1.0, 1.0))
+
+
+@triton.jit
 def _rope_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                           stride_qkv, stride_q,
                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0)
-    half: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    # rotate_half: the partner of column d is d + D/2 (negated) in the first half, d - D/2 after
-    partner = tl.where(d < half, d + half, d - half)
-    sign = tl.where(d < half, -1.0, 1.0)
+    d, h, d_ok, partner, sign = rope_lanes(HEAD_DIM, BLOCK_H, BLOCK_D)
     row = qkv_ptr + t.to(tl.int64) * stride_qkv
     cos = tl.load(cos_ptr + t * HEAD_DIM + d, mask=d_ok, other=0.0)
     sin = tl.load(sin_ptr + t * HEAD_DIM + d, mask=d_ok, other=0.0)
-    h = tl.arange(0, BLOCK_H)
     slot = tl.load(slots_ptr + t).to(tl.int64)
 
     q_mask = (h < HEADS)[:, None] & d_ok[None, :]

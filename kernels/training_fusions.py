@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastazr.kernels.layer_fusions import add_rms_norm, rope_math, swiglu_fused
+from fastazr.kernels.layer_fusions import add_rms_norm, rope_lanes, rope_math, swiglu_fused
 
 __all__ = ["fused_add_rms_norm", "fused_rms_norm", "fused_rope_qkv", "fused_swiglu"]
 
@@ -73,22 +73,12 @@ def _swiglu_backward_kernel(gate_up_ptr, dout_ptr, dgate_up_ptr, width, BLOCK: t
 
 
 @triton.jit
-def _rope_lanes(HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    # columns d and heads h of a program's [BLOCK_H, BLOCK_D] tile; rotate_half's partner of
-    # column d is d + D/2 (negated) in the first half, d - D/2 after
-    d = tl.arange(0, BLOCK_D)
-    half: tl.constexpr = HEAD_DIM // 2
-    return (d, tl.arange(0, BLOCK_H), d < HEAD_DIM, tl.where(d < half, d + half, d - half),
-            tl.where(d < half, -1.0, 1.0))
-
-
-@triton.jit
 def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, stride_qkv,
                      HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program a token: its q, k and v heads out of the projection's row, q and k rotated.
     t = tl.program_id(0).to(tl.int64)
-    d, h, d_ok, partner, sign = _rope_lanes(HEAD_DIM, BLOCK_H, BLOCK_D)
+    d, h, d_ok, partner, sign = rope_lanes(HEAD_DIM, BLOCK_H, BLOCK_D)
     cos = tl.load(cos_ptr + t * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]
     sin = tl.load(sin_ptr + t * HEAD_DIM + d, mask=d_ok, other=0.0)[None, :]
     row = qkv_ptr + t * stride_qkv
@@ -121,7 +111,7 @@ def _rope_qkv_backward_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr
                               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    d, h, d_ok, partner, sign = _rope_lanes(HEAD_DIM, BLOCK_H, BLOCK_D)
+    d, h, d_ok, partner, sign = rope_lanes(HEAD_DIM, BLOCK_H, BLOCK_D)
     sign = sign[None, :]
     cos = tl.load(cos_ptr + t * HEAD_DIM + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     sin_partner = tl.load(sin_ptr + t * HEAD_DIM + partner, mask=d_ok, other=0.0).to(tl.float32)[None, :]
