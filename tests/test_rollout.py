@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import signal
+import sys
 import time
 import weakref
 
@@ -86,19 +87,29 @@ def test_greedy_equals_naive_recompute(device, cuda_graphs):
                                    rtol=0, atol=1e-4)
 
 
-def test_the_kernel_decode_path_equals_naive_recompute(monkeypatch):
+@pytest.mark.parametrize("exact", [True, False])
+def test_the_kernel_decode_path_equals_naive_recompute(monkeypatch, exact):
     """The runner's CUDA path on CPU, its Triton kernels under the interpreter (no graphs):
     exact decodes through the prefill kernel with each sequence's key chunks spread over
     programs and folded (KEY_CHUNK made 64, so contexts of 70-133 tokens span 2-3 chunks and
     the split plan changes mid-generation), the metadata advanced by one kernel, cos and sin
-    gathered from the rotary table; against the naive recompute."""
+    gathered from the rotary table; against the naive recompute. The prompts outgrow the step's
+    token budget, so some steps mix one sequence's decode with another's prefill chunk: their
+    decodes spread over programs too. Inexact mode: the split-K decode kernel, in both kinds
+    of step."""
     monkeypatch.setattr(attention_math, "KEY_CHUNK", 64)
     model = tiny_model()
-    eng = engine(model, cuda_graphs=False, decode_steps=4)
+    eng = engine(model, cuda_graphs=False, decode_steps=4, exact_logprobs=exact)
     eng.runner.kernels, eng.runner.num_sms = True, 132
-    plans = []
+    plans, mixed = [], []
     splits = eng.runner._splits
-    monkeypatch.setattr(eng.runner, "_splits", lambda *args: plans.append(splits(*args)) or plans[-1])
+
+    def recorded(*args):
+        plan = splits(*args)
+        (mixed if sys._getframe(1).f_code.co_name == "_eager_kernels" else plans).append(plan)
+        return plan
+
+    monkeypatch.setattr(eng.runner, "_splits", recorded)
     g = torch.Generator().manual_seed(5)
     batch = [torch.randint(8, TINY.vocab_size, (n,), generator=g).tolist() for n in (70, 100, 121)]
     results = eng.generate([Request(p, GREEDY) for p in batch])
@@ -106,7 +117,10 @@ def test_the_kernel_decode_path_equals_naive_recompute(monkeypatch):
         want_ids, want_logprobs = naive_greedy(model, prompt, GREEDY.max_new_tokens)
         assert completion.completion_ids == want_ids
         torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(want_logprobs), rtol=0, atol=1e-4)
+    if not exact:
+        return
     assert plans[0] == (2, 8) and plans[-1] == (4, 8), f"the longest context should cross 2 chunks: {plans}"
+    assert any(programs > 1 for programs, _ in mixed), f"no decode of a step with a prefill chunk split: {mixed}"
 
 
 def test_the_rotary_table_holds_each_positions_rotary(device):

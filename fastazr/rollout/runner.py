@@ -10,17 +10,18 @@ packed on the host into one int32 array and reaches the device in one copy. A ne
 -1 - j stands for the j-th token sampled by the previous step, which the host has not read back
 yet (see engine.py); it is taken from that step's output on the device. On CUDA the attention is
 fastazr.kernels.paged_attention. With EngineConfig.exact_logprobs (the default) every slice goes
-to the varlen prefill kernel, whose tiles and key chunks are the trainer's attention's (a decode
-round at small batch spreads each sequence's chunks over programs and folds them in order), so a
-decoded token's attention is the trainer's bit for bit, and every projection runs at a row count
-whose cuBLAS kernel gives the trainer's bits (gemm_rows.py; steps of thousands of tokens run
-gate_up with SwiGLU fused, a Triton GEMM that gives those bits at every row count); without it
-the leading one-token slices (decodes) take the faster split-K decode kernel. A step of decodes
-only (decode()) runs its passes from a static metadata buffer that the device advances between
-them in one launch (kernels/decode_advance.py), each pass replaying the CUDA graph captured for
-its batch-size bucket; placeholders are resolved once a round, and a pass gathers its rows' cos
-and sin from a table of every position. On CPU the attention is cpu_attention.py: every decode
-row of a pass at once, block tables and masks built once a step (or a pass) for all layers."""
+to the varlen prefill kernel, whose tiles and key chunks are the trainer's attention's (decodes,
+in a round or beside prefill chunks, spread each sequence's chunks over programs and fold them
+in order), so a decoded token's attention is the trainer's bit for bit, and every projection
+runs at a row count whose cuBLAS kernel gives the trainer's bits (gemm_rows.py; steps of
+thousands of tokens run gate_up with SwiGLU fused, a Triton GEMM that gives those bits at every
+row count); without it the leading one-token slices (decodes) take the faster split-K decode
+kernel. A step of decodes only (decode()) runs its passes from a static metadata buffer that
+the device advances between them in one launch (kernels/decode_advance.py), each pass replaying
+the CUDA graph captured for its batch-size bucket; placeholders are resolved once a round, and a
+pass gathers its rows' cos and sin from a table of every position. On CPU the attention is
+cpu_attention.py: every decode row of a pass at once, block tables and masks built once a step
+(or a pass) for all layers."""
 
 from __future__ import annotations
 
@@ -202,33 +203,37 @@ class Runner:
 
     def _eager_kernels(self, work: list[Work], index: dict[str, np.ndarray], last: np.ndarray,
                        cache: KVCache, previous: torch.Tensor | None) -> torch.Tensor:
-        # Leading one-token slices take the decode kernel; the rest (with their own cu_seqlens,
-        # re-based at the first prefill row) take the prefill kernel.
+        # Leading one-token slices (decodes) and the prefill chunks behind them attend in two
+        # launches: the prefill kernel's rows index q by the step's own cu_seqlens.
         decodes = next((i for i, w in enumerate(work) if w.count != 1), len(work))
         cu = index["cu"]
-        exact = self.config.exact_logprobs
         parts = dict(ids=index["ids"], positions=index["positions"], slots=index["slots"], context=index["context"],
-                     table_starts=index["table_starts"], cu=cu if exact else cu[decodes:] - decodes, last=last,
-                     flat=index["flat"])
+                     table_starts=index["table_starts"], cu=cu, last=last, flat=index["flat"])
         sizes = [len(v) for v in parts.values()]
         meta = self._upload(np.concatenate(list(parts.values())))
         views = dict(zip(parts, meta.split(sizes)))
         last_t = views["last"].long()
         max_q = int(np.diff(cu[decodes:]).max(initial=1))
+        # Exact decodes take the trainer's tiles in 64-row programs and, once a context spans
+        # several key chunks, spread them over programs as a decode round does (the same bits).
+        # In the prefill's launch they took 128-row tiles holding one token's heads (8 rows for
+        # qwen2.5-1.5b) and one program a sequence, however long its context.
+        longest = int(index["context"][:decodes].max(initial=1))
+        splits = self._splits(decodes, longest)[0] if decodes else 1
 
         def attend(q, k_cache, v_cache):
-            if exact:  # every slice, decodes too, in the trainer's tiles
-                return paged_prefill_attention(q, k_cache, v_cache, views["flat"], views["table_starts"],
-                                               views["cu"], views["context"], max_q, self.scale,
-                                               rows=_DECODE_ROWS if max_q == 1 else None)
             out = torch.empty_like(q)
-            if decodes:
+            if decodes and self.config.exact_logprobs:
+                paged_prefill_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
+                                        views["cu"][:decodes + 1], views["context"][:decodes], 1, self.scale,
+                                        out=out[:decodes], rows=_DECODE_ROWS, splits=splits, max_context=longest)
+            elif decodes:
                 paged_decode_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
                                        views["context"][:decodes], self.scale,
                                        decode_splits(decodes, cache.k.shape[3], self.num_sms), out=out[:decodes])
             if decodes < len(work):
-                paged_prefill_attention(q[decodes:], k_cache, v_cache, views["flat"], views["table_starts"][decodes:],
-                                        views["cu"], views["context"][decodes:], max_q, self.scale, out=out[decodes:])
+                paged_prefill_attention(q, k_cache, v_cache, views["flat"], views["table_starts"][decodes:],
+                                        views["cu"][decodes:], views["context"][decodes:], max_q, self.scale, out=out)
             return out
 
         hidden = self._layers(views["ids"], views["positions"], views["slots"], cache, attend, previous)
