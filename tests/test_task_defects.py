@@ -1,6 +1,7 @@
 """Regressions for issue 20 (2): task checks that crashed on model-written text, gave verdicts
 that did not reproduce, or were bypassed. Each test uses the issue's exact input."""
 
+import math
 import signal
 
 import pytest
@@ -43,7 +44,8 @@ def test_deduction_against_a_huge_int_is_a_verdict():
 
 # ---- a valid proposal reproduces its output on every later run ----
 
-@pytest.mark.parametrize("program", ["def f(s):\n    return ''.join(set(s))\n", "def f(s):\n    return hash(s) % 2\n"])
+@pytest.mark.parametrize("program", ["def f(s):\n    return ''.join(set(s))\n",
+                                     "def f(s):\n    return next(iter({s, s[::-1]}))\n"])
 def test_validated_outputs_reproduce_on_every_run(ex, program):
     inputs = [repr(a + b) for a in "axyz" for b in "bcdefg"]  # 24 inputs like 'ax'
     outcomes = ex.validate_proposals([(program, given) for given in inputs])
@@ -152,10 +154,29 @@ def test_induction_outputs_are_not_escaped_twice(ex):
     ("import functools\n@functools.singledispatch\ndef g(x):\n    return 0\n@g.register\n"
      "def h(x: \"__import__('os').getpid()\"):\n    return 1\ndef f(x):\n    return g(x)\n", "string annotation"),
     ("from . import x\ndef f(x):\n    return x\n", "relative import (from . import x): import modules by absolute name"),
+    # memory addresses: two children of one zygote share them, another worker's differ
+    ("def f(a):\n    return (id(a) >> 28) % 2\n", "banned builtin id: it reads memory addresses"),
+    ("def f(a):\n    return hash(object()) % 2\n", "banned builtin hash"),
+    ("h = hash\ndef f(a):\n    return h(a)\n", "banned builtin hash"),
+    ("def f(a):\n    return object().__hash__() % 2\n", "banned attribute __hash__"),
+    ("import array\ndef f(a):\n    return array.array('i', [a]).buffer_info()[0] % 2\n", "banned attribute buffer_info"),
 ])
 def test_static_check_closes_the_route(source, reason):
     check = check_program(source)
     assert not check.ok and reason in check.reason, check
+
+
+def test_deeply_nested_scopes_are_checked_without_recursion(ex):
+    deep = "def f(a):\n    return (" + "lambda: " * 990 + "a)" + "()" * 990 + "\n"  # 10K chars; Python runs it
+    assert check_program(deep).ok
+    valid = ex.validate_proposals([(deep, "1")])[0]
+    assert valid.valid and valid.output == "1"
+    assert ex.check_induction([(deep, [("1", "1"), ("'x'", "'x'")])]) == [True]
+    assert not check_program(deep.replace("a)", "eval('a'))")).ok
+
+
+def test_names_as_function_locals_are_not_the_address_builtins():
+    assert check_program("def f(id):\n    hash = id * 2\n    return hash\n").ok
 
 
 @pytest.mark.parametrize("program", [
@@ -183,6 +204,21 @@ def test_abduction_reads_answers_as_deduction_does(ex, answer):
 def test_nan_equals_nan_inside_dicts_and_sets(a, b):
     assert same_value(parse_value(a), parse_value(b))
     assert TaskExecutor.check_deduction([(a, b)]) == [True]
+
+
+@pytest.mark.parametrize("text, value", [("(1+nanj)", complex(1, math.nan)), ("infj", complex(0, math.inf)),
+                                         ("-infj", complex(0, -math.inf)), ("(inf+infj)", complex(math.inf, math.inf)),
+                                         ("(nan-infj)", complex(math.nan, -math.inf))])
+def test_complex_reprs_with_non_finite_parts_read_back(text, value):
+    assert repr(value) == text and same_value(parse_value(text), value)
+
+
+def test_programs_returning_non_finite_complex_validate(ex):
+    program = "def f(a):\n    return complex(1, a)\n"
+    outcomes = ex.validate_proposals([(program, "float('nan')"), (program, "float('inf')")])
+    assert [(o.valid, o.output) for o in outcomes] == [(True, "(1+nanj)"), (True, "(1+infj)")]
+    assert TaskExecutor.check_deduction([("(1+nanj)", "(1+nanj)"), ("(1+infj)", "(1+infj)")]) == [True, True]
+    assert ex.check_abduction([(program, "(1+nanj)", "nan")]) == [True]
 
 
 def test_run_programs_checks_inputs_and_caps_outputs(ex):

@@ -24,7 +24,8 @@ class RewardScale:
     """A solver response without a usable <answer>."""
 
     proposer_invalid: float = -1.0
-    """A well-formed proposal the sandbox rejects, or a duplicate (the reference code gives -0.5)."""
+    """A well-formed proposal the sandbox rejects (the reference code too: -1), or a duplicate
+    (the reference code does not look for duplicates)."""
 
     proposer_malformed: float = -1.0
     """A proposal without the blocks its role needs."""

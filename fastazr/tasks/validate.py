@@ -14,6 +14,11 @@ one spelling at a time (each class below names routes that once passed):
 - builtins: a name that resolves to a BANNED_BUILTINS entry is rejected wherever it appears,
   called or not (`e = eval`, `[exec][0](...)`, `g = globals`, `__loader__`: it imports); a
   function's own parameter or local of that name is fine;
+- memory addresses: `id`, `hash` (an object's hash is its address) and the attributes that
+  expose one (`__hash__`, `array.buffer_info`) are banned like the builtins above. Two runs in
+  children of one zygote share its address layout, so the determinism check passes them, and
+  another worker's layout differs: `(id(a) >> 28) % 2` validated, then a review's later runs
+  gave its gold output in 8 of 12;
 - attributes: BANNED_ATTRIBUTES reach the interpreter through any object (`print.__self__` is
   the builtins module, `__globals__`, `__subclasses__`, frames) or evaluate text (typing's
   get_type_hints), whether read or imported; getattr, setattr, delattr and hasattr only called
@@ -42,6 +47,7 @@ BANNED_BUILTINS = frozenset({"input", "open", "eval", "exec", "compile", "breakp
                              "vars", "exit", "quit", "help", "memoryview",
                              # the builtins module's dunders that reach the import system
                              "__import__", "__builtins__", "__loader__", "__spec__"})
+ADDRESS_BUILTINS = frozenset({"id", "hash"})
 # Builtins that read attributes by a string: only called directly, with a constant public name.
 STRING_ATTRIBUTE_BUILTINS = frozenset({"getattr", "setattr", "delattr", "hasattr"})
 # Attribute names that reach interpreter internals from any object (the builtins module, globals,
@@ -55,6 +61,7 @@ BANNED_ATTRIBUTES = frozenset({
     "get_field",                   # string.Formatter's getattr by string
     "get_type_hints", "ForwardRef", "_evaluate",  # typing's eval of annotation text
     "samples",                     # statistics.NormalDist.samples: random draws
+    "__hash__", "buffer_info",     # memory addresses (see the module docstring)
 })
 # What a string annotation may hold: functools.singledispatch and typing evaluate it as code.
 TYPE_EXPRESSION_NODES = (ast.Expression, ast.Name, ast.Attribute, ast.Subscript, ast.Tuple, ast.List,
@@ -98,17 +105,24 @@ def check_program(source: str, entry: str = "f", max_chars: int = 20_000) -> Pro
 def _check_names(table: symtable.SymbolTable) -> None:
     """Names that may resolve to a banned builtin, in any scope. Only a function's own
     parameters and locals (and an enclosing function's, reached as free variables) cannot fall
-    through to builtins; a module- or class-level binding can (`if 0: eval = len`)."""
-    function = table.get_type() == "function"
-    for symbol in table.get_symbols():
-        name = symbol.get_name()
-        if not symbol.is_referenced() or (function and symbol.is_local()) or symbol.is_free():
-            continue
-        if name in BANNED_BUILTINS:
-            raise _Rejected(f"uses banned builtin {name}: programs must not read input, evaluate text or "
-                            "reach the interpreter")
-    for child in table.get_children():
-        _check_names(child)
+    through to builtins; a module- or class-level binding can (`if 0: eval = len`). Scopes are
+    walked with a stack, not by recursion: 990 nested lambdas (10K chars) parse and run, and
+    recursing over their scopes raised RecursionError out of the check."""
+    pending = [table]
+    while pending:
+        scope = pending.pop()
+        function = scope.get_type() == "function"
+        for symbol in scope.get_symbols():
+            name = symbol.get_name()
+            if not symbol.is_referenced() or (function and symbol.is_local()) or symbol.is_free():
+                continue
+            if name in BANNED_BUILTINS:
+                raise _Rejected(f"uses banned builtin {name}: programs must not read input, evaluate text or "
+                                "reach the interpreter")
+            if name in ADDRESS_BUILTINS:
+                raise _Rejected(f"uses banned builtin {name}: it reads memory addresses, which differ between "
+                                "runs; compute from the values instead")
+        pending.extend(scope.get_children())
 
 
 def _check_tree(tree: ast.AST) -> None:
@@ -119,8 +133,8 @@ def _check_tree(tree: ast.AST) -> None:
     for node in nodes:
         if isinstance(node, ast.Attribute):
             if node.attr in BANNED_ATTRIBUTES:
-                raise _Rejected(f"uses banned attribute {node.attr}: it reaches interpreter internals, reads "
-                                "attributes by string, evaluates text or draws random numbers")
+                raise _Rejected(f"uses banned attribute {node.attr}: it reaches interpreter internals or memory "
+                                "addresses, reads attributes by string, evaluates text or draws random numbers")
             path = _module_path(node)
             if path and path[0] in modules:
                 _check_module_path(modules[path[0]], path[1:])

@@ -61,6 +61,9 @@ def _converted(node: ast.AST):
         raise ValueParseError(f"not a representable value: {type(exc).__name__}") from None
 
 
+_NON_FINITE = {"inf": math.inf, "nan": math.nan, "infj": complex(0.0, math.inf), "nanj": complex(0.0, math.nan)}
+
+
 def _convert(node: ast.AST, depth: int):
     if depth > MAX_NESTING:
         raise ValueParseError(f"nested deeper than {MAX_NESTING}")
@@ -93,8 +96,8 @@ def _convert(node: ast.AST, depth: int):
         if not (_is_real(left) and isinstance(right, complex)):
             raise ValueParseError("only complex literals may add or subtract")
         return left + right if isinstance(node.op, ast.Add) else left - right
-    if isinstance(node, ast.Name) and node.id in ("inf", "nan"):
-        return math.inf if node.id == "inf" else math.nan
+    if isinstance(node, ast.Name) and node.id in _NON_FINITE:  # repr writes complex(1, nan) as (1+nanj)
+        return _NON_FINITE[node.id]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
         if node.func.id in ("set", "frozenset") and len(node.args) <= 1:
             kind = set if node.func.id == "set" else frozenset
