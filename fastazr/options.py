@@ -104,8 +104,9 @@ class TrainConfig:
                              "or --rollout embedded")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ValueError(f"--steps must be an integer >= 0, got {self.steps!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        # saved in config.toml, whose integers are signed 64-bit (torch.manual_seed takes < 2**64)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63:
+            raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         if not isinstance(self.out, str) or not self.out.strip():
             raise ValueError(f"--out must name a run directory, got {self.out!r}")
         if not isinstance(self.model, str) or not self.model:

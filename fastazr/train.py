@@ -125,6 +125,10 @@ class Trainer:
         return self.stopper.signum is not None
 
 
+class RunError(RuntimeError):
+    """A run that cannot do what it is for with the options given; the message names the option."""
+
+
 def eval_formats(azr: AZRConfig) -> tuple[str, ...]:
     """The formats evaluated during training: the one the run trains in (its prompts, prefilled
     with --azr.answer-prefill) and the plain instruction format."""
@@ -294,6 +298,12 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
     share of the rollouts; everything else every rank computes alike, on the gathered batch."""
     game, world, phase, started = t.game, t.world, t.telemetry.phase, time.perf_counter()
     proposals = propose(t, step)
+    if proposals and all(s.finish_reason == "prompt_too_long" for s in proposals):
+        option, value = (("--sglang.context-length", t.config.sglang.context_length) if t.config.rollout == "sglang"
+                         else ("--engine.max-model-len", t.config.engine.max_model_len))
+        context = f"{option} {value}" if value is not None else f"{option} unset: the model's positions"
+        raise RunError(f"step {step}: every proposer prompt is longer than the model's context ({context}), so "
+                       f"nothing can be generated or trained: raise {option} or lower --azr.references")
     with phase("other"):
         prompts = game.solver_prompts(proposals, step)
         mine = share(world, prompts)
@@ -450,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastazr: {exc}", file=sys.stderr)
         return 2
     config = parse_args(argv, torch.cuda.is_available())
+    if config.device == "cuda" and not torch.cuda.is_available():  # before the run directory is made
+        print(f"fastazr: --device cuda (preset {config.preset}), but torch {torch.__version__} sees no CUDA device "
+              "here: pass --device cpu or --preset cpu, or install a CUDA build of torch", file=sys.stderr)
+        return 2
     if world.size > 1:
         if config.rollout != "embedded":
             print(f"fastazr: --rollout {config.rollout} runs in one process only: a data-parallel run gives each "
@@ -461,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Failures(world):
             out = run(config, world)
-    except CheckpointError as exc:
+    except (CheckpointError, RunError) as exc:
         print(f"fastazr: {exc}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError as exc:  # outside a step: building, or the KV cache after an update

@@ -311,10 +311,31 @@ def test_workers_default_to_cores():
 @pytest.mark.parametrize("option, value", [("workers", 0), ("timeout_s", 0), ("memory_mb", 8),
                                            ("seccomp_backend", "magic"), ("landlock", "maybe"),
                                            ("max_value_chars", 0), ("open_files", 2), ("hash_seed", -1),
-                                           ("hash_seed", 1 << 32)])
+                                           ("hash_seed", 1 << 32), ("workers", True), ("hash_seed", True),
+                                           ("timeout_s", float("inf")), ("timeout_s", float("nan")), ("timeout_s", "5"),
+                                           ("memory_mb", 1000.5), ("memory_mb", (1 << 44) + 512),
+                                           ("unprivileged_uid", 0), ("unprivileged_uid", 1 << 32),
+                                           ("unprivileged_uid", (1 << 32) - 1), ("pin_cpus", "no"), ("trace", 1),
+                                           ("preload", "math"), ("preload", ("math", 3))])
 def test_bad_config_names_the_option(option, value):
     with pytest.raises(ValueError, match=f"SandboxConfig.{option}"):
         SandboxConfig(**{option: value})
+
+
+@pytest.mark.parametrize("uid", [0, -2, (1 << 32) - 1, 1 << 32, (1 << 32) + 65534])
+def test_the_c_module_refuses_uids_that_wrap_or_mean_unchanged(uid):
+    """uid_t is 32 bits: 2**32 wrapped to root (the child ran with uid 0 and every capability),
+    2**32 - 1 leaves the uid unchanged. Checked before the module configures anything."""
+    from fastazr import _sandbox
+    with pytest.raises(ValueError, match="drop_to_uid"):
+        _sandbox.configure(-1, "/tmp", 1 << 30, 32, uid, -1, 4096, 4096, 4096)
+
+
+@pytest.mark.parametrize("kwargs", [{"timeout_s": float("inf")}, {"timeout_s": -1.0}, {"timeout_s": True},
+                                    {"groups": [0]}, {"groups": [0, 2]}])
+def test_bad_call_arguments_are_refused_before_running(sb, kwargs):
+    with pytest.raises(ValueError, match="timeout_s|groups"):
+        sb.call_many([(ADD, "f", "1, 2"), (ADD, "f", "3, 4")], **kwargs)
 
 
 def test_closed_sandbox_refuses_work():

@@ -10,10 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastazr.azr.tasks import GROUPS, TASK_TYPES
 from fastazr.options import TrainConfig, _options, build_parser, parse_args
-from fastazr.train import PHASES
+from fastazr.train import PHASES, main
 
 
 def test_presets_and_overrides():
@@ -41,6 +42,10 @@ def test_presets_and_overrides():
     (["--run.max-minutes", "nan"], "--run.max-minutes must be a finite number >= 0"),
     (["--distributed.timeout-s", "0"], "--distributed.timeout-s must be a finite number >= 1"),
     (["--distributed.bucket-mib", "nan"], "--distributed.bucket-mib must be a finite number"),
+    (["--seed", str(1 << 64)], "--seed must be an integer from 0 to 2**63 - 1"),  # torch.manual_seed overflowed
+    (["--azr.learnability-rollouts", "1"], "AZRConfig.learnability_rollouts must be an integer >= 2"),
+    (["--sandbox.timeout-s", "inf"], "SandboxConfig.timeout_s: must be a finite number of seconds"),
+    (["--sandbox.unprivileged-uid", str(1 << 32)], "SandboxConfig.unprivileged_uid"),  # wrapped to root in C
 ])
 def test_bad_options_name_the_option(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -61,6 +66,22 @@ def test_help_lists_every_option_with_its_doc():
     for path, _, doc in _options(TrainConfig):
         assert "--" + path.replace("_", "-") in text, path
         assert doc, f"option {path} has no docstring"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of --device cuda where there is no GPU")
+def test_device_cuda_without_a_gpu_is_refused_before_the_run_starts(tmp_path, capsys):
+    assert main(["--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_context_no_prompt_fits_stops_the_run(tmp_path):
+    """It ran to the end with no token generated and exit 0: an update never happened."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastazr.train", "--preset", "cpu", "--steps", "2",
+                           "--engine.max-model-len", "64", "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1 and "step 1: every proposer prompt is longer" in proc.stderr, proc.stderr[-2000:]
+    assert "--engine.max-model-len 64" in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 REQUIRED = (["step", "tokens_per_s", "loss", "grad_norm", "host_memory_gib", "gpu_memory_gib"]

@@ -128,6 +128,13 @@ static PyObject *py_configure(PyObject *self, PyObject *args, PyObject *kw) {
                                      &c.harden.drop_to_uid, &c.harden.landlock_fd, &c.output_cap,
                                      &c.result_cap, &c.result_pipe_capacity, &trace))
         return NULL;
+    /* uid_t is 32 bits: a larger value would wrap (2**32 to root), and (uid_t)-1 means
+     * "unchanged" to setresuid. SandboxConfig refuses these first; this is the last word. */
+    if (c.harden.drop_to_uid == 0 || c.harden.drop_to_uid < -1 || c.harden.drop_to_uid >= (long)(uid_t)-1) {
+        PyErr_Format(PyExc_ValueError, "drop_to_uid must be -1 (keep the uid) or a uid from 1 to %ld, got %ld",
+                     (long)(uid_t)-1 - 1, c.harden.drop_to_uid);
+        return NULL;
+    }
     if (trace && fz_trace == NULL) {
         void *page = mmap(NULL, sizeof(struct fz_trace), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
         if (page == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError);

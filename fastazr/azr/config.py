@@ -83,9 +83,11 @@ class AZRConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"AZRConfig.{name} must be an integer >= {minimum}, got {value!r}")
 
-        for name in ("batch_size", "references", "induction_inputs", "learnability_rollouts", "propose_max_tokens",
+        for name in ("batch_size", "references", "induction_inputs", "propose_max_tokens",
                      "solve_max_tokens", "buffer_capacity", "max_answer_chars"):
             positive_int(name)
+        # one rollout's solve rate is 0 or 1, where learnability gives every proposal the same reward
+        positive_int("learnability_rollouts", 2)
         positive_int("induction_min_pairs", 2)
         positive_int("seed_tasks", 0)
         if self.induction_min_pairs > self.induction_inputs:

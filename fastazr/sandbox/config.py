@@ -33,6 +33,17 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_timeout(option: str, value) -> None:
+    """A wall-clock limit in seconds: a finite number > 0 (the zygote takes int(value) + 2 as
+    RLIMIT_CPU, so inf failed inside a worker, after the model had loaded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise ValueError(f"{option}: must be a finite number of seconds > 0, got {value!r}")
+
+
 @dataclass
 class SandboxConfig:
     """How the sandbox runs untrusted programs. Every limit applies to each job separately."""
@@ -108,23 +119,28 @@ class SandboxConfig:
         def bad(option: str, why: str) -> ValueError:
             return ValueError(f"SandboxConfig.{option}: {why}")
 
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise bad("workers", f"must be an integer >= 1, got {self.workers!r}")
-        if not self.timeout_s > 0:
-            raise bad("timeout_s", f"must be > 0 seconds, got {self.timeout_s!r}")
-        if self.memory_mb < 64:
-            raise bad("memory_mb", f"{self.memory_mb} MiB cannot hold a Python interpreter; use >= 64")
+        def integer(option: str, low: int, high: int, why: str = "") -> None:
+            value = getattr(self, option)
+            if not is_int(value) or not low <= value <= high:
+                raise bad(option, f"must be an integer from {low} to {high}{why}, got {value!r}")
+
+        integer("workers", 1, 1 << 16)
+        check_timeout("SandboxConfig.timeout_s", self.timeout_s)
+        # memory_mb << 20 is the child's RLIMIT_AS, an unsigned 64-bit count of bytes in C
+        integer("memory_mb", 64, 1 << 40, " MiB (64 holds a Python interpreter)")
         for option in ("max_value_chars", "max_output_bytes", "max_program_chars"):
-            if getattr(self, option) < 1:
-                raise bad(option, f"must be >= 1, got {getattr(self, option)}")
-        if self.open_files < 8:
-            raise bad("open_files", f"a child needs >= 8 descriptors, got {self.open_files}")
+            integer(option, 1, 1 << 40)
+        integer("open_files", 8, 1 << 20, " (a child needs 8 descriptors)")
         if self.seccomp_backend not in ("auto", "bpf", "libseccomp"):
             raise bad("seccomp_backend", f"must be 'auto', 'bpf' or 'libseccomp', got {self.seccomp_backend!r}")
         for option in ("landlock", "drop_privileges"):
             if getattr(self, option) not in ("auto", "on", "off"):
                 raise bad(option, f"must be 'auto', 'on' or 'off', got {getattr(self, option)!r}")
-        if not isinstance(self.hash_seed, int) or not 0 <= self.hash_seed < 1 << 32:
-            raise bad("hash_seed", f"must be an integer from 0 to 2**32 - 1 (PYTHONHASHSEED), got {self.hash_seed!r}")
-        if self.unprivileged_uid < 1:
-            raise bad("unprivileged_uid", "must be a non-root uid (>= 1)")
+        integer("hash_seed", 0, (1 << 32) - 1, " (PYTHONHASHSEED)")
+        # uid_t is 32 bits: 2**32 would wrap to root, and 2**32 - 1 means "unchanged" to setresuid
+        integer("unprivileged_uid", 1, (1 << 32) - 2, ", a non-root uid")
+        for option in ("pin_cpus", "huge_arenas", "trace"):
+            if not isinstance(getattr(self, option), bool):
+                raise bad(option, f"must be True or False, got {getattr(self, option)!r}")
+        if not isinstance(self.preload, tuple) or not all(isinstance(m, str) and m for m in self.preload):
+            raise bad("preload", f"must be a tuple of module names, got {self.preload!r}")

@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import _sandbox
-from .config import AZR_MODULES_UNDER_ANOTHER_UID, SandboxConfig
+from .config import AZR_MODULES_UNDER_ANOTHER_UID, SandboxConfig, check_timeout
 from .protocol import HEADER_SIZE, encode, length_at
 from .result import Result
 from .trace import stages
@@ -333,6 +333,10 @@ class Sandbox:
         if progress is not None and not callable(progress):
             raise TypeError(f"the sandbox's progress must be a callable taking a job count (a bar's update "
                             f"method), got {type(progress).__name__}")
+        if timeout_s is not None:
+            check_timeout("timeout_s", timeout_s)
+        if groups is not None and (len(groups) != len(jobs) or any(g not in (None, 0, 1) for g in groups)):
+            raise ValueError(f"groups must hold 0, 1 or None for each of the {len(jobs)} jobs, got {groups!r:.200}")
         self._repair()
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         results: list[Result | None] = [None] * len(jobs)
