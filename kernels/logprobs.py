@@ -18,6 +18,7 @@ The algebra is in logprobs_math.py; the fp32 reference in logprobs_reference.py.
 """
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -369,12 +370,18 @@ class _LinearLogprobs(torch.autograd.Function):
 
 
 def _validate(hidden, weight, targets, temperature, chunk_bytes):
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"linear_logprobs: {name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"linear_logprobs: hidden must be [N, H] and weight [V, H]; got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)} (flatten the batch first)")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_logprobs: hidden size {hidden.shape[1]} != weight's {weight.shape[1]}")
-    if targets.shape != (hidden.shape[0],) or targets.dtype.is_floating_point:
+    if not weight.shape[0]:
+        raise ValueError("linear_logprobs: weight has no rows: the vocabulary needs at least one token")
+    if targets.shape != (hidden.shape[0],) or targets.dtype.is_floating_point or targets.dtype.is_complex \
+            or targets.dtype == torch.bool:
         raise ValueError(f"linear_logprobs: targets must be integer [N={hidden.shape[0]}]; "
                          f"got {targets.dtype} {tuple(targets.shape)}")
     if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -383,10 +390,11 @@ def _validate(hidden, weight, targets, temperature, chunk_bytes):
     if hidden.device != weight.device or hidden.device != targets.device:
         raise ValueError(f"linear_logprobs: hidden ({hidden.device}), weight ({weight.device}) and "
                          f"targets ({targets.device}) must be on one device")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"linear_logprobs: temperature must be a positive number, got {temperature}")
-    if chunk_bytes <= 0:
-        raise ValueError(f"linear_logprobs: chunk_bytes must be positive, got {chunk_bytes}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"linear_logprobs: temperature must be a positive number, got {temperature!r}")
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"linear_logprobs: chunk_bytes must be a positive integer, got {chunk_bytes!r}")
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -242,11 +242,11 @@ def pg_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torc
     Runs Triton on CUDA tensors (and under TRITON_INTERPRET=1); elsewhere, the differentiable
     torch composition in policy_loss_reference.py.
     """
+    check_pg_loss_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, entropy, entropy_coef,
+                       normalizer, log_ratio_limit)
     if not use_triton(logprobs):
         return pg_loss_reference(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, entropy,
                                  entropy_coef, normalizer, log_ratio_limit)
-    check_pg_loss_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, entropy, entropy_coef,
-                       normalizer, log_ratio_limit)
     if isinstance(normalizer, torch.Tensor):
         # A CPU tensor is a host number already: .item() on it does not wait for the device.
         normalizer = normalizer.item() if normalizer.device != logprobs.device else normalizer.detach()

@@ -46,6 +46,12 @@ def check_pg_loss_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_
             raise ValueError(f"{name} is on {t.device} but logprobs is on {logprobs.device}")
         if name != "mask" and not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, value in (("clip_low", clip_low), ("clip_high", clip_high), ("entropy_coef", entropy_coef),
+                        ("log_ratio_limit", log_ratio_limit)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(entropy_coef):
+        raise ValueError(f"entropy_coef must be a finite number, got {entropy_coef}")
     if not 0 <= clip_low < 1:
         raise ValueError(f"clip_low must be in [0, 1) (ratios are clipped below at 1 - clip_low), got {clip_low}")
     if not clip_high >= 0:
@@ -62,6 +68,8 @@ def check_pg_loss_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_
                              f"{tuple(normalizer.shape)}")
         if normalizer.device != logprobs.device and normalizer.device.type != "cpu":
             raise ValueError(f"normalizer is on {normalizer.device} but logprobs is on {logprobs.device}")
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(f"normalizer must hold a count of tokens, got a {normalizer.dtype} tensor")
     elif normalizer is not None:
         if not isinstance(normalizer, numbers.Real):
             raise TypeError(f"normalizer must be None, a number or a tensor, got {type(normalizer).__name__}")

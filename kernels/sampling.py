@@ -204,10 +204,30 @@ def _linear_merge_kernel(part_ptr, col_ptr, tokens_ptr, logprobs_ptr, N, splits,
     tl.store(logprobs_ptr + rows, picked - (top + tl.log(total)), mask=ok)
 
 
+def _check_rows(where: str, rows: torch.Tensor, temperature, seeds, samples, steps) -> None:
+    """Shapes, dtypes and devices of the per-row inputs: [B] each, temperature floating, the
+    hash's inputs int64 (an int32 seed hashed to other tokens on CPU and was read as 64 bits by
+    the kernel). Values are not read: that would cost a host synchronization every step (the
+    engine checks temperatures where requests come in)."""
+    for name, t in (("temperature", temperature), ("seeds", seeds), ("samples", samples), ("steps", steps)):
+        if not isinstance(t, torch.Tensor) or t.shape != (rows.shape[0],) or t.device != rows.device:
+            raise ValueError(f"{where}: {name} must be a tensor [B={rows.shape[0]}] on {rows.device}, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                             f"{' on ' + str(t.device) if isinstance(t, torch.Tensor) else ''}")
+        if name == "temperature" and not t.is_floating_point():
+            raise ValueError(f"{where}: temperature must be floating point, got {t.dtype}")
+        if name != "temperature" and t.dtype != torch.int64:
+            raise ValueError(f"{where}: {name} must be int64, got {t.dtype}")
+
+
 def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, samples: torch.Tensor,
                   steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What gumbel_sample_reference(logits, temperature, seeds, samples, steps) returns, in one
     kernel on CUDA (or the interpreter); the reference elsewhere."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"gumbel_sample: logits must be a floating tensor [B, V], got "
+                         f"{logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+    _check_rows("gumbel_sample", logits, temperature, seeds, samples, steps)
     if not use_triton(logits):
         return gumbel_sample_reference(logits, temperature, seeds, samples, steps)
     if logits.stride(-1) != 1:
@@ -248,11 +268,14 @@ def linear_gumbel_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature
     """gumbel_sample(hidden @ weight.T in fp32, ...) without the logits: hidden [B, H] and weight
     [V, H] of one dtype -> (tokens int64 [B], fp32 logprobs [B]). `all_greedy` (every temperature
     0) skips the noise. The reference elsewhere than CUDA or the interpreter."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or hidden.dtype != weight.dtype \
+            or hidden.device != weight.device or not hidden.is_floating_point() or not weight.shape[0]:
+        raise ValueError(f"linear_gumbel_sample: hidden {tuple(hidden.shape)} {hidden.dtype} and weight "
+                         f"{tuple(weight.shape)} {weight.dtype} must be [B, H] and [V >= 1, H] of one floating dtype, "
+                         "on one device")
+    _check_rows("linear_gumbel_sample", hidden, temperature, seeds, samples, steps)
     if not use_triton(hidden):
         return linear_gumbel_sample_reference(hidden, weight, temperature, seeds, samples, steps)
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden {tuple(hidden.shape)} {hidden.dtype} and weight {tuple(weight.shape)} {weight.dtype} "
-                         "must be [B, H] and [V, H] of one dtype")
     hidden, weight = hidden.contiguous(), weight.contiguous()
     (n, h), vocab = hidden.shape, weight.shape[0]
     tokens = torch.empty(n, dtype=torch.int64, device=hidden.device)

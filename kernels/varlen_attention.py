@@ -24,6 +24,7 @@ sequence), so programs past a shorter sequence's end return at once."""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
@@ -226,7 +227,26 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, out_ptr, lse_ptr, delta_ptr, cu_ptr,
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+           scale: float | None) -> None:
+    """Shapes, dtypes, devices and the Python numbers: no host synchronization. cu_seqlens's
+    values (0 first, T last, nondecreasing, no sequence longer than max_seqlen) stay the
+    caller's contract: reading them would wait for the device every layer."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"varlen_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ValueError(f"varlen_attention: {name} is on {t.device} but q is on {q.device}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"varlen_attention: cu_seqlens must be 1-D [B + 1], got shape {tuple(cu_seqlens.shape)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) \
+            or not 0 <= max_seqlen <= q.shape[0]:
+        raise ValueError(f"varlen_attention: max_seqlen must be an integer from 0 to T={q.shape[0]}, got {max_seqlen!r}")
+    if max_seqlen == 0 and q.shape[0] and cu_seqlens.numel() > 1:
+        raise ValueError("varlen_attention: max_seqlen is 0 but there are tokens: pass the longest sequence's length")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not (math.isfinite(scale) and scale > 0)):
+        raise ValueError(f"varlen_attention: scale must be a finite number > 0, got {scale!r}")
     if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"varlen_attention needs q [T, Hq, D] and k, v [T, Hkv, D], got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -311,6 +331,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      max_seqlen: int, scale: float | None = None) -> torch.Tensor:
     """Causal attention of packed sequences (see the module docstring for layouts) -> [T, Hq, D]
     in q's dtype; differentiable in q, k and v. `scale` defaults to head_dim ** -0.5."""
-    _check(q, k, v, cu_seqlens)
-    scale = q.shape[2] ** -0.5 if scale is None else scale
+    _check(q, k, v, cu_seqlens, max_seqlen, scale)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)

@@ -172,11 +172,21 @@ def test_cpu_without_interpreter_uses_the_chunked_path(monkeypatch):
     (lambda h, w, t: (h, w.double(), t, 1.0), "share one of fp32/fp16/bf16"),
     (lambda h, w, t: (h, w, t, 0.0), "temperature must be a positive"),
     (lambda h, w, t: (h, w, t, float("nan")), "temperature must be a positive"),
+    (lambda h, w, t: (h, w, t, True), "temperature must be a positive"),
+    (lambda h, w, t: (h, w, t > 0, 1.0), "targets must be integer"),  # bools computed silently in the interpreter
+    (lambda h, w, t: (h, w[:0], t, 1.0), "the vocabulary needs at least one token"),  # a ZeroDivisionError
 ])
 def test_bad_arguments_say_what_to_change(make, message):
     hidden, weight, targets = make_inputs(37, 48, 1000, torch.float32)
     with pytest.raises(ValueError, match=message):
         linear_logprobs(*make(hidden, weight, targets))
+
+
+@pytest.mark.parametrize("chunk_bytes", [0, float("nan"), "1", True])
+def test_chunk_bytes_must_be_a_positive_integer(chunk_bytes):
+    hidden, weight, targets = make_inputs(5, 48, 100, torch.float32)
+    with pytest.raises(ValueError, match="chunk_bytes must be a positive integer"):
+        linear_logprobs(hidden, weight, targets, chunk_bytes=chunk_bytes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

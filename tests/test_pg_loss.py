@@ -308,6 +308,12 @@ def valid_args():
           mask=torch.ones(2, 4)), ValueError, "logprobs must be 1-D"),
     (dict(advantages=torch.zeros(8, dtype=torch.long)), ValueError, "advantages must be a floating"),
     (dict(old_logprobs=[0.0] * 8), TypeError, "old_logprobs must be a torch.Tensor"),
+    (dict(logprobs=[0.0] * 8), TypeError, "logprobs must be a torch.Tensor"),  # was an AttributeError in dispatch
+    (dict(entropy=torch.zeros(8), entropy_coef=float("nan")), ValueError, "entropy_coef must be a finite"),
+    (dict(entropy=torch.zeros(8), entropy_coef=float("inf")), ValueError, "entropy_coef must be a finite"),
+    (dict(entropy=torch.zeros(8), entropy_coef="0.1"), TypeError, "entropy_coef must be a number"),
+    (dict(clip_low=True), TypeError, "clip_low must be a number"),
+    (dict(normalizer=torch.ones(1, dtype=torch.bool)), ValueError, "normalizer must hold a count"),
 ])
 def test_errors_name_the_argument(fn, change, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -213,3 +213,23 @@ def test_gpu_sampling_from_hidden_states_matches_the_logits_path(dtype, rows, hi
     ref_tokens, ref_logprobs = linear_gumbel_sample_reference(hidden, weight, *params)
     assert (tokens == ref_tokens).float().mean() > 0.99
     torch.testing.assert_close(logprobs, ref_logprobs, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(temperature=torch.ones(1)), "temperature must be a tensor \\[B=4\\]"),  # read past its end in the kernel
+    (dict(temperature=torch.ones(4, dtype=torch.long)), "temperature must be floating"),
+    (dict(seeds=torch.arange(4, dtype=torch.int32)), "seeds must be int64"),  # hashed to other tokens on CPU
+    (dict(steps=torch.zeros(4, 1, dtype=torch.long)), "steps must be a tensor"),
+    (dict(samples=[0, 0, 0, 0]), "samples must be a tensor"),
+])
+@pytest.mark.parametrize("entry", ["logits", "hidden"])
+def test_per_row_inputs_are_checked_at_the_boundary(change, message, entry):
+    rows = dict(temperature=torch.ones(4), seeds=torch.arange(4), samples=torch.zeros(4, dtype=torch.long),
+                steps=torch.zeros(4, dtype=torch.long))
+    rows.update(change)
+    hidden, weight = torch.randn(4, 16), torch.randn(50, 16)
+    with pytest.raises(ValueError, match=message):
+        if entry == "logits":
+            gumbel_sample(hidden @ weight.T, **rows)
+        else:
+            linear_gumbel_sample(hidden, weight, **rows)

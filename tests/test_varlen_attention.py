@@ -120,6 +120,19 @@ def test_bad_inputs_name_the_problem():
         varlen_attention(torch.zeros(4, 4, 32), kv, kv, cu.long(), 4)
     with pytest.raises(ValueError, match="share a dtype"):
         varlen_attention(torch.zeros(4, 4, 32), kv, kv.half(), cu, 4)
+    # each returned uninitialized memory (a max error of 3e18) or read past the tensors
+    with pytest.raises(ValueError, match="max_seqlen is 0 but there are tokens"):
+        varlen_attention(torch.zeros(4, 4, 32), kv, kv, cu, 0)
+    with pytest.raises(ValueError, match="max_seqlen must be an integer from 0 to T=4"):
+        varlen_attention(torch.zeros(4, 4, 32), kv, kv, cu, 5)
+    with pytest.raises(ValueError, match="max_seqlen must be an integer"):
+        varlen_attention(torch.zeros(4, 4, 32), kv, kv, cu, 2.5)
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+        varlen_attention(torch.zeros(4, 4, 32), kv, kv, cu[None], 4)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        varlen_attention(torch.zeros(4, 4, 32), kv, kv, cu, 4, float("nan"))
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
+        varlen_attention(torch.zeros(4, 4, 32), kv, kv, [0, 4], 4)
 
 
 @pytest.mark.gpu
