@@ -302,8 +302,11 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
         option, value = (("--sglang.context-length", t.config.sglang.context_length) if t.config.rollout == "sglang"
                          else ("--engine.max-model-len", t.config.engine.max_model_len))
         context = f"{option} {value}" if value is not None else f"{option} unset: the model's positions"
-        raise RunError(f"step {step}: every proposer prompt is longer than the model's context ({context}), so "
-                       f"nothing can be generated or trained: raise {option} or lower --azr.references")
+        message = (f"step {step}: every proposer prompt is longer than the model's context ({context}), so "
+                   f"nothing can be generated or trained: raise {option} or lower --azr.references")
+        if step == t.start + 1:  # the first step of the run (or of its resumption): the options, not the buffers
+            raise RunError(message)
+        log.warning("%s; the step goes on without an update", message)
     with phase("other"):
         prompts = game.solver_prompts(proposals, step)
         mine = share(world, prompts)

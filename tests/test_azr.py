@@ -155,10 +155,22 @@ def test_every_reward_case():
     assert proposer_reward("valid", 0.0, scale) == 0.0 == proposer_reward("valid", 1.0, scale)
     assert proposer_reward("invalid", None, scale) == -1.0 == proposer_reward("duplicate", None, scale)
     assert proposer_reward("malformed", None, scale) == -1.0
-    reference = RewardScale(learnability_extreme=-0.5, proposer_invalid=-0.5)
-    assert learnability(1.0, reference) == -0.5 and proposer_reward("invalid", None, reference) == -0.5
+    reference = RewardScale(learnability_extreme=-0.5)  # the reference code's; its invalid proposals get -1 too
+    assert learnability(1.0, reference) == -0.5 and proposer_reward("invalid", None, reference) == -1.0
     with pytest.raises(ValueError, match="solve rate"):
         proposer_reward("valid", None, scale)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: learnability(1.7, s), "in \\[0, 1\\]"),            # returned the extreme reward
+    (lambda s: proposer_reward("", None, s), "a proposal's status"),  # returned the invalid reward
+    (lambda s: solver_reward("bogus", s), "a solve's status"),        # a bare KeyError
+    (lambda s: task_relative([("deduction", "solve")], [1.0, -1.0], [3, 3]), "a group, a reward and a length"),
+    (lambda s: task_relative([("deduction", "solve")] * 2, [1.0, math.nan], [3, 3]), "finite rewards"),
+])
+def test_reward_inputs_are_checked(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(RewardScale())
 
 
 def test_trr_whitens_each_group_token_weighted_against_a_hand_computed_example():
@@ -371,9 +383,11 @@ class EmptyPolicy(ScriptedPolicy):
         return [[Completion(list(r.prompt_ids), [], [], "prompt_too_long") for _ in range(r.n)] for r in requests]
 
 
-def test_a_step_with_no_response_tokens_completes_and_reports_every_metric(executor, tmp_path):
+def test_a_step_with_no_response_tokens_completes_and_reports_every_metric(executor, tmp_path, caplog):
     """Every completion empty: train.py handed PolicyUpdate an empty list (it raises 'nothing to
-    train on') and the step crashed; gpu_memory_gib was missing on the CPU."""
+    train on') and the step crashed; gpu_memory_gib was missing on the CPU. A later step than
+    the run's first (buffers can lengthen prompts) goes on, with a warning; a first one stops
+    the run (tests/test_train.py)."""
     from types import SimpleNamespace
 
     from fastazr.azr.report import console_line
@@ -392,9 +406,12 @@ def test_a_step_with_no_response_tokens_completes_and_reports_every_metric(execu
                            learnability_rollouts=2), EmptyPolicy(None), executor, CharTokenizer(), seed=7)
     (tmp_path / "samples").mkdir()
     trainer = SimpleNamespace(game=g, telemetry=Telemetry("cpu"), memory=Untouchable(), update=Untouchable(),
-                              out=tmp_path, config=SimpleNamespace(azr=g.config), check_stop=lambda: None,
+                              out=tmp_path, check_stop=lambda: None, start=0,
+                              config=SimpleNamespace(azr=g.config, rollout="embedded",
+                                                     engine=SimpleNamespace(max_model_len=None)),
                               checkpoints=SimpleNamespace(wait=lambda: None), board=None, evaluator=None, world=World())
-    metrics = train_step(trainer, 1)
+    metrics = train_step(trainer, 2)
+    assert "step 2: every proposer prompt is longer" in caplog.text and "without an update" in caplog.text
     required = (["step", "tokens_per_s", "gpu_memory_gib"] + [f"time/{p}" for p in PHASES]
                 + [f"{m}/{t}" for t in ("deduction", "abduction", "induction")
                    for m in ("valid_rate", "accuracy", "learnability", "buffer_size")]
@@ -403,5 +420,5 @@ def test_a_step_with_no_response_tokens_completes_and_reports_every_metric(execu
     assert not [k for k in required if k not in metrics]
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, (int, float)))
     assert metrics["proposals/malformed"] == 6 and "loss" not in metrics
-    assert "loss -" in console_line(1, 1, metrics)
+    assert "loss -" in console_line(2, 2, metrics)
     console_line(1, 1, {})  # nothing at all still prints

@@ -196,7 +196,7 @@ def test_no_grad_spends_no_gemm_on_gradients(monkeypatch):
     (dict(entropy_coef=float("nan")), "entropy_coef must be a finite number"),
     (dict(clip_low=1.5), "clip_low must be in"),
     (dict(normalizer=-1), "normalizer must be a finite number >= 0"),
-    (dict(chunk_bytes=0), "chunk_bytes must be positive"),
+    (dict(chunk_bytes=0), "chunk_bytes must be a positive integer"),
 ])
 def test_bad_arguments_name_what_to_change(change, message):
     hidden, weight, targets, old, advantages, mask = make_inputs(37, 48, 257, torch.float32)

@@ -32,6 +32,11 @@ def task_relative(groups: list[tuple[str, str]], rewards: list[float], lengths: 
                   ) -> tuple[list[float], dict[tuple[str, str], float]]:
     """Advantages for responses labelled by (task type, role), whitened within each label;
     and each group's reward std."""
+    if not len(groups) == len(rewards) == len(lengths):
+        raise ValueError(f"task_relative needs a group, a reward and a length per response, got {len(groups)} groups, "
+                         f"{len(rewards)} rewards and {len(lengths)} lengths")
+    if not all(math.isfinite(r) for r in rewards) or any(n < 0 for n in lengths):
+        raise ValueError("task_relative needs finite rewards and response lengths >= 0")
     members: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[g].append(i)

@@ -36,17 +36,24 @@ class RewardScale:
 
 
 def learnability(solve_rate: float, scale: RewardScale) -> float:
+    if not 0.0 <= solve_rate <= 1.0:
+        raise ValueError(f"a solve rate is a fraction of rollouts, in [0, 1]; got {solve_rate!r}")
     if 0.0 < solve_rate < 1.0:
         return 1.0 - solve_rate
     return scale.learnability_extreme
 
 
 def solver_reward(status: str, scale: RewardScale) -> float:
-    return {"correct": scale.solver_correct, "wrong": scale.solver_wrong, "malformed": scale.solver_malformed}[status]
+    rewards = {"correct": scale.solver_correct, "wrong": scale.solver_wrong, "malformed": scale.solver_malformed}
+    if status not in rewards:
+        raise ValueError(f"a solve's status is one of {tuple(rewards)}, got {status!r}")
+    return rewards[status]
 
 
 def proposer_reward(status: str, solve_rate: float | None, scale: RewardScale) -> float:
     """status 'valid' needs the learnability rollouts' solve rate."""
+    if status not in ("valid", "invalid", "duplicate", "malformed"):
+        raise ValueError(f"a proposal's status is valid, invalid, duplicate or malformed, got {status!r}")
     if status == "valid":
         if solve_rate is None:
             raise ValueError("a valid proposal's reward needs its solve rate")
