@@ -46,7 +46,9 @@ REFUSED = [
     (SamplingParams, dict(temperature=float("inf")), ValueError, r"SamplingParams\.temperature must be a finite"),
     (SamplingParams, dict(temperature="1.0"), TypeError, r"SamplingParams\.temperature must be a number"),
     (SamplingParams, dict(top_p=float("nan")), ValueError, r"SamplingParams\.top_p"),
-    (SamplingParams, dict(top_p=0.0), ValueError, r"SamplingParams\.top_p must be in \(0, 1\]"),
+    (SamplingParams, dict(top_p=0.0), ValueError, r"SamplingParams\.top_p must be in \[1e-30, 1\]"),
+    # 0 once in the engine's fp32 table: every token dropped, token 0 drawn at every step
+    (SamplingParams, dict(top_p=1e-46), ValueError, r"SamplingParams\.top_p must be in \[1e-30, 1\]"),
     (SamplingParams, dict(top_p=True), TypeError, r"SamplingParams\.top_p must be a number"),
     # int64 overflow in the sampler's parameter table
     (SamplingParams, dict(top_k=2 ** 63), ValueError, r"SamplingParams\.top_k must be in \[0, 2147483647\]"),
@@ -119,6 +121,24 @@ def test_ids_outside_the_vocabulary_are_refused_before_they_run(model):
     # a refused call leaves the engine as it was
     (completion,), = eng.generate([other])
     assert completion.completion_ids == naive_greedy(model, other.prompt_ids, GREEDY.max_new_tokens)[0]
+    assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda r: setattr(r.params, "temperature", math.nan), ValueError,
+     r"requests\[0\]\.params: SamplingParams\.temperature"),  # drew token 0 every step, NaN logprobs
+    (lambda r: setattr(r.params, "max_new_tokens", 0), ValueError, r"requests\[0\]\.params: .*max_new_tokens"),
+    (lambda r: setattr(r.params, "seed", -5), ValueError, r"requests\[0\]\.params: SamplingParams\.seed"),
+    (lambda r: setattr(r, "prompt_ids", []), ValueError, r"requests\[0\]\.prompt_ids must be a non-empty list"),
+    (lambda r: setattr(r, "params", None), TypeError, r"requests\[0\]\.params must be a SamplingParams"),
+    (lambda r: setattr(r, "n", 0), ValueError, r"requests\[0\]\.n"),
+])
+def test_fields_changed_after_a_request_was_built_are_checked_by_generate(model, change, error, message):
+    eng = engine(model)
+    late = Request([5, 6, 7], SamplingParams(temperature=1.0, max_new_tokens=3, seed=1))
+    change(late)
+    with pytest.raises(error, match=message):
+        eng.generate([late])
     assert eng.blocks.num_free == eng.blocks.num_blocks
 
 

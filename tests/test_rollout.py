@@ -5,6 +5,7 @@ CPU (the reference attention) and, marked gpu, on CUDA in fp32 with the Triton k
 graphs, where fp32 makes "equal to the naive loop" exact token for token."""
 from __future__ import annotations
 
+import math
 import random
 import signal
 import sys
@@ -404,6 +405,22 @@ def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p, supp
     assert (freq[support:] == 0).all()
     assert ((freq[:support] - want).abs() <= 4 * (want * (1 - want) / rows).sqrt() + 1e-3).all(), (freq, want)
     torch.testing.assert_close(logprobs, (probs.log() / temperature).log_softmax(-1)[tokens])
+
+
+def test_a_top_p_of_one_keeps_every_token_beside_rows_that_filter():
+    """The fp32 cumsum of a peaked softmax reaches 1.0 before its tail, so a top_p = 1.0 row lost
+    its tail whenever another row of the batch asked for top_p < 1 (65,536 tokens: one at
+    probability 0.997, the rest 4e-8 each)."""
+    from fastazr.rollout.sampler import _filter, sample
+    rows, vocab = 4000, 65536
+    logits = torch.full((rows, vocab), math.log(4e-8))
+    logits[:, 0] = 0.0
+    mixed = sampling_rows(rows)
+    mixed.top_p[-1], mixed.any_top_p = 0.5, True
+    filtered = _filter(logits, mixed)
+    assert torch.isfinite(filtered[:-1]).all() and int(torch.isfinite(filtered[-1]).sum()) == 1
+    alone = sampling_rows(rows - 1)
+    assert torch.equal(sample(logits, mixed)[0][:-1], sample(logits[:-1], alone)[0])
 
 
 def test_sampler_greedy_rows_and_noise_depend_only_on_seed_and_step():

@@ -19,6 +19,10 @@ the argmax. vLLM lifts temperatures under 0.01 to 0.01 for the same overflow."""
 TOP_K_MAX = 2 ** 31 - 1
 
 
+# The engine keeps top_p in fp32, where 1e-46 is 0: every token was dropped and each draw was token 0.
+TOP_P_MIN = 1e-30
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0
@@ -56,8 +60,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got "
                              f"{self.temperature}: see fastazr.rollout.request.MIN_TEMPERATURE for why")
         self.top_p = real("SamplingParams.top_p", self.top_p)
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not TOP_P_MIN <= self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in [{TOP_P_MIN}, 1] (1 = off; any value below the top "
+                             f"token's probability keeps only that token), got {self.top_p}")
         self.top_k = integer("SamplingParams.top_k", self.top_k, 0, TOP_K_MAX,
                              " (0 = off; any k >= the vocabulary size keeps every token)")
         self.max_new_tokens = integer("SamplingParams.max_new_tokens", self.max_new_tokens, 1)
@@ -119,12 +124,26 @@ class Completion:
 def check_requests(requests: list[Request], vocab_size: int, caller: str) -> None:
     """A list of Requests whose token ids lie in the model's vocabulary: the embedding lookup
     would fail on larger ones (a device-side assert on CUDA). Checked at generate() time, since a
-    Request's fields can be changed after it was built."""
+    Request's fields can be changed after it was built: its SamplingParams are checked again
+    too (once per distinct object; a NaN temperature set afterwards drew token 0 every step)."""
     if isinstance(requests, Request) or not isinstance(requests, (list, tuple)):
         raise TypeError(f"{caller} takes a list of Requests, got {type(requests).__name__}")
+    checked: set[int] = set()
     for i, request in enumerate(requests):
         if not isinstance(request, Request):
             raise TypeError(f"requests[{i}] must be a Request, got {type(request).__name__}")
+        if not isinstance(request.params, SamplingParams):
+            raise TypeError(f"requests[{i}].params must be a SamplingParams, got {type(request.params).__name__}")
+        if id(request.params) not in checked:
+            try:
+                request.params.__post_init__()
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"requests[{i}].params: {exc}") from None
+            checked.add(id(request.params))
+        request.n = integer(f"requests[{i}].n", request.n, 1)
+        if not isinstance(request.prompt_ids, list) or not request.prompt_ids:
+            raise ValueError(f"requests[{i}].prompt_ids must be a non-empty list of token ids, got "
+                             f"{request.prompt_ids!r:.80}")
         for name, ids in (("prompt_ids", request.prompt_ids), ("params.stop_token_ids", request.params.stop_token_ids)):
             if ids and not (min(ids) >= 0 and max(ids) < vocab_size):
                 j = next(j for j, t in enumerate(ids) if not 0 <= t < vocab_size)

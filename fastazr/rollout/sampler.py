@@ -60,7 +60,10 @@ def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # keep a token while the mass before it is < top_p: the first token always stays
         before = probs.cumsum(dim=-1) - probs
-        drop |= before >= batch.top_p[:, None]
+        # rows at 1.0 keep everything: the fp32 cumsum reaches 1.0 before the tail (at 151,936
+        # tokens a row beside a top_p < 1 row lost ~16K tokens), and a row's draw must not
+        # depend on its neighbours' parameters
+        drop |= (before >= batch.top_p[:, None]) & (batch.top_p < 1.0)[:, None]
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.empty_like(scaled).scatter_(-1, order, ordered)
 
