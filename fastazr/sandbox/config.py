@@ -41,7 +41,7 @@ def check_timeout(option: str, value) -> None:
     """A wall-clock limit in seconds: a finite number > 0 (the zygote takes int(value) + 2 as
     RLIMIT_CPU, so inf failed inside a worker, after the model had loaded)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
-        raise ValueError(f"{option}: must be a finite number of seconds > 0, got {value!r}")
+        raise ValueError(f"{option}: must be a finite number of seconds > 0 (below 1e9), got {value!r}")
 
 
 @dataclass
