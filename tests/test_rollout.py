@@ -410,17 +410,20 @@ def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p, supp
 def test_a_top_p_of_one_keeps_every_token_beside_rows_that_filter():
     """The fp32 cumsum of a peaked softmax reaches 1.0 before its tail, so a top_p = 1.0 row lost
     its tail whenever another row of the batch asked for top_p < 1 (65,536 tokens: one at
-    probability 0.997, the rest 4e-8 each)."""
+    probability 0.997, the rest 4e-8 each; 4,090 were cut). Seed 11,720,121 draws tail token
+    24,061 alone, one of those (found by sampling 4,096 seeds once)."""
     from fastazr.rollout.sampler import _filter, sample
-    rows, vocab = 4000, 65536
-    logits = torch.full((rows, vocab), math.log(4e-8))
+    logits = torch.full((2, 65536), math.log(4e-8))
     logits[:, 0] = 0.0
-    mixed = sampling_rows(rows)
-    mixed.top_p[-1], mixed.any_top_p = 0.5, True
+    mixed = sampling_rows(2)
+    mixed.seeds[0] = 11_720_121
+    mixed.top_p[1], mixed.any_top_p = 0.5, True
     filtered = _filter(logits, mixed)
-    assert torch.isfinite(filtered[:-1]).all() and int(torch.isfinite(filtered[-1]).sum()) == 1
-    alone = sampling_rows(rows - 1)
-    assert torch.equal(sample(logits, mixed)[0][:-1], sample(logits[:-1], alone)[0])
+    assert torch.isfinite(filtered[0]).all() and int(torch.isfinite(filtered[1]).sum()) == 1
+    alone = sampling_rows(1)
+    alone.seeds[0] = 11_720_121
+    drawn = sample(logits[:1], alone)[0]
+    assert drawn.item() != 0 and torch.equal(sample(logits, mixed)[0][:1], drawn)
 
 
 def test_sampler_greedy_rows_and_noise_depend_only_on_seed_and_step():
