@@ -188,6 +188,20 @@ def test_max_model_len_past_the_models_positions_is_refused(model):
         Engine(model, config=dict(block_size=4))
 
 
+def test_the_engine_checks_and_keeps_its_own_config(model):
+    """The engine kept the caller's EngineConfig object: a field set on it after it was built
+    (block_size=3, not a power of two) reached the block manager unchecked, and a change made
+    after the engine was built altered the running engine."""
+    config = EngineConfig(block_size=4, kv_cache_bytes=1 << 20)
+    config.block_size = 3
+    with pytest.raises(ValueError, match="EngineConfig.block_size must be a power of two, got 3"):
+        Engine(model, config=config)
+    config.block_size = 4
+    eng = Engine(model, config=config)
+    config.block_size = 8
+    assert eng.config.block_size == 4 and eng.config is not config
+
+
 def test_top_k_at_its_bound_keeps_every_token(model):
     """top_k >= 2**63 overflowed the sampler's int64 table; the largest k taken keeps everything."""
     prompt = prompts(1, seed=5)[0]

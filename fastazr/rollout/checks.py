@@ -6,6 +6,7 @@ as 0 or 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from array import array
@@ -82,9 +83,12 @@ def within_positions(option: str, length: int | None, positions: int) -> None:
 
 
 def config_and_seed(owner: str, config, kind: type, seed):
-    """A rollout backend's config (default kind()) and seed (None: the OS draws one), checked."""
+    """A rollout backend's config (default kind()) and seed (None: the OS draws one), checked. The
+    backend keeps its own copy, rebuilt through __post_init__: a field set on the caller's object
+    after it was built is checked here, and a field set after this call cannot reach the backend
+    unchecked."""
     if config is not None and not isinstance(config, kind):
         raise TypeError(f"{owner}'s config must be an {kind.__name__}, got {type(config).__name__}")
     if seed is not None:
         seed = integer(f"{owner}'s seed", seed, 0, hint=" (or None to draw one from the OS)")
-    return config or kind(), seed
+    return (kind() if config is None else dataclasses.replace(config)), seed
