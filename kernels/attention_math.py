@@ -7,10 +7,19 @@ be the engine's, and in bf16 a single differing bit anywhere grows over 30 layer
 P.V product, so its output depends on the running max a tiling happened to see: 61% of its
 outputs are the fp32 result's rounding (bench_attention.py). Here P is split into a bf16 high
 part and the bf16 remainder, two dots that carry 16 significant bits: 99.7% are. Kernels whose
-tiles take the same instructions in the same order (64-key tiles from key 0, 64- or 128-row
-warpgroup tiles) then agree on every bit; the split-K decode kernel's 16-row tiles differ in
-~0.3%. Cost: a second P.V dot, free in memory-bound decode, ~1.3x the training attention's
+tiles take the same keys in the same order (64-key tiles from key 0, in KEY_CHUNK chunks) then
+agree on every bit; the split-K decode kernel, whose splits cut the keys elsewhere, differed in
+~0.3% (before the fixed-point sum below; not measured since). Cost: a second P.V dot, free in memory-bound decode, ~1.3x the training attention's
 time. fp32 inputs take a single full-precision ("ieee") dot instead.
+
+With 16-bit inputs the row sum of P is taken in fixed point (row_sum), where addition is exact,
+so l does not depend on the order in which a tile's warps reduce it. A float sum's order follows
+the tile's layout: 16- and 32-row tiles (mma.sync) rounded l differently from the 64-row
+warpgroup ones, which held the engine's exact decodes to 64-row programs holding one token's G
+heads (4x the softmax work of 16 rows at G = 6). With the fixed-point sum, 16-, 32- and 64-row
+decode programs gave the training forward's bits in every case tried (H100, bf16 and fp16,
+qwen2.5-1.5b, SmolLM2 and qwen2.5-7b heads, 1 or 4 programs a sequence: 36 cases, 0 of 2.45M
+outputs differ).
 
 Keys are folded in chunks of KEY_CHUNK positions from position 0: each chunk's state starts
 empty, and the chunks' states are merged in order (fold). A kernel may compute the chunks of one
@@ -35,6 +44,26 @@ def empty_state(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def row_sum(p, FIXED: tl.constexpr):
+    """Sum over keys of probabilities p [R, N] in [0, 1]. FIXED sums them as integer multiples of
+    2^-24: exact in int32 for N <= 64, so every reduction order gives the same bits. Each p is
+    rounded to the nearest unit below 1/2; from 1/2 up, p x 2^24 is already whole and fp32's
+    x + 0.5 rounds its tie to even, so an odd count gains a unit. What it costs in accuracy: a
+    key's p moves by at most 2^-25 (2^-24 from 1/2 up), against l >= 1 (the running max's own
+    key contributes 1): at most n_keys x 2^-25 relative, 2^-10 at 32K keys were every tiny p to
+    round the same way (keys ~17 nats below the max, all of them), ~sqrt(n_keys) x 2^-26 when
+    the roundings scatter; the bf16 output's own rounding is up to 2^-9, and a bf16 P (flash
+    attention's) moves each p by up to 2^-9 of itself. What it costs in time: a multiply, add
+    and convert a score; the training forward ran as fast (0.63 ms at 16K tokens of qwen2.5-1.5b
+    heads on the H100), its forward + backward 1.59 -> 1.70-1.76 ms, the update 0.493 -> 0.489
+    MFU (bench_update.py)."""
+    if FIXED:
+        tl.static_assert(p.shape[1] <= 64, "64 keys of at most 2^24 each fill int32's 2^31")
+        return tl.sum((p * 16777216.0 + 0.5).to(tl.int32), axis=1).to(tl.float32) * (1.0 / 16777216.0)
+    return tl.sum(p, axis=1)
+
+
+@triton.jit
 def softmax_step(q, k, v, visible, m, l, acc, qk_scale, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
     """Fold keys k and values v [N, D] into the running state (m, l [R], acc [R, D], log2
     domain) of score rows q [R, D]; `visible` [R, N] masks scores; qk_scale includes log2(e)."""
@@ -45,7 +74,7 @@ def softmax_step(q, k, v, visible, m, l, acc, qk_scale, PRECISION: tl.constexpr,
     m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
-    l = l * alpha + tl.sum(p, axis=1)
+    l = l * alpha + row_sum(p, SPLIT_P)
     acc = acc * alpha[:, None]
     p_high = p.to(v.dtype)
     acc = tl.dot(p_high, v, acc, input_precision=PRECISION)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastazr.kernels import attention_math
-from fastazr.kernels.paged_attention import (decode_splits, pack_block_tables, paged_decode_attention,
+from fastazr.kernels.paged_attention import (decode_rows, decode_splits, pack_block_tables, paged_decode_attention,
                                              paged_prefill_attention)
 from fastazr.kernels.paged_attention_reference import paged_attention_reference
 from fastazr.rollout.cpu_attention import StepAttention, context_mask, decode_attention, padded_tables
@@ -127,8 +127,8 @@ def check_split_decode(contexts, heads, kv_heads, head_dim, dtype, device, split
     scale = head_dim ** -0.5
 
     def decode(n, max_context=None):
-        return paged_prefill_attention(q, k, v, flat, starts, one_each, ctx, 1, scale, rows=64, splits=n,
-                                       max_context=max_context)
+        return paged_prefill_attention(q, k, v, flat, starts, one_each, ctx, 1, scale, rows=decode_rows(dtype),
+                                       splits=n, max_context=max_context)
 
     whole = decode(1)
     for n in splits:

@@ -5,9 +5,12 @@ engine's paged decode and prefill kernels, which is what makes the trainer's log
 engine's. The interpreter runs fp32 and fp16 on CPU, the GPU bf16 (marker gpu)."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fastazr.kernels import attention_math
-from fastazr.kernels.paged_attention import pack_block_tables, paged_decode_attention, paged_prefill_attention
+from fastazr.kernels.paged_attention import (decode_rows, pack_block_tables, paged_decode_attention,
+                                            paged_prefill_attention)
 from fastazr.kernels.varlen_attention import varlen_attention
 from fastazr.kernels.varlen_attention_reference import varlen_attention_reference
 
@@ -77,18 +80,22 @@ def check_engine_agreement(lengths, heads, kv_heads, head_dim, dtype, device, bl
     decode = paged_decode_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, ctx, scale, num_splits=4)
     # decoding through the prefill kernel (EngineConfig.exact_logprobs): one query row a sequence
     one_each = torch.arange(len(lengths) + 1, dtype=torch.int32, device=device)
+    rows = decode_rows(dtype)
     exact_decode = paged_prefill_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, one_each, ctx, 1,
-                                           scale, rows=64)
+                                           scale, rows=rows)
     # the same, each sequence's key chunks spread over 3 programs and folded after
     split_decode = paged_prefill_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, one_each, ctx, 1,
-                                           scale, rows=64, splits=3)
+                                           scale, rows=rows, splits=3)
     assert torch.equal(split_decode, exact_decode), "chunks folded in a second kernel differ from one program's"
     if device == "cuda":  # same tiles, same instructions: the same bits, all of them
         assert torch.equal(prefill, out), "the engine's prefill differs from the training forward"
         assert torch.equal(exact_decode, out[last]), "decoding through the prefill tiles differs from training"
-        decode_128 = paged_prefill_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, one_each, ctx, 1,
-                                             scale, rows=128)
-        assert torch.equal(decode_128, exact_decode), "64- and 128-row tiles differ"
+        # 16-bit row sums are fixed point (attention_math.row_sum): every tile height keeps the
+        # bits; fp32's float sums keep them across the 64- and 128-row warpgroup tiles only
+        for other in (16, 32, 64, 128) if dtype != torch.float32 else (64, 128):
+            got = paged_prefill_attention(q[last].contiguous(), k_cache, v_cache, flat, starts, one_each, ctx, 1,
+                                          scale, rows=other, splits=1 + (other == 32))
+            assert torch.equal(got, exact_decode), f"{other}-row tiles differ from {rows}-row ones"
     for name, engine, ours in (("prefill", prefill, out), ("decode", decode, out[last]),
                                ("decode through the prefill kernel", exact_decode, out[last])):
         if dtype == torch.float32:  # nothing rounds to fewer bits: only fp32 summation order differs
@@ -142,6 +149,8 @@ def test_gpu_matches_reference_and_engine(dtype):
     # a Qwen2.5-1.5B layer's heads over AZR-like lengths
     check([700, 1, 1500, 333], 12, 2, 128, dtype, "cuda")
     check_engine_agreement([700, 1, 1500, 333], 12, 2, 128, dtype, "cuda")
+    # SmolLM2's heads: G = 3 padded to 4, so a 16-row decode tile is 4 token slots, one of them used
+    check_engine_agreement([700, 1, 1500, 333, 2400, 64, 900], 9, 3, 64, dtype, "cuda")
 
 
 @pytest.mark.parametrize("dq,dkdv", [
@@ -165,3 +174,36 @@ def test_backward_tiles_that_do_not_nest_are_refused(monkeypatch):
     q.requires_grad_()
     with pytest.raises(ValueError, match="tiles must nest"):
         varlen_attention(q, k, v, cu, 5).backward(dout)
+
+
+@triton.jit
+def _row_sum_kernel(p_ptr, out_ptr, KEYS: tl.constexpr, ROWS: tl.constexpr, FIXED: tl.constexpr):
+    r = tl.arange(0, ROWS)
+    p = tl.load(p_ptr + r[:, None] * KEYS + tl.arange(0, KEYS)[None, :])
+    tl.store(out_ptr + r, attention_math.row_sum(p, FIXED))
+
+
+def test_fixed_point_row_sum_rounds_each_probability_and_never_overflows():
+    """row_sum's fixed point: each p becomes a count of 2^-24 units, rounded to nearest below p =
+    1/2 (a truncating sum would undercount l by up to 64 units a tile, a bias every query pays)
+    and by fp32's ties-to-even from 1/2 up, where p x 2^24 is already a whole number; 64 keys of
+    p = 1 (2^30, the largest tile sum) stay exact in int32. Against float64 a tile's error is at
+    most 2^-25 a key below 1/2 and 2^-24 from it, plus the final fp32 rounding."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(16, 64, generator=g, dtype=torch.float64) ** 8  # many tiny probabilities, as a peaked row has
+    p[0] = 1.0
+    p[1] = 0.5 * 2.0 ** -24  # a tie: rounds up to one unit
+    p[2] = 0.49 * 2.0 ** -24  # rounds to zero
+    p[3] = 0.5 + 2.0 ** -24  # an odd whole number of units: ties-to-even adds one
+    p = p.float()
+    out = torch.empty(16, dtype=torch.float32, device=device)
+    _row_sum_kernel[(1,)](p.to(device), out, KEYS=64, ROWS=16, FIXED=True)
+    out = out.cpu().double()
+    units = (p * 2.0 ** 24 + 0.5).trunc().double().sum(dim=1)  # the rule, in fp32 as the kernel computes it
+    assert torch.equal(out, (units / 2.0 ** 24).float().double())
+    assert out[0] == 64.0 and out[1] == 64 * 2.0 ** -24 and out[2] == 0.0
+    assert out[3] == 64 * (0.5 + 2 * 2.0 ** -24)
+    exact = p.double().sum(dim=1)
+    per_key = torch.where(p.double() < 0.5, 2.0 ** -25, 2.0 ** -24).sum(dim=1)
+    assert ((out - exact).abs() <= per_key + exact * 2.0 ** -24).all()

@@ -36,7 +36,8 @@ from fastazr.kernels import attention_math
 from fastazr.kernels.decode_advance import advance_decode
 from fastazr.kernels.decode_advance_reference import META_ROWS
 from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache, swiglu_fused
-from fastazr.kernels.paged_attention import decode_splits, paged_decode_attention, paged_prefill_attention
+from fastazr.kernels.paged_attention import (decode_rows, decode_splits, paged_decode_attention,
+                                            paged_prefill_attention)
 from fastazr.kernels.swiglu_linear import swiglu_linear
 from fastazr.model import Decoder
 from fastazr.model.layers import rms_norm
@@ -48,10 +49,6 @@ from .kv_cache import KVCache
 from .scheduler import Work
 from .staging import Staging
 
-
-# Score rows of a prefill-kernel program when every slice is one decode token (exact_logprobs):
-# a decode fills only G of them, so 64 rows waste half the MMA work of the default 128.
-_DECODE_ROWS = 64
 
 # Rows from which the gate_up GEMM carries SwiGLU in its epilogue (kernels/swiglu_linear.py; the
 # same bits either way). H100, qwen2.5-1.5b, cuBLAS + SwiGLU kernel vs fused, us: 256 rows 31.5
@@ -214,7 +211,7 @@ class Runner:
         views = dict(zip(parts, meta.split(sizes)))
         last_t = views["last"].long()
         max_q = int(np.diff(cu[decodes:]).max(initial=1))
-        # Exact decodes take the trainer's tiles in 64-row programs and, once a context spans
+        # Exact decodes take the trainer's tiles in decode_rows() programs and, once a context spans
         # several key chunks, spread them over programs as a decode round does (the same bits).
         # In the prefill's launch they took 128-row tiles holding one token's heads (8 rows for
         # qwen2.5-1.5b) and one program a sequence, however long its context.
@@ -226,7 +223,7 @@ class Runner:
             if decodes and self.config.exact_logprobs:
                 paged_prefill_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
                                         views["cu"][:decodes + 1], views["context"][:decodes], 1, self.scale,
-                                        out=out[:decodes], rows=_DECODE_ROWS, splits=splits, max_context=longest)
+                                        out=out[:decodes], rows=decode_rows(q.dtype), splits=splits, max_context=longest)
             elif decodes:
                 paged_decode_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
                                        views["context"][:decodes], self.scale,
@@ -367,7 +364,7 @@ class Runner:
                 return decode_attention(q, k_cache, v_cache, tables, mask, self.scale)
             if self.config.exact_logprobs:
                 return paged_prefill_attention(q, k_cache, v_cache, flat, starts, one_each, context, 1,
-                                               self.scale, rows=_DECODE_ROWS, splits=plan[0],
+                                               self.scale, rows=decode_rows(q.dtype), splits=plan[0],
                                                max_context=max(1, plan[1]) * attention_math.KEY_CHUNK)
             return paged_decode_attention(q, k_cache, v_cache, flat, starts, context, self.scale,
                                           decode_splits(bucket, cache.k.shape[3], self.num_sms))
