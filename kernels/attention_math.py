@@ -5,12 +5,12 @@ Why one step, with an fp32-accurate P.V: the trainer's recomputation of a token'
 be the engine's, and in bf16 a single differing bit anywhere grows over 30 layers into mean
 |delta logprob| ~2e-2 (SmolLM2). Flash attention rounds the probabilities P to bf16 before the
 P.V product, so its output depends on the running max a tiling happened to see: 61% of its
-outputs are the fp32 result's rounding (bench_attention.py). Here P is split into a bf16 high
-part and the bf16 remainder, two dots that carry 16 significant bits: 99.7% are. Kernels whose
-tiles take the same keys in the same order (64-key tiles from key 0, in KEY_CHUNK chunks) then
-agree on every bit; the split-K decode kernel, whose splits cut the keys elsewhere, differed in
-~0.3% (before the fixed-point sum below; not measured since). Cost: a second P.V dot, free in memory-bound decode, ~1.3x the training attention's
-time. fp32 inputs take a single full-precision ("ieee") dot instead.
+outputs are the fp32 result's rounding (bench_attention.py). Here P is split into a bf16 high part
+and the bf16 remainder, two dots that carry 16 significant bits: 99.7% are. Kernels whose tiles take
+the same keys in the same order (64-key tiles from key 0, in KEY_CHUNK chunks) then agree on every
+bit; the split-K decode kernel, whose splits cut the keys elsewhere, differed in ~0.3% (before the
+fixed-point sum below; not measured since). Cost: a second P.V dot, free in memory-bound decode,
+~1.3x the training attention's time. fp32 inputs take a single full-precision ("ieee") dot instead.
 
 With 16-bit inputs the row sum of P is taken in fixed point (row_sum), where addition is exact,
 so l does not depend on the order in which a tile's warps reduce it. A float sum's order follows
@@ -47,18 +47,19 @@ def empty_state(ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 def row_sum(p, FIXED: tl.constexpr):
     """Sum over keys of probabilities p [R, N] in [0, 1]. FIXED sums them as integer multiples of
     2^-24: exact in int32 for N <= 64, so every reduction order gives the same bits. Each p is
-    rounded to the nearest unit below 1/2; from 1/2 up, p x 2^24 is already whole and fp32's
-    x + 0.5 rounds its tie to even, so an odd count gains a unit. What it costs in accuracy: a
-    key's p moves by at most 2^-25 (2^-24 from 1/2 up), against l >= 1 (the running max's own
-    key contributes 1): at most n_keys x 2^-25 relative, 2^-10 at 32K keys were every tiny p to
-    round the same way (keys ~17 nats below the max, all of them), ~sqrt(n_keys) x 2^-26 when
-    the roundings scatter; the bf16 output's own rounding is up to 2^-9, and a bf16 P (flash
-    attention's) moves each p by up to 2^-9 of itself. What it costs in time: a multiply, add
-    and convert a score; the training forward ran as fast (0.63 ms at 16K tokens of qwen2.5-1.5b
-    heads on the H100), its forward + backward 1.59 -> 1.70-1.76 ms, the update 0.493 -> 0.489
-    MFU (bench_update.py)."""
+    rounded to the nearest unit below 1/2 (fp32's x + 0.5 can round the float just below half a
+    unit up: 2^-49 more error); from 1/2 up, p x 2^24 is already whole and x + 0.5 rounds its
+    tie to even, so an odd count gains a unit. What it costs in accuracy: a key's p moves by at
+    most 2^-25 (2^-24 from 1/2 up), against l >= 1 (the running max's own key contributes 1): at
+    most n_keys x 2^-25 relative, 2^-10 at 32K keys were every tiny p to round the same way
+    (keys ~17 nats below the max, all of them), ~sqrt(n_keys) x 2^-26 when the roundings
+    scatter; the bf16 output's own rounding is up to 2^-8 of itself, as is a bf16 P's (flash
+    attention's) of each p. What it costs in time: a multiply, add and convert a score; the
+    training forward ran as fast (0.59-0.64 ms at 16K tokens of qwen2.5-1.5b heads on the H100),
+    its forward + backward went 1.59 -> 1.70-1.76 ms (unexplained: the backward does not take
+    the sum), the update 0.493 -> 0.489 MFU (bench_update.py, one run each)."""
     if FIXED:
-        tl.static_assert(p.shape[1] <= 64, "64 keys of at most 2^24 each fill int32's 2^31")
+        tl.static_assert(p.shape[1] <= 64, "64 keys x 2^24 = 2^30 < 2^31 (128 keys of p = 1 overflow)")
         return tl.sum((p * 16777216.0 + 0.5).to(tl.int32), axis=1).to(tl.float32) * (1.0 / 16777216.0)
     return tl.sum(p, axis=1)
 

@@ -260,7 +260,7 @@ def decode_rows(dtype: torch.dtype) -> int:
     """Score rows of a prefill-kernel program whose slices are all one decode token: 16 for 16-bit
     inputs (G heads of one token fill a tile of 16 at G <= 16; H100, AZR mix on qwen2.5-1.5b,
     exact mode: 34,116-34,535 tokens/s with 64 rows, 39,505-39,640 with 16), 64 for fp32, whose
-    float row sum keeps the bits only across warpgroup tiles."""
+    float row sum is held to the trainer's bits only at the heights the GPU tests check."""
     return 64 if dtype == torch.float32 else 16
 
 
@@ -273,7 +273,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     new ones included -> [T, Hq, D] in q's dtype. max_q_len bounds the grid (the host knows it).
     `out`, when given, receives the result. `rows`: score rows a program holds (128 by default); a
     row's result does not depend on it for 16-bit inputs at any power of two from 16 (row sums in
-    fixed point, attention_math.row_sum), for fp32 at 64 or 128 (Hopper's warpgroup MMA).
+    fixed point, attention_math.row_sum), for fp32 at 64 or 128 (its float row sum follows the
+    tile's layout; those two agree in the GPU tests, others were not tried).
     Decodes, one real token in a tile, take decode_rows(dtype).
 
     `splits` > 1 (decodes only: max_q_len 1) spreads each sequence's KEY_CHUNK-key chunks over

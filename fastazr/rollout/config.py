@@ -55,14 +55,16 @@ class EngineConfig:
     is refilled up to 2 x decode_steps tokens later. 1 turns it off."""
 
     exact_logprobs: bool = True
-    """On CUDA, decode tokens through the prefill kernel's warpgroup tiles and key chunks, those of
-    the trainer's attention (fastazr.kernels.varlen_attention), so the engine's logprobs are the
-    trainer's recomputation to fp32 rounding (SmolLM2, bf16: mean |delta| 1.8e-5, max 4.6e-5).
-    Long contexts at small batch still fill the GPU: each sequence's chunks of KEY_CHUNK keys go
-    to parallel programs and are folded in order. False takes the split-K decode kernel, whose
-    16-row tiles differ from the trainer's in ~0.3% of attention outputs' last bit, which 30 bf16
-    layers grow into mean |delta| 1.9e-2, max 0.3; its smaller tiles are faster at small batch
-    (8 x 2,000 tokens: 11 us against 20 a layer) and as fast at 256 (37 against 40)."""
+    """On CUDA, decode tokens through the prefill kernel's key tiles and chunks, those of the
+    trainer's attention (fastazr.kernels.varlen_attention), in 16-row programs for 16-bit models
+    (paged_attention.decode_rows), so the engine's logprobs are the trainer's recomputation to
+    fp32 rounding (SmolLM2, bf16: mean |delta| 1.8e-5, max 4.6e-5). Long contexts at small
+    batch still fill the GPU: each sequence's chunks of KEY_CHUNK keys go to parallel programs
+    and are folded in order. False takes the split-K decode kernel, whose splits cut the keys
+    elsewhere (with 64-row exact tiles it differed from the trainer's in ~0.3% of attention
+    outputs' last bit, which 30 bf16 layers grew into mean |delta| 1.9e-2, max 0.3); on the H100
+    it ran the AZR mix ~3% faster than exact mode (40,932 against 39,505-39,640 tokens/s,
+    measured on different days)."""
 
     sample_in_lm_head: bool = True
     """On CUDA, sample the rows without top-k / top-p inside the lm_head GEMM's epilogue

@@ -223,7 +223,8 @@ class Runner:
             if decodes and self.config.exact_logprobs:
                 paged_prefill_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
                                         views["cu"][:decodes + 1], views["context"][:decodes], 1, self.scale,
-                                        out=out[:decodes], rows=decode_rows(q.dtype), splits=splits, max_context=longest)
+                                        out=out[:decodes], rows=decode_rows(q.dtype), splits=splits,
+                                        max_context=longest)
             elif decodes:
                 paged_decode_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
                                        views["context"][:decodes], self.scale,
@@ -254,14 +255,15 @@ class Runner:
         for a decode round whose longest context is `longest`, in exact mode. At least 4
         programs (more while a program a sequence and KV head would leave SMs idle), at large
         batches too, where the programs of long contexts outlast the rest of the grid; never more
-        than the context has chunks. H100, one qwen2.5-1.5b layer, us, 1 / 2 / 4 programs a
-        sequence (CUDA-graph replays, the same bits each): 256 x 300-2,400 tokens 192 / 172 /
-        163, 128 x 300-2,400 107 / 99 / 84, 256 x 600-1,200 111 / 109 / 108, 128 x 600-1,200
-        61 / 63 / 58; SmolLM2, 256 x 300-1,500: 119 / 94 / 92. Both are powers of two, and a
-        graph is captured per pair (again after every release_memory()): the state (130 fp32 a
+        than the context has chunks. H100, one qwen2.5-1.5b layer, us, 1 / 2 / 4 programs a sequence
+        (CUDA-graph replays, the same bits each; measured in 64-row tiles, not re-tuned for today's
+        16, where 1 -> 4 programs still took 76.7 -> 41.3 us at 56 x 1-2,400): 256 x 300-2,400
+        tokens 192 / 172 / 163, 128 x 300-2,400 107 / 99 / 84, 256 x 600-1,200 111 / 109 / 108, 128
+        x 600-1,200 61 / 63 / 58; SmolLM2, 256 x 300-1,500: 119 / 94 / 92. Both are powers of two,
+        and a graph is captured per pair (again after every release_memory()): the state (130 fp32 a
         row, head and chunk) holds at least 8 chunks, so contexts up to 4K keys take one or two
-        graphs a bucket, and more only for longer ones, not max_model_len's worth (qwen2.5-1.5b,
-        256 rows: 13 MB; at its 32K positions it would be 100 MB)."""
+        graphs a bucket, and more only for longer ones, not max_model_len's worth (qwen2.5-1.5b, 256
+        rows: 13 MB; at its 32K positions it would be 100 MB)."""
         kv_heads = self.model.config.num_kv_heads
         chunks = -(-longest // attention_math.KEY_CHUNK)
         if not (self.kernels and self.config.exact_logprobs) or chunks <= 1:
