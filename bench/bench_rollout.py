@@ -73,6 +73,7 @@ from fastazr.rollout import Engine, EngineConfig, Request, RolloutBackend, Sampl
 from fastazr.rollout.sglang_config import SGLANG_VERSION
 
 WORKLOADS = ("uniform", "azr", "smollm2", "selfplay")
+EMBEDDED = "SmolLM2-135M-Instruct (embedded GGUF)"
 TASKS = [
     "Write a Python function that returns the n-th Fibonacci number, then trace fib(7) step by step.",
     "Given f(x) = sorted(set(x))[::-1], what does f([3, 1, 3, 2]) return? Explain your reasoning.",
@@ -84,6 +85,8 @@ TASKS = [
 @dataclass
 class Workload:
     name: str
+    label: str
+    """The model, as the JSON line names it (the preset, or the embedded model)."""
     model: Decoder | None
     tokenizer: Tokenizer | None
     requests: list[Request]
@@ -175,26 +178,26 @@ def build(name: str, args, device: str) -> Workload:
         model = preset_model(args, device)
         params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)
         requests = [Request(prompt(model, args.prompt_len), params) for _ in range(args.batch)]
-        return Workload(name, model, None, requests, args.batch, args.batch)
+        return Workload(name, args.model, model, None, requests, args.batch, args.batch)
     if name == "azr":
         model = preset_model(args, device)
         (plo, phi), (nlo, nhi) = args.azr_prompt_len, args.azr_new_tokens
         requests = [Request(prompt(model, draw(plo, phi)), SamplingParams(
             temperature=1.0, max_new_tokens=draw(nlo, nhi), ignore_eos=True), n=args.azr_n)
             for _ in range(args.azr_prompts)]
-        return Workload(name, model, None, requests, args.hf_batch,
+        return Workload(name, args.model, model, None, requests, args.hf_batch,
                         min(args.hf_azr_seqs, args.azr_prompts * args.azr_n))
     if name == "selfplay":
         model, tokenizer = load(device=device, dtype=default_dtype(device))
         (plo, phi), (nlo, nhi) = args.selfplay_prompt_len, args.selfplay_new_tokens
         requests = [Request(prompt(model, draw(plo, phi)), SamplingParams(
             temperature=1.0, max_new_tokens=draw(nlo, nhi), ignore_eos=True)) for _ in range(args.selfplay_seqs)]
-        return Workload(name, model, tokenizer, requests, args.selfplay_seqs, args.selfplay_seqs)
+        return Workload(name, EMBEDDED, model, tokenizer, requests, args.selfplay_seqs, args.selfplay_seqs)
     model, tokenizer = load(device=device, dtype=default_dtype(device))
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True)
     requests = [Request(tokenizer.encode_chat([{"role": "user", "content": TASKS[i % len(TASKS)]}]), params)
                 for i in range(args.smollm2_batch)]
-    return Workload(name, model, tokenizer, requests, args.smollm2_batch, args.smollm2_batch)
+    return Workload(name, EMBEDDED, model, tokenizer, requests, args.smollm2_batch, args.smollm2_batch)
 
 
 def engine_config(args) -> EngineConfig:
@@ -330,6 +333,7 @@ def measure(w: Workload, config: EngineConfig, bandwidth: float | None, workdir:
         free(device)
     hf_rate = None if args.skip_hf else runs[-1]["tokens"] / runs[-1]["seconds"]
     for run in runs:
+        run["model"] = w.label
         lengths = run.pop("lengths")
         run["tokens_per_s"] = run["tokens"] / run["seconds"]
         if bandwidth:
@@ -437,8 +441,8 @@ def main() -> None:
     print_table(["workload", "contender", "new tokens", "gen s", "tokens/s", "rounds min-max", "TTFT s", "peak GiB",
                  "bound tok/s", "of bound", "vs HF"], rows)
     json_line({"bench": "rollout", "backend": args.backend, "device": device, "gpu": gpu, "copy_bytes_per_s": bandwidth,
-               "model": args.model,
-               "layers": args.layers, "engine_config": asdict(config), "rounds": args.rounds, "results": results})
+               "preset": args.model, "layers": args.layers, "engine_config": asdict(config), "rounds": args.rounds,
+               "results": results})
 
 
 if __name__ == "__main__":

@@ -247,18 +247,24 @@ def sampling_tiles(hidden: torch.Tensor) -> tuple[Tiles, int]:
     The logprob forward's (logprobs.py), but 128 vocabulary columns a tile instead of 256 at
     16-bit: the epilogue holds ~5 fp32 values per logit (scaled logit, hash, noise, score, exp)
     for 64 x 128 / 128 threads = 64 logits a thread. H100, 256 rows x 151,936, us: 64 x 128, 4
-    warps, 4 stages, flattened, 2 programs an SM 362; 3 stages 390; 128 x 128 or 128 x 64
-    385-390; 64 x 64 431; 64 x 256 453 with 8 warps, 1,316-1,610 with 4 (spills); unflattened
-    10-15% slower. One row block of a small model (SmolLM2's decode: 64 rows, H = 576, V =
-    49,152, L2 flushed between calls, bound 18.9 us at 3 TB/s): 64 x 128 x 64 tiles with 8 warps
-    and one program an SM (128 splits) 42.6 us (41.1 with 128-deep K steps, which leave a
-    partial step at H = 576), the large model's choice 78."""
+    warps, 4 stages, flattened, 2 programs an SM 351-362; 3 stages 380-390; 128 x 128 or 128 x 64
+    339-390; 64 x 64 348-431; 64 x 256 453 with 8 warps, 1,316-1,610 with 4 (spills); unflattened
+    10-15% slower. A small model's K loop is too short to hide the epilogue, so its programs
+    take narrower tiles, more of them an SM (SmolLM2's decode: H = 576, V = 49,152, 4 weights
+    in turn so that none sits in L2, tokens the same in every shape): at 64 rows, one row block,
+    64 x 128 x 64 tiles with 8 warps and one program an SM (128 splits) 40.5-42.6 us, the large
+    model's choice 75-78; at 256 rows 64 x 64 tiles, 4 warps, 4 stages, 3 programs an SM 79.8
+    us, the large model's choice 107.4, 2 programs 91.5, cuBLAS's fp32 logits + gumbel_sample
+    105.3."""
     tiles = default_tiles(hidden, backward=False)
     if interpreting() or hidden.dtype == torch.float32:
         return tiles, 2
-    if hidden.shape[0] <= 64 and hidden.shape[1] <= 1024:
-        return Tiles(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=4, tma=tiles.tma,
-                     flatten=tiles.tma), 1
+    if hidden.shape[1] <= 1024:
+        if hidden.shape[0] <= 64:
+            return Tiles(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=4, tma=tiles.tma,
+                         flatten=tiles.tma), 1
+        return Tiles(block_n=64, block_v=64, block_k=64, num_warps=4, num_stages=4, tma=tiles.tma,
+                     flatten=tiles.tma), 3
     return Tiles(block_n=64, block_v=128, block_k=64, num_warps=4, num_stages=4, tma=tiles.tma, flatten=tiles.tma), 2
 
 
