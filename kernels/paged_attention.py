@@ -256,16 +256,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def _prefill_warps(rows: int, block_d: int) -> int:
-    """Warps of a prefill-kernel program holding `rows` score rows (the same bits at any count:
-    each output's sums run in the same order). 16-row decode tiles of 128-wide heads take 2: H100,
-    one qwen2.5-1.5b layer's exact decode (16 rows, CUDA-graph replays over 4 layers' caches),
-    256 x 256-512 keys 43.7 us against 46.6 with 4 warps, 66.6-73.6 with 1, 48.3-55.0 with 8;
-    128 x 300-2,400 keys 77.4 against 77.9; SmolLM2's 64-wide heads stay at 4 (256 x 64-320:
-    22.3 against 24.1; 64 x 64-320: 12.4 against 13.2)."""
+def _prefill_warps(rows: int, block_d: int, dtype: torch.dtype) -> int:
+    """Warps of a prefill-kernel program holding `rows` score rows. 16-row decode tiles of
+    128-wide 16-bit heads take 2, with the same bits: 0 of 3.8M outputs differed from the
+    training forward at 1, 2, 4 or 8 warps in the sweep timed here (fp32's float row sum follows the
+    tile's layout, so it keeps 4). H100, one qwen2.5-1.5b layer's exact decode (16 rows, CUDA-graph
+    replays over 4 layers' caches), 256 x 256-512 keys 43.7 us against 46.6 with 4 warps,
+    66.6-73.6 with 1, 48.3-55.0 with 8; 128 x 300-2,400 keys 77.4 against 77.9; SmolLM2's 64-wide
+    heads stay at 4 (256 x 64-320: 22.3 against 24.1; 64 x 64-320: 12.4 against 13.2); other
+    widths were not measured and keep 4."""
     if rows >= 128:
         return 8
-    return 2 if rows <= 16 and block_d >= 128 else 4
+    return 2 if rows <= 16 and block_d == 128 and dtype != torch.float32 else 4
 
 
 def decode_rows(dtype: torch.dtype) -> int:
@@ -322,7 +324,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1),
         GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=_PREFILL_BLOCK_N, CHUNK=chunk, SPLITS=splits, PRECISION=_precision(q.dtype),
-        SPLIT_P=q.dtype != torch.float32, num_warps=_prefill_warps(block_m * block_g, block_d), enable_fp_fusion=False)
+        SPLIT_P=q.dtype != torch.float32, num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype),
+        enable_fp_fusion=False)
     if splits > 1 and batch:
         _fold_kernel[(batch, q.shape[1])](state, chunk_acc, context_lens, out, max_chunks, out.stride(0), out.stride(1),
                                           q.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, num_warps=1,

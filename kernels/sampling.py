@@ -242,27 +242,27 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     return tokens, logprobs
 
 
-def sampling_tiles(hidden: torch.Tensor) -> tuple[Tiles, int]:
+def sampling_tiles(hidden: torch.Tensor, vocab: int) -> tuple[Tiles, int]:
     """Block shape of linear_gumbel_sample's GEMM and its programs an SM (vocabulary splits).
     The logprob forward's (logprobs.py), but 128 vocabulary columns a tile instead of 256 at
     16-bit: the epilogue holds ~5 fp32 values per logit (scaled logit, hash, noise, score, exp)
     for 64 x 128 / 128 threads = 64 logits a thread. H100, 256 rows x 151,936, us: 64 x 128, 4
     warps, 4 stages, flattened, 2 programs an SM 351-362; 3 stages 380-390; 128 x 128 or 128 x 64
     339-390; 64 x 64 348-431; 64 x 256 453 with 8 warps, 1,316-1,610 with 4 (spills); unflattened
-    10-15% slower. A small model's K loop is too short to hide the epilogue, so its programs
-    take narrower tiles, more of them an SM (SmolLM2's decode: H = 576, V = 49,152, 4 weights
-    in turn so that none sits in L2, tokens the same in every shape): at 64 rows, one row block,
-    64 x 128 x 64 tiles with 8 warps and one program an SM (128 splits) 40.5-42.6 us, the large
-    model's choice 75-78; at 256 rows 64 x 64 tiles, 4 warps, 4 stages, 3 programs an SM 79.8
-    us, the large model's choice 107.4, 2 programs 91.5, cuBLAS's fp32 logits + gumbel_sample
-    105.3."""
+    10-15% slower. A small model's short K loop hides less of the epilogue (SmolLM2's lm_head:
+    H = 576, V = 49,152; 4 weights in turn so that none sits in L2; the same tokens in every
+    shape): at 64 rows, one row block, 64 x 128 x 64 tiles with 8 warps and one program an SM
+    (128 splits) 40.5-42.6 us, the large model's choice 75-78; at 256 rows 64 x 64 tiles, 4
+    warps, 4 stages, 3 programs an SM 79.8 us, the large model's choice 107.4, 2 programs 91.5,
+    cuBLAS's fp32 logits + gumbel_sample 105.3. Those past 64 rows are taken only at the
+    measured kind of shape (H <= 1024, V <= 65,536)."""
     tiles = default_tiles(hidden, backward=False)
     if interpreting() or hidden.dtype == torch.float32:
         return tiles, 2
-    if hidden.shape[1] <= 1024:
-        if hidden.shape[0] <= 64:
-            return Tiles(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=4, tma=tiles.tma,
-                         flatten=tiles.tma), 1
+    if hidden.shape[1] <= 1024 and hidden.shape[0] <= 64:
+        return Tiles(block_n=64, block_v=128, block_k=64, num_warps=8, num_stages=4, tma=tiles.tma,
+                     flatten=tiles.tma), 1
+    if hidden.shape[1] <= 1024 and vocab <= 65536:
         return Tiles(block_n=64, block_v=64, block_k=64, num_warps=4, num_stages=4, tma=tiles.tma,
                      flatten=tiles.tma), 3
     return Tiles(block_n=64, block_v=128, block_k=64, num_warps=4, num_stages=4, tma=tiles.tma, flatten=tiles.tma), 2
@@ -288,7 +288,7 @@ def linear_gumbel_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature
     logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if not n:
         return tokens, logprobs
-    tiles, per_sm = (tiles, 2) if tiles else sampling_tiles(hidden)
+    tiles, per_sm = (tiles, 2) if tiles else sampling_tiles(hidden, vocab)
     n_blocks = triton.cdiv(n, tiles.block_n)
     v_tiles = triton.cdiv(vocab, tiles.block_v)
     per_split = triton.cdiv(v_tiles, vocab_splits(hidden, n_blocks, v_tiles, per_sm))

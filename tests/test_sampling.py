@@ -200,7 +200,7 @@ def test_sampling_from_hidden_states_follows_the_softmax():
 def test_gpu_sampling_from_hidden_states_matches_the_logits_path(dtype, rows, hidden_size, vocab):
     """Qwen2.5-1.5B's lm_head (H = 1536, V = 151,936) at 300 rows, and SmolLM2's (H = 576, V =
     49,152) at one row block, which takes sampling_tiles' small-model tiles and ~128 splits, and
-    at 257 rows (its 64 x 64 tiles, 3 programs an SM, a partial last row block): the
+    at 257 rows (in bf16 its 64 x 64 tiles, 3 programs an SM; a partial last row block): the
     same tokens as sampling the fp32 logits that torch.mm computes (the GEMM's fp32 accumulation
     is the same at every tile shape without split-K), greedy ties across splits included, and
     logprobs within 2e-5 of the reference."""

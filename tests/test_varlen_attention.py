@@ -166,7 +166,8 @@ def test_decode_tiles_of_every_height_give_the_training_bits(heads, kv_heads, he
     from the 64-row ones in ~3 outputs per million (H100), so this test's 0.8M a dtype in 16- and
     32-row tiles (1.2M in all) catch it where check_engine_agreement's ~10K outputs mostly would
     not. The same comparison ran on the H100 as a development script: 0 of 2.45M differ. The
-    qwen heads' 16-row tiles run in 2 warps (paged_attention._prefill_warps), the others in 4."""
+    16-row tiles of the qwen models' 128-wide heads run in 2 warps (paged_attention._prefill_warps),
+    the others in 4."""
     q, k, v, cu, _ = make(lengths, heads, kv_heads, head_dim, dtype, "cuda", seed=1)
     out = varlen_attention(q, k, v, cu, max(lengths))
     block_size = 16
