@@ -54,26 +54,31 @@ def check(lengths, heads, kv_heads, head_dim, dtype, device):
         torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
 
 
+def paged_cache(lengths, k, v, cu, block_size=16):
+    """The packed keys and values k, v [T, Hkv, D] (sequence b at rows cu[b]..) in a paged cache,
+    each sequence's blocks in reverse order so that table lookups are exercised -> (k_cache,
+    v_cache, flat tables, table starts, context lengths)."""
+    blocks = [-(-n // block_size) for n in lengths]
+    k_cache = k.new_zeros(sum(blocks), block_size, *k.shape[1:])
+    v_cache = torch.zeros_like(k_cache)
+    tables, at = [], sum(blocks)
+    for n, start, count in zip(lengths, cu.tolist(), blocks):
+        tables.append(list(range(at - count, at))[::-1])
+        at -= count
+        position = torch.arange(n, device=k.device)
+        block = torch.tensor(tables[-1], device=k.device)[position // block_size]
+        k_cache[block, position % block_size] = k[start:start + n]
+        v_cache[block, position % block_size] = v[start:start + n]
+    flat, starts = pack_block_tables(tables, k.device)
+    return k_cache, v_cache, flat, starts, torch.tensor(lengths, dtype=torch.int32, device=k.device)
+
+
 def check_engine_agreement(lengths, heads, kv_heads, head_dim, dtype, device, block_size=16):
     """The training forward, the engine's prefill over a paged cache of the same keys, and its
     decode of each sequence's last token: the same bits."""
     q, k, v, cu, _ = make(lengths, heads, kv_heads, head_dim, dtype, device, seed=1)
     out = varlen_attention(q, k, v, cu, max(lengths))
-    # the cache's blocks in reverse order, so table lookups are exercised
-    blocks = [-(-n // block_size) for n in lengths]
-    total_blocks = sum(blocks)
-    k_cache = torch.zeros(total_blocks, block_size, kv_heads, head_dim, device=device, dtype=dtype)
-    v_cache = torch.zeros_like(k_cache)
-    tables, at = [], total_blocks
-    for n, start, count in zip(lengths, cu.tolist(), blocks):
-        table = list(range(at - count, at))[::-1]
-        at -= count
-        tables.append(table)
-        for p in range(n):
-            k_cache[table[p // block_size], p % block_size] = k[start + p]
-            v_cache[table[p // block_size], p % block_size] = v[start + p]
-    flat, starts = pack_block_tables(tables, device)
-    ctx = torch.tensor(lengths, dtype=torch.int32, device=device)
+    k_cache, v_cache, flat, starts, ctx = paged_cache(lengths, k, v, cu, block_size)
     scale = head_dim ** -0.5
     prefill = paged_prefill_attention(q, k_cache, v_cache, flat, starts, cu, ctx, max(lengths), scale)
     last = (cu[1:] - 1).long()
@@ -170,20 +175,7 @@ def test_decode_tiles_of_every_height_give_the_training_bits(heads, kv_heads, he
     the others in 4."""
     q, k, v, cu, _ = make(lengths, heads, kv_heads, head_dim, dtype, "cuda", seed=1)
     out = varlen_attention(q, k, v, cu, max(lengths))
-    block_size = 16
-    blocks = [-(-n // block_size) for n in lengths]
-    k_cache = torch.zeros(sum(blocks), block_size, kv_heads, head_dim, device="cuda", dtype=dtype)
-    v_cache = torch.zeros_like(k_cache)
-    tables, at = [], 0
-    for n, start, count in zip(lengths, cu.tolist(), blocks):
-        tables.append(list(range(at, at + count)))
-        at += count
-        position = torch.arange(n, device="cuda")
-        block = torch.tensor(tables[-1], device="cuda")[position // block_size]
-        k_cache[block, position % block_size] = k[start:start + n]
-        v_cache[block, position % block_size] = v[start:start + n]
-    flat, starts = pack_block_tables(tables, "cuda")
-    ctx = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    k_cache, v_cache, flat, starts, ctx = paged_cache(lengths, k, v, cu)
     last = (cu[1:] - 1).long()
     one_each = torch.arange(len(lengths) + 1, dtype=torch.int32, device="cuda")
     want = out[last]
