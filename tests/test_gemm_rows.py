@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastazr.kernels.decode_linear import decode_linear, decode_linear_rows
 from fastazr.rollout.gemm_rows import GemmRows
 from fastazr.rollout.runner import graph_buckets
 
@@ -51,19 +52,47 @@ def test_everything_agreeing_pads_nothing():
     assert all(gemm.rows(weight, None, n) == n for n in CANDIDATES + [3, 100])
 
 
+def test_a_fast_gemm_takes_only_the_row_counts_where_it_agrees():
+    calls = []
+
+    def fast(x, weight, bias=None):
+        calls.append(x.shape[0])
+        out = row_linear(x, weight, bias)
+        return out + 1e-3 if x.shape[0] == 8 else out  # wrong bits at 8 rows
+
+    gemm = GemmRows(CANDIDATES, reference_rows=128, linear=split_linear, fast=fast, fast_rows=lambda weight: 32)
+    weight, bias = torch.randn(24, 40), torch.randn(24)
+    gemm.learn(weight, bias)
+    x = torch.randn(128, 40)
+    want = row_linear(x, weight, bias)
+    for n in CANDIDATES + [40, 100]:
+        calls.clear()
+        assert torch.equal(gemm(x[:n], weight, bias), want[:n]), f"{n} rows"
+        # fast at the candidates up to its limit (32) where it agrees (not 8, which the
+        # stand-in linear computes as it is); 48 pads through linear, 40 and 100 are no candidates
+        assert bool(calls) == (n in (1, 2, 4, 16, 32)), f"{n} rows: fast called {calls}"
+
+
 @pytest.mark.gpu
-def test_gpu_decode_batches_get_the_large_batch_bits():
-    """cuBLAS at every decode batch size of qwen2.5-1.5b's projections, through GemmRows, equals
-    the same rows of a 4,096-row batch bit for bit (without it the down projection differs at
-    most sizes below 224: test output lists them)."""
-    gemm = GemmRows(graph_buckets(256) + [384, 512, 768, 1024, 1536])
-    for n, k, has_bias in ((2048, 1536, True), (1536, 1536, False), (17920, 1536, False), (1536, 8960, False)):
+@pytest.mark.parametrize("shapes", [
+    ((2048, 1536, True), (1536, 1536, False), (17920, 1536, False), (1536, 8960, False)),  # qwen2.5-1.5b
+    ((960, 576, False), (576, 576, False), (3072, 576, False), (576, 1536, False)),  # SmolLM2-135M
+])
+def test_gpu_decode_batches_get_the_large_batch_bits(shapes):
+    """cuBLAS, or the engine's decode_linear where GemmRows takes it, at every decode batch size
+    of a model's projections equals the same rows of a 4,096-row batch bit for bit (without
+    GemmRows qwen2.5-1.5b's down projection differs at most sizes below 224: test output lists
+    them). SmolLM2's projections take decode_linear at every decode batch size up to their limit."""
+    gemm = GemmRows(graph_buckets(256) + [384, 512, 768, 1024, 1536], fast=decode_linear, fast_rows=decode_linear_rows)
+    for n, k, has_bias in shapes:
         weight = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
         bias = torch.randn(n, device="cuda").bfloat16() if has_bias else None
         gemm.learn(weight, bias)
         x = torch.randn(4096, k, device="cuda").bfloat16()
         want = F.linear(x, weight, bias)
         padded = [m for m in graph_buckets(256) if gemm.rows(weight, bias, m) != m]
-        print(f"{n} x {k}: padded at {padded}")
+        fast = [m for m in gemm.candidates if gemm.takes_fast(weight, bias, m)]
+        print(f"{n} x {k}: padded at {padded}, decode_linear at {fast}")
+        assert fast == [m for m in gemm.candidates if m <= decode_linear_rows(weight)]
         for m in graph_buckets(256):
             assert torch.equal(gemm(x[:m], weight, bias), want[:m]), f"{n} x {k} at {m} rows"

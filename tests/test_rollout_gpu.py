@@ -138,9 +138,11 @@ def test_sampling_inside_the_lm_head_draws_the_written_logits_tokens():
 
 
 def test_the_fused_mlp_changes_no_bit(monkeypatch):
-    """Steps of _FUSED_MLP_ROWS tokens and more run gate_up with SwiGLU in its epilogue
-    (kernels/swiglu_linear.py) instead of cuBLAS + the SwiGLU kernel. Forced on every step here,
-    decode graphs included, the completions and their logprobs must be the same bits."""
+    """Decode batches and steps of thousands of tokens run gate_up with SwiGLU in its epilogue
+    (kernels/swiglu_linear.py) instead of cuBLAS + the SwiGLU kernel (runner.fused_mlp). Forced
+    on every step (every candidate batch size then passes the runner's start-up bit check), then
+    off on every step, decode graphs included, the completions and their logprobs must be the
+    same bits."""
     from dataclasses import replace
 
     from fastazr.model import Decoder, preset_config
@@ -152,9 +154,11 @@ def test_the_fused_mlp_changes_no_bit(monkeypatch):
     params = SamplingParams(temperature=1.0, max_new_tokens=40, ignore_eos=True, seed=5)
     requests = [Request(torch.randint(0, 151936, (n,), generator=g).tolist(), params, n=4) for n in (7, 300)]
     runs = []
-    for threshold in (runner._FUSED_MLP_ROWS, 1):
-        monkeypatch.setattr(runner, "_FUSED_MLP_ROWS", threshold)
+    for fused in (True, False):
+        monkeypatch.setattr(runner, "fused_mlp", lambda rows, weight: fused)
         engine = Engine(model, None, EngineConfig(kv_cache_bytes=1 << 30))
+        # the start-up check found swiglu_linear giving the trainer's bits at every batch size
+        assert engine.runner.unfused == set()
         runs.append([(c.completion_ids, c.logprobs) for group in engine.generate(requests) for c in group])
         engine.release_memory()
     assert runs[0] == runs[1]

@@ -61,11 +61,13 @@ def test_empty_and_mismatched_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_bits_are_the_trainer_linear_and_swiglu(dtype):
-    # the trainer: cuBLAS at a large batch (no split-K), then the SwiGLU kernel it trains with
-    x, weight = operands(2048, 1536, 8960, dtype, device="cuda")
+@pytest.mark.parametrize("hidden, inter", [(1536, 8960), (576, 1536)])  # qwen2.5-1.5b, SmolLM2-135M
+def test_gpu_bits_are_the_trainer_linear_and_swiglu(dtype, hidden, inter):
+    # the trainer: cuBLAS at a large batch (no split-K), then the SwiGLU kernel it trains with;
+    # the row counts cross every tile rule of swiglu_linear_tiles
+    x, weight = operands(2048, hidden, inter, dtype, device="cuda")
     want = swiglu_fused(F.linear(x, weight))
-    for rows in (2048, 1000, 256, 200, 37, 16, 1):
+    for rows in (2048, 1000, 256, 200, 64, 37, 17, 16, 5, 1):
         got = swiglu_linear(x[:rows], weight)
         assert torch.equal(got, want[:rows]), f"{rows} rows: {(got != want[:rows]).float().mean():.2e} differ"
 

@@ -63,7 +63,7 @@ class EngineConfig:
     and are folded in order. False takes the split-K decode kernel, whose splits cut the keys
     elsewhere (with 64-row exact tiles it differed from the trainer's in ~0.3% of attention
     outputs' last bit, which 30 bf16 layers grew into mean |delta| 1.9e-2, max 0.3); on the H100
-    it ran bench_rollout.py's AZR mix 4% faster than exact mode (40,454 against 38,946 tokens/s,
+    it ran bench_rollout.py's AZR mix 4% faster than exact mode (41,257 against 39,666 tokens/s,
     the same run)."""
 
     sample_in_lm_head: bool = True

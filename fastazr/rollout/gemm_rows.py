@@ -12,7 +12,14 @@ GemmRows tries each projection shape once (the choice depends on shapes, not val
 candidate row count against `reference_rows` rows of random data, and linear() pads a batch
 whose row count gives other bits up to the smallest larger candidate that gives the same ones.
 Cost: the padded rows' work (1.5b down: 16 rows run at 160, the next size that agrees; the
-GEMM takes 9.7 us at 16 rows, 12.9 at 128, 17.9 at 256)."""
+GEMM takes 9.7 us at 16 rows, 12.9 at 128, 17.9 at 256).
+
+A second GEMM, `fast` (the engine's: kernels/decode_linear.py, a Triton GEMM launched with
+programmatic dependent launch), is tried beside it at the candidates up to `fast_rows(weight)`,
+its own limit for the shape; where it gives the reference's bits it takes those row counts
+unpadded. Measured on the H100 (graph replays, us a GEMM at 64 rows, cuBLAS / fast): SmolLM2's
+four projections 3.19 / 2.82, 3.18 / 2.79, 3.39 / 2.90, 4.44 / 4.25, every tile shape tried
+giving the reference's bits."""
 
 from __future__ import annotations
 
@@ -25,12 +32,17 @@ Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 
 
 class GemmRows:
-    def __init__(self, candidates: list[int], reference_rows: int = 2048, linear: Linear = F.linear):
+    def __init__(self, candidates: list[int], reference_rows: int = 2048, linear: Linear = F.linear,
+                 fast: Linear | None = None, fast_rows: Callable[[torch.Tensor], int] = lambda weight: 0):
         """`candidates`: the row counts to try (the decode batch sizes, then larger ones); rows
-        at or past `reference_rows` are taken as the trainer's kernel."""
+        at or past `reference_rows` are taken as the trainer's kernel. `fast`, where given, is
+        tried at the candidates up to `fast_rows(weight)`."""
         self.candidates = sorted(c for c in set(candidates) if c < reference_rows) + [reference_rows]
         self.reference_rows = reference_rows
         self.linear = linear
+        self.fast, self.fast_rows = fast, fast_rows
+        self._fast: dict[tuple, frozenset[int]] = {}
+        """shape key -> the candidate row counts at which `fast` gives the reference's bits"""
         self._padded: dict[tuple, dict[int, int]] = {}
         """shape key -> candidate rows -> rows to compute them at"""
         self._floor: dict[tuple, int] = {}
@@ -51,6 +63,9 @@ class GemmRows:
         b = None if bias is None else torch.randn(bias.shape, generator=g, device=weight.device).to(bias.dtype)
         want = self.linear(x, w, b)
         same = {rows: torch.equal(self.linear(x[:rows], w, b), want[:rows]) for rows in self.candidates}
+        limit = self.fast_rows(weight) if self.fast is not None else 0
+        self._fast[key] = frozenset(rows for rows in self.candidates
+                                    if rows <= limit and torch.equal(self.fast(x[:rows], w, b), want[:rows]))
         floor = self.reference_rows
         for rows in reversed(self.candidates):
             if not same[rows]:
@@ -75,9 +90,16 @@ class GemmRows:
         floor = self._floor[key]
         return count if count >= floor else floor
 
+    def takes_fast(self, weight: torch.Tensor, bias: torch.Tensor | None, count: int) -> bool:
+        """Whether `count` rows of this projection go through `fast` (a candidate up to its limit
+        at which it gave the reference's bits)."""
+        return count in self._fast.get(self._key(weight, bias), ())
+
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """linear(x, weight, bias) with the trainer's bits for every row."""
         count = x.shape[0]
+        if self.takes_fast(weight, bias, count):
+            return self.fast(x, weight, bias)
         rows = self.rows(weight, bias, count)
         if rows == count:
             return self.linear(x, weight, bias)

@@ -13,9 +13,10 @@ fastazr.kernels.paged_attention. With EngineConfig.exact_logprobs (the default) 
 to the varlen prefill kernel, whose tiles and key chunks are the trainer's attention's (decodes,
 in a round or beside prefill chunks, spread each sequence's chunks over programs and fold them
 in order), so a decoded token's attention is the trainer's bit for bit, and every projection
-runs at a row count whose cuBLAS kernel gives the trainer's bits (gemm_rows.py; steps of
-thousands of tokens run gate_up with SwiGLU fused, a Triton GEMM that gives those bits at every
-row count); without it the leading one-token slices (decodes) take the faster split-K decode
+runs at a row count whose cuBLAS kernel gives the trainer's bits (gemm_rows.py), or through
+a Triton GEMM that gives them (kernels/decode_linear.py: a small model's decode batches;
+kernels/swiglu_linear.py, gate_up with SwiGLU fused: decode batches and steps of thousands of
+tokens); without it the leading one-token slices (decodes) take the faster split-K decode
 kernel. A step of decodes only (decode()) runs its passes from a static metadata buffer that
 the device advances between them in one launch (kernels/decode_advance.py), each pass replaying
 the CUDA graph captured for its batch-size bucket; placeholders are resolved once a round, and a
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from fastazr.kernels import attention_math
 from fastazr.kernels.decode_advance import advance_decode
 from fastazr.kernels.decode_advance_reference import META_ROWS
+from fastazr.kernels.decode_linear import decode_linear, decode_linear_rows
 from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache, swiglu_fused
 from fastazr.kernels.paged_attention import (decode_rows, decode_splits, paged_decode_attention,
                                             paged_prefill_attention)
@@ -50,11 +52,34 @@ from .scheduler import Work
 from .staging import Staging
 
 
-# Rows from which the gate_up GEMM carries SwiGLU in its epilogue (kernels/swiglu_linear.py; the
-# same bits either way). H100, qwen2.5-1.5b, cuBLAS + SwiGLU kernel vs fused, us: 256 rows 31.5
-# vs 38.6, 1,024 98.5 vs 98.8, 2,048 196 vs 176, 8,192 745-802 vs 677-754 (two machines): the
-# decode batches keep cuBLAS, prefill steps of a few thousand tokens take the fused kernel.
-_FUSED_MLP_ROWS = 2048
+def fused_mlp(rows: int, gate_up_weight: torch.Tensor) -> bool:
+    """Whether a step of `rows` tokens runs gate_up with SwiGLU in its epilogue
+    (kernels/swiglu_linear.py) rather than a GEMM then the SwiGLU kernel: the same bits either
+    way. H100, graph replays, us, GEMM + SwiGLU kernel vs fused: qwen2.5-1.5b (I = 8,960) 16 rows
+    24.7 vs 21.2, 64 rows 26.4 vs 22.7, 256 rows 31.5 vs 37.3, 1,024 98.5 vs 98.8, 2,048 196 vs
+    176, 8,192 745-802 vs 677-754 (two machines); SmolLM2-135M (I = 1,536) 16 rows 4.6 vs 3.3,
+    64 rows 5.3 vs 3.8 (4.4 with decode_linear for the GEMM), 256 rows 6.0 vs 4.8. Decode sizes
+    only for 16-bit weights: fp32's were not measured."""
+    if rows >= 2048:
+        return True
+    small = rows <= 64 or (rows <= 256 and gate_up_weight.numel() <= 2 << 20)
+    return small and gate_up_weight.dtype in (torch.float16, torch.bfloat16)
+
+
+def unfused_rows(gate_up_weight: torch.Tensor, candidates: list[int], reference_rows: int = 2048) -> set[int]:
+    """The candidate row counts that fused_mlp would fuse but where swiglu_linear does not give
+    the trainer's bits: a 2,048-row F.linear then the SwiGLU kernel, on random data of the
+    weight's shape (the bits depend on shapes and tiles, not values; a few ms once per engine).
+    None of the shapes and counts measured disagreed; this guards the exactness claim on GPUs
+    and libraries where cuBLAS's large-batch kernel might sum otherwise."""
+    device, dtype = gate_up_weight.device, gate_up_weight.dtype
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(reference_rows, gate_up_weight.shape[1], generator=g, device=device).to(dtype)
+    w = (torch.randn(gate_up_weight.shape, generator=g, device=device) * 0.02).to(dtype)
+    want = swiglu_fused(F.linear(x, w))
+    return {rows for rows in candidates if rows < reference_rows and fused_mlp(rows, gate_up_weight)
+            and not torch.equal(swiglu_linear(x[:rows], w), want[:rows])}
+
 
 def graph_buckets(max_rows: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to max_rows (and max_rows): a batch pads at most
@@ -71,6 +96,14 @@ def _fp32_lm_head_supported(device: torch.device) -> bool:
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError):
         return False
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection without the trainer's bits to keep (exact_logprobs off): decode_linear at the
+    row counts where it beats cuBLAS."""
+    if x.shape[0] <= decode_linear_rows(weight):
+        return decode_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _resolve_ids(ids: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -95,14 +128,19 @@ class Runner:
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pool = None
         self._side_stream: torch.cuda.Stream | None = None
-        # exact mode: every projection at a row count that gives the trainer's bits (gemm_rows.py)
-        self.linear = F.linear
+        self.linear = _linear if self.kernels else F.linear
+        self.unfused: set[int] = set()
+        """decode batch sizes that keep gate_up and SwiGLU apart (unfused_rows)"""
+        # exact mode: every projection at a row count that gives the trainer's bits (gemm_rows.py),
+        # through decode_linear or fused with SwiGLU where that is faster and gives them too
         if self.kernels and config.exact_logprobs:
-            self.linear = GemmRows(self.buckets + [384, 512, 768, 1024, 1536])
+            candidates = self.buckets + [384, 512, 768, 1024, 1536]
+            self.linear = GemmRows(candidates, fast=decode_linear, fast_rows=decode_linear_rows)
             first = model.layers[0]
             for weight, bias in ((first.attn.qkv_weight, first.attn.qkv_bias), (first.attn.o_weight, first.attn.o_bias),
                                  (first.mlp.gate_up_weight, None), (first.mlp.down_weight, None)):
                 self.linear.learn(weight, bias)
+            self.unfused = unfused_rows(first.mlp.gate_up_weight, candidates)
 
     def reset(self) -> None:
         """Drop the CUDA graphs: they hold the KV cache's addresses (call before freeing it)."""
@@ -166,7 +204,7 @@ class Runner:
             attended = attend(q, k_cache, v_cache).flatten(1)
             normed = add_rms_norm(hidden, layer.post_attention_norm, eps,
                                   residual=self.linear(attended, attn.o_weight, attn.o_bias))
-            if normed.shape[0] >= _FUSED_MLP_ROWS:
+            if fused_mlp(normed.shape[0], mlp.gate_up_weight) and normed.shape[0] not in self.unfused:
                 activated = swiglu_linear(normed, mlp.gate_up_weight)
             else:
                 activated = swiglu_fused(self.linear(normed, mlp.gate_up_weight))
