@@ -71,7 +71,8 @@ def unfused_rows(gate_up_weight: torch.Tensor, candidates: list[int], reference_
     the trainer's bits: a 2,048-row F.linear then the SwiGLU kernel, on random data of the
     weight's shape (the bits depend on shapes and tiles, not values; a few ms once per engine).
     None of the shapes and counts measured disagreed; this guards the exactness claim on GPUs
-    and libraries where cuBLAS's large-batch kernel might sum otherwise."""
+    and libraries where cuBLAS's large-batch kernel might sum otherwise. A row count between two
+    candidates (an eager step's) takes the tiles of a checked one (swiglu_linear_tiles)."""
     device, dtype = gate_up_weight.device, gate_up_weight.dtype
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(reference_rows, gate_up_weight.shape[1], generator=g, device=device).to(dtype)
@@ -100,7 +101,7 @@ def _fp32_lm_head_supported(device: torch.device) -> bool:
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A projection without the trainer's bits to keep (exact_logprobs off): decode_linear at the
-    row counts where it beats cuBLAS."""
+    row counts decode_linear_rows gives it, cuBLAS elsewhere."""
     if x.shape[0] <= decode_linear_rows(weight):
         return decode_linear(x, weight, bias)
     return F.linear(x, weight, bias)
