@@ -3,8 +3,9 @@ programmatic dependent launch. Inference only; the reference is F.linear, which 
 
 A program computes one BLOCK_M x BLOCK_N tile over the whole K loop (never split; the logprob
 kernels' logits_tile), accumulating in fp32 and rounding once to the model's dtype, with the
-bias added in fp32 before that rounding. The engine takes it for a projection shape and row count only where it gives F.linear's bits at
-the trainer's batch size (rollout/gemm_rows.py checks every candidate once, on random data).
+bias added in fp32 before that rounding. The engine takes it for a projection shape and row
+count only where it gives F.linear's bits at the trainer's batch size (rollout/gemm_rows.py
+checks every candidate once, on random data).
 
 Why: in a decode pass of a small model every GEMM is a few microseconds of launch and ramp for
 0.2-1.2 us of weight bytes at 3 TB/s (SmolLM2-135M at 64 rows: 120 cuBLAS GEMMs took 465 us
@@ -75,8 +76,9 @@ def decode_linear_rows(weight: torch.Tensor) -> int:
 
 def decode_linear_tiles(rows: int, k: int, dtype: torch.dtype) -> LinearTiles:
     """The tiles that won most of the sweep over 8-16 shapes at each of SmolLM2's projections and
-    16, 64 and 256 rows (H100; 3 stages won at some, by < 0.1 us): 32 columns a program, so that a 576-column output spreads over 18 SMs; a K tile of 64 at
-    K = 576, of 128 at K = 1,536; 16-row programs where 16 rows are all."""
+    16, 64 and 256 rows (H100; 3 stages won 2 of the 12): 32 columns a program, so that a
+    576-column output spreads over 18 SMs; a K tile of 64 at K = 576, of 128 at K = 1,536;
+    16-row programs where 16 rows are all."""
     if interpreting():
         # small blocks, so that the tests' odd shapes span several tiles each way
         return LinearTiles(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)

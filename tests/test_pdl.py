@@ -49,7 +49,8 @@ def test_gpu_every_pdl_kernel_waits_before_it_touches_memory():
     # the prefill kernel's decode tiles and sampling in the lm_head, then the split-K decode
     # kernel and the sampler over written logits (gumbel_sample)
     for exact in (True, False):
-        engine = Engine(model, None, EngineConfig(kv_cache_bytes=1 << 28, exact_logprobs=exact, sample_in_lm_head=exact))
+        config = EngineConfig(kv_cache_bytes=1 << 28, exact_logprobs=exact, sample_in_lm_head=exact)
+        engine = Engine(model, None, config)
         engine.generate(requests)
         engine.release_memory()
     seen = set()
