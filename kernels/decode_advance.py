@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from fastazr.kernels.decode_advance_reference import META_ROWS, advance_decode_reference
-from fastazr.kernels.runtime import await_previous, pdl, use_triton
+from fastazr.kernels.runtime import await_previous, pdl_launch, use_triton
 
 __all__ = ["advance_decode"]
 
@@ -63,4 +63,4 @@ def advance_decode(meta: torch.Tensor, rows: int, bucket: int, sampled: torch.Te
         return
     _advance_kernel[(1,)](meta, sampled, sampled.numel(), rows, block_size, scratch_slot, bucket,
                           BLOCK=triton.next_power_of_2(bucket), num_warps=4,
-                          PDL=pdl(meta), launch_pdl=pdl(meta))
+                          **pdl_launch(meta))

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastazr.kernels.logprobs import dot_precision, logits_tile
-from fastazr.kernels.runtime import await_previous, interpreting, pdl, use_triton
+from fastazr.kernels.runtime import await_previous, interpreting, pdl_launch, use_triton
 
 __all__ = ["LinearTiles", "decode_linear", "decode_linear_rows", "decode_linear_tiles"]
 
@@ -107,10 +107,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out
     tiles = tiles or decode_linear_tiles(m, k, x.dtype)
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, tiles.block_m))
-    on = pdl(x)
     _linear_kernel[grid](x, weight, weight if bias is None else bias.contiguous(), out, m, n, k,
                          x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-                         EVEN_K=k % tiles.block_k == 0, PRECISION=dot_precision(x.dtype), PDL=on, launch_pdl=on,
+                         EVEN_K=k % tiles.block_k == 0, PRECISION=dot_precision(x.dtype), **pdl_launch(x),
                          num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastazr.kernels.runtime import await_previous, pdl
+from fastazr.kernels.runtime import await_previous, pdl_launch
 
 __all__ = ["add_rms_norm", "rope_to_cache", "swiglu_fused"]
 
@@ -125,7 +125,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
         _add_rms_norm_kernel[(x.shape[0],)](x, x if residual is None else residual, weight, out, total, x.shape[1], eps,
                                             HAS_RESIDUAL=residual is not None,
                                             BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=4,
-                                            PDL=pdl(x), launch_pdl=pdl(x))
+                                            **pdl_launch(x))
     return out
 
 
@@ -146,7 +146,7 @@ def rope_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots
                                          HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim,
                                          BLOCK_H=triton.next_power_of_2(heads),
                                          BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
-                                         enable_fp_fusion=False, PDL=pdl(qkv), launch_pdl=pdl(qkv))
+                                         enable_fp_fusion=False, **pdl_launch(qkv))
     return q
 
 
@@ -159,5 +159,5 @@ def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(2048, triton.next_power_of_2(width))
     if tokens:
         _swiglu_kernel[(tokens, triton.cdiv(width, block))](gate_up, out, width, BLOCK=block, num_warps=4,
-                                                            PDL=pdl(out), launch_pdl=pdl(out))
+                                                            **pdl_launch(out))
     return out

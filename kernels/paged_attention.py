@@ -35,7 +35,7 @@ import triton.language as tl
 
 from fastazr.kernels import attention_math
 from fastazr.kernels.attention_math import empty_state, finish, fold, softmax_step
-from fastazr.kernels.runtime import await_previous, pdl
+from fastazr.kernels.runtime import await_previous, pdl_launch
 
 __all__ = ["pack_block_tables", "paged_decode_attention", "paged_prefill_attention", "decode_splits", "decode_rows"]
 
@@ -253,11 +253,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=k_cache.shape[1], BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits, PRECISION=_precision(q.dtype),
-        SPLIT_P=q.dtype != torch.float32, num_warps=4, enable_fp_fusion=False, PDL=pdl(q), launch_pdl=pdl(q))
+        SPLIT_P=q.dtype != torch.float32, num_warps=4, enable_fp_fusion=False, **pdl_launch(q))
     if num_splits > 1:
         _merge_kernel[(batch, heads)](part, lse, out, out.stride(0), out.stride(1), heads,
                                       HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=4,
-                                      enable_fp_fusion=False, PDL=pdl(q), launch_pdl=pdl(q))
+                                      enable_fp_fusion=False, **pdl_launch(q))
     return out
 
 
@@ -330,9 +330,9 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=_PREFILL_BLOCK_N, CHUNK=chunk, SPLITS=splits, PRECISION=_precision(q.dtype),
         SPLIT_P=q.dtype != torch.float32, num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype),
-        enable_fp_fusion=False, PDL=pdl(q), launch_pdl=pdl(q))
+        enable_fp_fusion=False, **pdl_launch(q))
     if splits > 1 and batch:
         _fold_kernel[(batch, q.shape[1])](state, chunk_acc, context_lens, out, max_chunks, out.stride(0), out.stride(1),
                                           q.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, CHUNK=chunk, num_warps=1,
-                                          enable_fp_fusion=False, PDL=pdl(q), launch_pdl=pdl(q))
+                                          enable_fp_fusion=False, **pdl_launch(q))
     return out

@@ -43,6 +43,13 @@ def pdl(tensor: torch.Tensor) -> bool:
     return _PDL_DEVICES[index]
 
 
+def pdl_launch(tensor: torch.Tensor) -> dict[str, bool]:
+    """The launch arguments of a kernel that starts with await_previous(PDL) and runs on
+    `tensor`'s device: its PDL constexpr and Triton's launch_pdl option, always the same value."""
+    on = pdl(tensor)
+    return {"PDL": on, "launch_pdl": on}
+
+
 @triton.jit
 def await_previous(PDL: tl.constexpr):
     """A kernel's first statement, when it is launched with launch_pdl=PDL: wait until the kernel

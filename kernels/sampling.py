@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from fastazr.kernels.logprobs import Tiles, default_tiles, dot_precision, logits_tile, tile_operands, vocab_splits
-from fastazr.kernels.runtime import await_previous, interpreting, pdl, use_triton
+from fastazr.kernels.runtime import await_previous, interpreting, pdl_launch, use_triton
 from fastazr.kernels.sampling_reference import (COLUMN_MULTIPLIER, gumbel_sample_reference,
                                                 linear_gumbel_sample_reference)
 
@@ -242,7 +242,7 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.
         _sample_kernel[(batch,)](logits, temperature.float().contiguous(), seeds.contiguous(), samples.contiguous(),
                                  steps.contiguous(), tokens, logprobs, vocab, logits.stride(0),
                                  MULTIPLIER=COLUMN_MULTIPLIER, BLOCK_V=_BLOCK_V, num_warps=8,
-                                 PDL=pdl(logits), launch_pdl=pdl(logits))
+                                 **pdl_launch(logits))
     return tokens, logprobs
 
 
@@ -306,8 +306,8 @@ def linear_gumbel_sample(hidden: torch.Tensor, weight: torch.Tensor, temperature
         MULTIPLIER=COLUMN_MULTIPLIER, NOISE=not all_greedy, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
         BLOCK_K=tiles.block_k, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0, PRECISION=dot_precision(hidden.dtype),
         FLATTEN=tiles.flatten, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        PDL=pdl(hidden), launch_pdl=pdl(hidden))
+        **pdl_launch(hidden))
     _linear_merge_kernel[(triton.cdiv(n, _MERGE_ROWS),)](partials, columns, tokens, logprobs, n, splits,
                                                          BLOCK_R=_MERGE_ROWS, BLOCK_S=_MERGE_SPLITS, num_warps=4,
-                                                         PDL=pdl(hidden), launch_pdl=pdl(hidden))
+                                                         **pdl_launch(hidden))
     return tokens, logprobs

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from fastazr.kernels.layer_fusions import swiglu_math
 from fastazr.kernels.logprobs import Tiles, dot_precision, tile_operands, tma_ok
-from fastazr.kernels.runtime import await_previous, interpreting, pdl, use_triton
+from fastazr.kernels.runtime import await_previous, interpreting, pdl_launch, use_triton
 from fastazr.model.layers import swiglu
 
 __all__ = ["swiglu_linear", "swiglu_linear_tiles"]
@@ -138,5 +138,5 @@ def swiglu_linear(x: torch.Tensor, gate_up_weight: torch.Tensor, tiles: Tiles | 
                                 BLOCK_M=tiles.block_n, BLOCK_N=tiles.block_v, BLOCK_K=tiles.block_k,
                                 GROUP_M=tiles.group_n, TMA=tiles.tma, EVEN_K=k % tiles.block_k == 0,
                                 PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps,
-                                num_stages=tiles.num_stages, PDL=pdl(x), launch_pdl=pdl(x))
+                                num_stages=tiles.num_stages, **pdl_launch(x))
     return out

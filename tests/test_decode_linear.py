@@ -100,8 +100,9 @@ def chain(hidden, w1, w2, norm):
 def test_gpu_dependent_launches_in_a_graph_equal_plain_launches():
     """Thirty layers of dependent launches (GEMM, GEMM, residual add + RMSNorm), captured in a
     CUDA graph with programmatic dependent launch, where each kernel may start during its
-    predecessor's tail, give what plain eager launches give. A kernel that read before
-    await_previous() would see its input half-written."""
+    predecessor's tail, give what plain eager launches give: PDL launches capture and replay.
+    That each kernel waits before it reads is checked on its PTX (test_pdl.py); a race here
+    would show only now and then."""
     x, w1, _ = operands(64, 576, 1536, torch.bfloat16, False, device="cuda")
     w2 = (torch.randn(576, 1536, device="cuda") / 1536 ** 0.5).bfloat16()
     norm = torch.rand(576, device="cuda").bfloat16() + 0.5

@@ -1,6 +1,7 @@
 """GemmRows (fastazr/rollout/gemm_rows.py): the row counts it pads projections to, against a
 stand-in GEMM whose bits change at chosen row counts (CPU), and on the GPU against cuBLAS itself
-at the decode batch sizes of qwen2.5-1.5b's projections."""
+at the decode batch sizes of qwen2.5-1.5b's projections; and the runner's like check of the
+fused gate_up + SwiGLU (runner.unfused_rows)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,26 @@ def test_a_fast_gemm_takes_only_the_row_counts_where_it_agrees():
         # fast at the candidates up to its limit (32) where it agrees (not 8, which the
         # stand-in linear computes as it is); 48 pads through linear, 40 and 100 are no candidates
         assert bool(calls) == (n in (1, 2, 4, 16, 32)), f"{n} rows: fast called {calls}"
+
+
+def test_the_fused_mlp_check_keeps_apart_the_row_counts_whose_bits_differ(monkeypatch):
+    """runner.unfused_rows runs the fused gate_up + SwiGLU at every candidate that fused_mlp would
+    fuse and reports those where it differs from F.linear + the SwiGLU kernel at the reference
+    batch; a candidate fused_mlp leaves alone (past 256 rows here) is not tried."""
+    from fastazr.kernels.layer_fusions import swiglu_fused
+    from fastazr.rollout import runner
+
+    tried = []
+
+    def fused(x, weight):
+        tried.append(x.shape[0])
+        out = swiglu_fused(F.linear(x, weight))
+        return out + 1 if x.shape[0] == 16 else out  # other bits at 16 rows
+
+    monkeypatch.setattr(runner, "swiglu_linear", fused)
+    weight = torch.randn(48, 40).half()  # gate and up of 24 columns; 16-bit: fused at decode sizes
+    assert runner.unfused_rows(weight, [1, 8, 16, 64, 256, 512], reference_rows=600) == {16}
+    assert tried == [1, 8, 16, 64, 256]
 
 
 @pytest.mark.gpu

@@ -31,6 +31,18 @@ import torch.nn.functional as F
 Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+def probe_operands(weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Seeded random rows x [rows, K], a weight like `weight` and a bias like `bias`, on its
+    device and in its dtype: what a bit check of a GEMM kernel needs (the kernel, and so its
+    bits, follows the shapes, not the values)."""
+    g = torch.Generator(weight.device).manual_seed(0)
+    x = torch.randn(rows, weight.shape[1], generator=g, device=weight.device).to(weight.dtype)
+    w = (torch.randn(weight.shape, generator=g, device=weight.device) * 0.02).to(weight.dtype)
+    b = None if bias is None else torch.randn(bias.shape, generator=g, device=weight.device).to(bias.dtype)
+    return x, w, b
+
+
 class GemmRows:
     def __init__(self, candidates: list[int], reference_rows: int = 2048, linear: Linear = F.linear,
                  fast: Linear | None = None, fast_rows: Callable[[torch.Tensor], int] = lambda weight: 0):
@@ -57,10 +69,7 @@ class GemmRows:
         key = self._key(weight, bias)
         if key in self._padded:
             return
-        g = torch.Generator(weight.device).manual_seed(0)
-        x = torch.randn(self.reference_rows, weight.shape[1], generator=g, device=weight.device).to(weight.dtype)
-        w = (torch.randn(weight.shape, generator=g, device=weight.device) * 0.02).to(weight.dtype)
-        b = None if bias is None else torch.randn(bias.shape, generator=g, device=weight.device).to(bias.dtype)
+        x, w, b = probe_operands(weight, bias, self.reference_rows)
         want = self.linear(x, w, b)
         same = {rows: torch.equal(self.linear(x[:rows], w, b), want[:rows]) for rows in self.candidates}
         limit = self.fast_rows(weight) if self.fast is not None else 0

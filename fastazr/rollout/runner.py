@@ -46,7 +46,7 @@ from fastazr.model.layers import rms_norm
 
 from .config import EngineConfig
 from .cpu_attention import StepAttention, context_mask, decode_attention, padded_tables
-from .gemm_rows import GemmRows
+from .gemm_rows import GemmRows, probe_operands
 from .kv_cache import KVCache
 from .scheduler import Work
 from .staging import Staging
@@ -73,10 +73,7 @@ def unfused_rows(gate_up_weight: torch.Tensor, candidates: list[int], reference_
     None of the shapes and counts measured disagreed; this guards the exactness claim on GPUs
     and libraries where cuBLAS's large-batch kernel might sum otherwise. A row count between two
     candidates (an eager step's) takes the tiles of a checked one (swiglu_linear_tiles)."""
-    device, dtype = gate_up_weight.device, gate_up_weight.dtype
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(reference_rows, gate_up_weight.shape[1], generator=g, device=device).to(dtype)
-    w = (torch.randn(gate_up_weight.shape, generator=g, device=device) * 0.02).to(dtype)
+    x, w, _ = probe_operands(gate_up_weight, None, reference_rows)
     want = swiglu_fused(F.linear(x, w))
     return {rows for rows in candidates if rows < reference_rows and fused_mlp(rows, gate_up_weight)
             and not torch.equal(swiglu_linear(x[:rows], w), want[:rows])}
