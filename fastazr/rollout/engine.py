@@ -249,11 +249,18 @@ class Engine(RolloutBackend):
         return kept
 
     def _sampling_batch(self, seqs: list[Sequence], table: _ParamTable) -> SamplingBatch:
-        rows = np.fromiter((table.row[id(s)] for s in seqs), np.int64, len(seqs))
-        steps = np.fromiter((len(s.tokens) - s.num_prompt for s in seqs), np.int64, len(seqs))
+        n = len(seqs)
+        rows = np.fromiter((table.row[id(s)] for s in seqs), np.int64, n)
+        steps = np.fromiter((len(s.tokens) - s.num_prompt for s in seqs), np.int64, n)
         floats, ints = table.floats[:, rows], table.ints[:, rows]
-        on_device = self.staging.upload(floats), self.staging.upload(np.concatenate([ints, steps[None]]))
-        (temperature, top_p), (top_k, seeds, samples, steps_t) = on_device
+        # rows of a multiple of 4 columns, so that each parameter the sampler kernels read starts on
+        # a 16-byte boundary whatever n is: Triton compiles a kernel per alignment pattern of its
+        # pointers (runner.aligned_offsets), and n changes as sequences finish
+        width = -(-n // 4) * 4
+        padded_floats, padded_ints = np.zeros((2, width), np.float32), np.zeros((4, width), np.int64)
+        padded_floats[:, :n], padded_ints[:3, :n], padded_ints[3, :n] = floats, ints, steps
+        (temperature, top_p), (top_k, seeds, samples, steps_t) = (
+            self.staging.upload(a)[:, :n] for a in (padded_floats, padded_ints))
         return SamplingBatch(temperature=temperature, top_p=top_p, top_k=top_k, seeds=seeds, samples=samples,
                              steps=steps_t, any_top_k=bool((ints[0] > 0).any()), any_top_p=bool((floats[1] < 1).any()),
                              all_greedy=bool((floats[0] == 0).all()))

@@ -79,6 +79,20 @@ def unfused_rows(gate_up_weight: torch.Tensor, candidates: list[int], reference_
             and not torch.equal(swiglu_linear(x[:rows], w), want[:rows])}
 
 
+def aligned_offsets(lengths: list[int]) -> tuple[list[int], int]:
+    """Where int32 arrays of these lengths start when packed back to back, each at a multiple of
+    4 elements (16 bytes), and the packed length. Triton compiles a kernel once per pattern of
+    which pointer arguments are 16-byte aligned: packed tightly, a step's metadata views started
+    at offsets that follow its token and sequence counts, so a step could meet a new pattern and
+    wait for a compile of the attention kernel (docs/rollout.md, "The TTFT outlier"). Cost: at
+    most 3 padding elements a part."""
+    offsets, total = [], 0
+    for length in lengths:
+        offsets.append(total)
+        total += -(-length // 4) * 4
+    return offsets, total
+
+
 def graph_buckets(max_rows: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to max_rows (and max_rows): a batch pads at most
     15 rows."""
@@ -149,6 +163,16 @@ class Runner:
 
     def _upload(self, packed: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.staging.upload(packed.astype(np.int32), out)
+
+    def _upload_parts(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """int32 arrays on the device in one copy, as views that each start on a 16-byte boundary
+        (aligned_offsets)."""
+        offsets, total = aligned_offsets([len(v) for v in parts.values()])
+        packed = np.zeros(total, np.int64)
+        for start, values in zip(offsets, parts.values()):
+            packed[start:start + len(values)] = values
+        meta = self._upload(packed)
+        return {name: meta[start:start + len(values)] for (name, values), start in zip(parts.items(), offsets)}
 
     def _index(self, work: list[Work]) -> dict[str, np.ndarray]:
         bs = self.config.block_size
@@ -239,35 +263,34 @@ class Runner:
         # Leading one-token slices (decodes) and the prefill chunks behind them attend in two
         # launches: the prefill kernel's rows index q by the step's own cu_seqlens.
         decodes = next((i for i, w in enumerate(work) if w.count != 1), len(work))
-        cu = index["cu"]
-        parts = dict(ids=index["ids"], positions=index["positions"], slots=index["slots"], context=index["context"],
-                     table_starts=index["table_starts"], cu=cu, last=last, flat=index["flat"])
-        sizes = [len(v) for v in parts.values()]
-        meta = self._upload(np.concatenate(list(parts.values())))
-        views = dict(zip(parts, meta.split(sizes)))
+        cu, context, starts = index["cu"], index["context"], index["table_starts"]
+        views = self._upload_parts(dict(
+            ids=index["ids"], positions=index["positions"], slots=index["slots"], last=last, flat=index["flat"],
+            decode_context=context[:decodes], decode_starts=starts[:decodes], decode_cu=cu[:decodes + 1],
+            prefill_context=context[decodes:], prefill_starts=starts[decodes:], prefill_cu=cu[decodes:]))
         last_t = views["last"].long()
         max_q = int(np.diff(cu[decodes:]).max(initial=1))
         # Exact decodes take the trainer's tiles in decode_rows() programs and, once a context spans
         # several key chunks, spread them over programs as a decode round does (the same bits).
         # In the prefill's launch they took 128-row tiles holding one token's heads (8 rows for
         # qwen2.5-1.5b) and one program a sequence, however long its context.
-        longest = int(index["context"][:decodes].max(initial=1))
+        longest = int(context[:decodes].max(initial=1))
         splits = self._splits(decodes, longest)[0] if decodes else 1
 
         def attend(q, k_cache, v_cache):
             out = torch.empty_like(q)
             if decodes and self.config.exact_logprobs:
-                paged_prefill_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
-                                        views["cu"][:decodes + 1], views["context"][:decodes], 1, self.scale,
+                paged_prefill_attention(q[:decodes], k_cache, v_cache, views["flat"], views["decode_starts"],
+                                        views["decode_cu"], views["decode_context"], 1, self.scale,
                                         out=out[:decodes], rows=decode_rows(q.dtype), splits=splits,
                                         max_context=longest)
             elif decodes:
-                paged_decode_attention(q[:decodes], k_cache, v_cache, views["flat"], views["table_starts"][:decodes],
-                                       views["context"][:decodes], self.scale,
+                paged_decode_attention(q[:decodes], k_cache, v_cache, views["flat"], views["decode_starts"],
+                                       views["decode_context"], self.scale,
                                        decode_splits(decodes, cache.k.shape[3], self.num_sms), out=out[:decodes])
             if decodes < len(work):
-                paged_prefill_attention(q, k_cache, v_cache, views["flat"], views["table_starts"][decodes:],
-                                        views["cu"][decodes:], views["context"][decodes:], max_q, self.scale, out=out)
+                paged_prefill_attention(q, k_cache, v_cache, views["flat"], views["prefill_starts"],
+                                        views["prefill_cu"], views["prefill_context"], max_q, self.scale, out=out)
             return out
 
         hidden = self._layers(views["ids"], views["positions"], views["slots"], cache, attend, previous)
