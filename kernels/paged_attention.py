@@ -25,7 +25,10 @@ its outputs are the trainer's bit for bit, also for one-token decode slices
 decode kernel, whose splits do not follow the trainer's key chunks, is not held to those bits.
 For decodes the prefill kernel can split too, along chunk boundaries rather
 than into equal parts (`splits`): each program leaves the states of the chunks it took, and
-_fold_kernel folds them in order, as one program would have."""
+_fold_kernel folds them in order, as one program would have. A decode pass can hand it the qkv
+projection's rows instead of q (`paged_decode_rope_attention`): the kernel then rotates q and the
+new key itself and writes the key and value to the cache before reading it, which saves the
+rotary kernel's launch a layer."""
 
 from __future__ import annotations
 
@@ -35,9 +38,11 @@ import triton.language as tl
 
 from fastazr.kernels import attention_math
 from fastazr.kernels.attention_math import empty_state, finish, fold, softmax_step
+from fastazr.kernels.layer_fusions import rope_lanes, rope_math
 from fastazr.kernels.runtime import await_previous, pdl_launch
 
-__all__ = ["pack_block_tables", "paged_decode_attention", "paged_prefill_attention", "decode_splits", "decode_rows"]
+__all__ = ["pack_block_tables", "paged_decode_attention", "paged_prefill_attention", "decode_splits", "decode_rows",
+           "paged_decode_rope_attention"]
 
 _LOG2E = 1.4426950408889634
 # A decode program walks its chunk 64 tokens (4 blocks of 16) at a time: 16 KB of K and V in
@@ -127,16 +132,50 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, so_b, so_h, num_heads,
 
 
 @triton.jit
+def _rope_decode(qkv_ptr, q_rows, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, t, kvh, ctx, split, sqkv_t, sk_b,
+                 sk_t, sk_h, q_mask, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PAGE: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr):
+    """A decode program's query rows, rotated from the qkv projection's row t at position ctx - 1
+    (cos and sin read from tables of every position), and, in the program whose key chunk holds
+    that position, the token's rotated key and its value written to cache slot slots[t] for KV
+    head kvh: what layer_fusions.rope_to_cache computes, in the same rounding (rope_math), without
+    its launch, q's round trip and the gather of cos and sin. The caller reads the cache only
+    after the barrier, which makes this program's writes visible to all its threads."""
+    d, _, d_ok, partner, sign = rope_lanes(HEAD_DIM, 1, BLOCK_D)
+    pos = tl.maximum(ctx, 1) - 1  # a padding row (context 0) rotates by position 0
+    cos = tl.load(cos_ptr + pos * HEAD_DIM + d, mask=d_ok, other=0.0)
+    sin = tl.load(sin_ptr + pos * HEAD_DIM + d, mask=d_ok, other=0.0)
+    x = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
+    rot = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0)
+    q = rope_math(x, rot, sign[None, :], cos[None, :], sin[None, :])
+    if split == (pos // CHUNK) % SPLITS:
+        row = qkv_ptr + t.to(tl.int64) * sqkv_t + (HEADS + kvh) * HEAD_DIM
+        k = rope_math(tl.load(row + d, mask=d_ok, other=0.0), tl.load(row + partner, mask=d_ok, other=0.0), sign,
+                      cos, sin)
+        v = tl.load(row + KV_HEADS * HEAD_DIM + d, mask=d_ok, other=0.0)
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        dest = (slot // PAGE) * sk_b + (slot % PAGE) * sk_t + kvh * sk_h + d
+        tl.store(k_ptr + dest, k, mask=d_ok)
+        tl.store(v_ptr + dest, v, mask=d_ok)
+    tl.debug_barrier()
+    return q
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_ptr, out_ptr, state_ptr, acc_ptr,
-                    qk_scale, max_chunks, sq_t, sq_h, sk_b, sk_t, sk_h, so_t, so_h,
+                    cos_ptr, sin_ptr, slots_ptr, qk_scale, max_chunks, sq_t, sq_h, sk_b, sk_t, sk_h, so_t, so_h,
                     GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-                    SPLITS: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, PDL: tl.constexpr):
+                    SPLITS: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr, ROPE: tl.constexpr,
+                    KV_HEADS: tl.constexpr, PDL: tl.constexpr):
     await_previous(PDL)
     tile, b, axis2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, split = axis2 // SPLITS, axis2 % SPLITS
-    q0 = tl.load(cu_q_ptr + b)
-    q_len = tl.load(cu_q_ptr + b + 1) - q0
+    if ROPE:  # one query a sequence
+        q0, q_len = b, 1
+    else:
+        q0 = tl.load(cu_q_ptr + b)
+        q_len = tl.load(cu_q_ptr + b + 1) - q0
     if tile * BLOCK_M >= q_len:
         return
     ctx = tl.load(ctx_ptr + b)
@@ -150,8 +189,15 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cu_q_ptr, ctx_p
     q_pos = ctx - q_len + tok
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + (q0 + tok)[:, None] * sq_t + heads[:, None] * sq_h + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_rows = q_ptr + (q0 + tok)[:, None] * sq_t + heads[:, None] * sq_h
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    if ROPE:
+        # only the program whose chunk holds the new key writes it: tiles must not straddle chunks
+        tl.static_assert(CHUNK % BLOCK_N == 0)
+        q = _rope_decode(q_ptr, q_rows, cos_ptr, sin_ptr, slots_ptr, k_ptr, v_ptr, q0, kvh, ctx, split, sq_t, sk_b,
+                         sk_t, sk_h, q_mask, GROUPS * KV_HEADS, KV_HEADS, HEAD_DIM, BLOCK_D, PAGE, CHUNK, SPLITS)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
     m, l, acc = empty_state(BLOCK_M * BLOCK_G, BLOCK_D)
     # Keys up to this tile's last query; key 0 is visible to every row, so no row stays at -inf.
     # With SPLITS > 1, this program takes every SPLITS-th chunk and leaves each one's state for
@@ -301,10 +347,56 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     fills the GPU when few sequences decode long contexts. It keeps an fp32 state per row, head
     and chunk of up to `max_context` keys (default: the longest context, read from the device,
     which a CUDA graph cannot do): at 32K keys, 400 KB a sequence for 12 heads of 128."""
+    return _prefill(q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens, max_q_len, scale, out, rows,
+                    splits, max_context, None)
+
+
+def paged_decode_rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                                k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                                table_starts: torch.Tensor, context_lens: torch.Tensor, heads: int, scale: float,
+                                rows: int | None = None, splits: int = 1, max_context: int | None = None,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """layer_fusions.rope_to_cache, then paged_prefill_attention over one query a sequence, in
+    one launch (plus the fold's, with `splits` > 1): sequence b decodes the token of qkv's row b
+    ([B, (heads + 2 Hkv) D], unit column stride) at position context_lens[b] - 1, rotated by row
+    context_lens[b] - 1 of cos, sin [P, D] (contiguous tables of positions 0 .. P - 1, as
+    Decoder.rotary gives them; a padding row, context 0, takes row 0); its rotated key and its
+    value go to flat cache slot slots[b], and its rotated query heads attend -> [B, heads, D].
+    The same bits as the two calls: each program rotates its rows of q with rope_math, and the
+    program whose key chunk holds the new token writes it before it reads the cache. What it
+    saves a layer: a launch, q's round trip through memory, and (once a pass) the gather of each
+    row's cos and sin; a decode pass of SmolLM2-135M was ~240 launches of a few us each."""
+    if qkv.dim() != 2 or k_cache.dim() != 4:
+        raise ValueError(f"qkv {tuple(qkv.shape)} must be [B, (heads + 2 kv_heads) head_dim] and the caches "
+                         f"{tuple(k_cache.shape)} [num_blocks, block_size, kv_heads, head_dim]")
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if qkv.shape[1] != (heads + 2 * kv_heads) * head_dim or qkv.stride(1) != 1:
+        raise ValueError(f"qkv {tuple(qkv.shape)} must be [B, (heads + 2 kv_heads) head_dim] = [B, "
+                         f"{(heads + 2 * kv_heads) * head_dim}] with unit column stride")
+    batch = context_lens.shape[0]
+    if qkv.shape[0] != batch or slots.shape != (batch,):
+        raise ValueError(f"one token a sequence: qkv {tuple(qkv.shape)} and slots {tuple(slots.shape)} must have "
+                         f"{batch} rows, one per context length")
+    if cos.dim() != 2 or cos.shape[1] != head_dim or sin.shape != cos.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be tables [positions, "
+                         f"{head_dim}] (every context's last position among them: the kernel does not check)")
+    if cos.dtype != qkv.dtype or sin.dtype != qkv.dtype:
+        raise ValueError(f"cos and sin ({cos.dtype}, {sin.dtype}) must be in qkv's dtype {qkv.dtype}: the rotary "
+                         "rounds each product to it, as the trainer's does")
+    if not (cos.is_contiguous() and sin.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("paged_decode_rope_attention needs contiguous cos, sin and caches")
+    q = qkv[:, :heads * head_dim].unflatten(1, (heads, head_dim))
+    # the kernel takes row b as sequence b's query (ROPE): no cu_seqlens
+    return _prefill(q, k_cache, v_cache, tables, table_starts, context_lens, context_lens, 1, scale, out, rows,
+                    splits, max_context, (cos, sin, slots))
+
+
+def _prefill(q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens, max_q_len, scale, out, rows, splits,
+             max_context, rope):
     groups, kv_heads = _check_cache(q, k_cache, v_cache)
     head_dim = q.shape[2]
     batch = context_lens.shape[0]
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     block_g = triton.next_power_of_2(groups)
     block_m = max(1, (rows or _PREFILL_ROWS) // block_g)
     # tl.dot needs 16 rows: a lone token of a small group still gets a 16-row tile
@@ -323,13 +415,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         state = torch.empty(q.shape[0] * q.shape[1] * max_chunks * 2, device=q.device, dtype=torch.float32)
         chunk_acc = torch.empty(q.shape[0] * q.shape[1] * max_chunks, block_d, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(max_q_len, block_m), batch, kv_heads * splits)
+    cos, sin, slots = rope if rope is not None else (out, out, out)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens, out, state, chunk_acc,
+        q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens, out, state, chunk_acc, cos, sin, slots,
         scale * _LOG2E, max_chunks, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
         GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=_PREFILL_BLOCK_N, CHUNK=chunk, SPLITS=splits, PRECISION=_precision(q.dtype),
-        SPLIT_P=q.dtype != torch.float32, num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype),
+        SPLIT_P=q.dtype != torch.float32, ROPE=rope is not None, KV_HEADS=kv_heads,
+        num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype),
         enable_fp_fusion=False, **pdl_launch(q))
     if splits > 1 and batch:
         _fold_kernel[(batch, q.shape[1])](state, chunk_acc, context_lens, out, max_chunks, out.stride(0), out.stride(1),

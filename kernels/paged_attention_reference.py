@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastazr.model.layers import apply_rope
+
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               q_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -33,3 +35,20 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         out[start:start + q_len] = attended.transpose(0, 1).to(q.dtype)
         start += q_len
     return out
+
+
+def decode_rope_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                                    k_cache: torch.Tensor, v_cache: torch.Tensor, context_lens: list[int],
+                                    block_tables: list[list[int]], heads: int, scale: float) -> torch.Tensor:
+    """What paged_decode_rope_attention computes, as the decoder's layers write it: row b of qkv
+    [B, (heads + 2 Hkv) D] is sequence b's new token; its key, rotated by the trainer's
+    apply_rope, and its value go to flat slot slots[b] of the caches (in place), then its rotated
+    query attends -> [B, heads, D]."""
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    batch = qkv.shape[0]
+    index = slots.long()
+    k_cache.view(-1, kv_heads, head_dim)[index] = apply_rope(k.reshape(batch, kv_heads, head_dim), cos, sin)
+    v_cache.view(-1, kv_heads, head_dim)[index] = v.reshape(batch, kv_heads, head_dim)
+    q = apply_rope(q.reshape(batch, heads, head_dim), cos, sin)
+    return paged_attention_reference(q, k_cache, v_cache, [1] * batch, context_lens, block_tables, scale)

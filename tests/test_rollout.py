@@ -93,8 +93,9 @@ def test_the_kernel_decode_path_equals_naive_recompute(monkeypatch, exact):
     """The runner's CUDA path on CPU, its Triton kernels under the interpreter (no graphs):
     exact decodes through the prefill kernel with each sequence's key chunks spread over
     programs and folded (KEY_CHUNK made 64, so contexts of 70-133 tokens span 2-3 chunks and
-    the split plan changes mid-generation), the metadata advanced by one kernel, cos and sin
-    gathered from the rotary table; against the naive recompute. The prompts outgrow the step's
+    the split plan changes mid-generation), the metadata advanced by one kernel, the rotary
+    and cache write inside the attention (exact) or cos and sin gathered from the rotary table
+    (inexact); against the naive recompute. The prompts outgrow the step's
     token budget, so some steps mix one sequence's decode with another's prefill chunk: their
     decodes spread over programs too. Inexact mode: the split-K decode kernel, in both kinds
     of step."""

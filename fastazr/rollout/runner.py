@@ -19,10 +19,11 @@ kernels/swiglu_linear.py, gate_up with SwiGLU fused: decode batches and steps of
 tokens); without it the leading one-token slices (decodes) take the faster split-K decode
 kernel. A step of decodes only (decode()) runs its passes from a static metadata buffer that
 the device advances between them in one launch (kernels/decode_advance.py), each pass replaying
-the CUDA graph captured for its batch-size bucket; placeholders are resolved once a round, and a
-pass gathers its rows' cos and sin from a table of every position. On CPU the attention is
-cpu_attention.py: every decode row of a pass at once, block tables and masks built once a step
-(or a pass) for all layers."""
+the CUDA graph captured for its batch-size bucket; placeholders are resolved once a round. In
+exact mode a pass's rotary and cache write run inside the attention's launch, which reads each
+row's cos and sin from a table of every position (paged_decode_rope_attention); in inexact mode
+the pass gathers them from that table. On CPU the attention is cpu_attention.py: every decode
+row of a pass at once, block tables and masks built once a step (or a pass) for all layers."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from fastazr.kernels.decode_advance_reference import META_ROWS
 from fastazr.kernels.decode_linear import decode_linear, decode_linear_rows
 from fastazr.kernels.layer_fusions import add_rms_norm, rope_to_cache, swiglu_fused
 from fastazr.kernels.paged_attention import (decode_rows, decode_splits, paged_decode_attention,
-                                            paged_prefill_attention)
+                                            paged_decode_rope_attention, paged_prefill_attention)
 from fastazr.kernels.swiglu_linear import swiglu_linear
 from fastazr.model import Decoder
 from fastazr.model.layers import rms_norm
@@ -136,7 +137,6 @@ class Runner:
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         """(bucket, splits, state chunks) -> graph and its output"""
         self._meta: torch.Tensor | None = None
-        self._arange: torch.Tensor | None = None
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pool = None
         self._side_stream: torch.cuda.Stream | None = None
@@ -157,7 +157,7 @@ class Runner:
     def reset(self) -> None:
         """Drop the CUDA graphs: they hold the KV cache's addresses (call before freeing it)."""
         self.graphs.clear()
-        self._meta = self._arange = self._rotary = self._pool = None
+        self._meta = self._rotary = self._pool = None
 
     # host side
 
@@ -196,7 +196,8 @@ class Runner:
 
     def _layers(self, ids, positions, slots, cache: KVCache, attend, previous=None, rotary=None) -> torch.Tensor:
         """Final-normed hidden states [T, H]. `rotary`: cos and sin of `positions` when the
-        caller has them (decode passes gather them from a table)."""
+        caller has them (decode passes gather them from a table, or in exact mode pass the
+        table whole to the attention)."""
         model, c = self.model, self.model.config
         hidden = F.embedding(_resolve_ids(ids, previous), model.embed_tokens)
         cos, sin = model.rotary(positions) if rotary is None else rotary
@@ -214,16 +215,16 @@ class Runner:
 
     def _fused_layers(self, hidden, cos, sin, slots, cache: KVCache, attend) -> torch.Tensor:
         # The same layer as above with its elementwise ops fused (kernels/layer_fusions.py):
-        # each residual add rides in the next RMSNorm, which updates `hidden` in place.
+        # each residual add rides in the next RMSNorm, which updates `hidden` in place, and
+        # attend(qkv, cos, sin, slots, k_cache, v_cache) rotates, writes the new keys and values
+        # to the cache and attends (_rope, or inside the exact decode's attention).
         model, c = self.model, self.model.config
         eps = c.rms_norm_eps
         normed = add_rms_norm(hidden, model.layers[0].input_norm, eps)
         for index, layer in enumerate(model.layers):
             attn, mlp = layer.attn, layer.mlp
             qkv = self.linear(normed, attn.qkv_weight, attn.qkv_bias)
-            k_cache, v_cache = cache.k[index], cache.v[index]
-            q = rope_to_cache(qkv, cos, sin, slots, k_cache, v_cache, c.num_heads, c.num_kv_heads)
-            attended = attend(q, k_cache, v_cache).flatten(1)
+            attended = attend(qkv, cos, sin, slots, cache.k[index], cache.v[index]).flatten(1)
             normed = add_rms_norm(hidden, layer.post_attention_norm, eps,
                                   residual=self.linear(attended, attn.o_weight, attn.o_bias))
             if fused_mlp(normed.shape[0], mlp.gate_up_weight) and normed.shape[0] not in self.unfused:
@@ -234,6 +235,11 @@ class Runner:
             following = model.layers[index + 1].input_norm if index + 1 < len(model.layers) else model.norm
             normed = add_rms_norm(hidden, following, eps, residual=delta)
         return normed
+
+    def _rope(self, qkv, cos, sin, slots, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Rotated q [T, Hq, D] of a step's qkv rows; their rotated keys and values to the cache."""
+        c = self.model.config
+        return rope_to_cache(qkv, cos, sin, slots, k_cache, v_cache, c.num_heads, c.num_kv_heads)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """fp32 logits [S, V] of final-normed hidden states [S, H]."""
@@ -277,7 +283,8 @@ class Runner:
         longest = int(context[:decodes].max(initial=1))
         splits = self._splits(decodes, longest)[0] if decodes else 1
 
-        def attend(q, k_cache, v_cache):
+        def attend(qkv, cos, sin, slots, k_cache, v_cache):
+            q = self._rope(qkv, cos, sin, slots, k_cache, v_cache)
             out = torch.empty_like(q)
             if decodes and self.config.exact_logprobs:
                 paged_prefill_attention(q[:decodes], k_cache, v_cache, views["flat"], views["decode_starts"],
@@ -376,11 +383,10 @@ class Runner:
         if self._meta is None:
             device = self.model.device
             self._meta = torch.zeros(META_ROWS * rows + capacity, dtype=torch.int32, device=device)
-            # cu_seqlens of one query token a row, for decoding through the prefill kernel
-            self._arange = torch.arange(rows + 1, dtype=torch.int32, device=device)
             # cos and sin of every position, the rotary's bits (elementwise in the position): a
-            # pass gathers its rows' instead of computing them in ~7 launches. qwen2.5 (32K
-            # positions, head_dim 128, bf16): 16 MB; SmolLM2 (8K, 64): 2 MB.
+            # pass reads its rows' (exact mode: in the attention; else gathered once a pass)
+            # instead of computing them in ~7 launches. qwen2.5 (32K positions, head_dim 128,
+            # bf16): 16 MB; SmolLM2 (8K, 64): 2 MB.
             self._rotary = self.model.rotary(torch.arange(self._max_len, device=device))
         bs = self.config.block_size
         seqs = [w.seq for w in work]
@@ -416,21 +422,29 @@ class Runner:
         rows, _ = self._decode_layout()
         ids, positions, slots, context, starts, _ = self._rows(bucket)
         flat = self._meta[META_ROWS * rows:]
-        one_each = self._arange[:bucket + 1]
         if not self.kernels:
             mask = context_mask(context, tables.shape[1] * self.config.block_size)
 
-        def attend(q, k_cache, v_cache):
-            if not self.kernels:
+            def attend(q, k_cache, v_cache):
                 return decode_attention(q, k_cache, v_cache, tables, mask, self.scale)
-            if self.config.exact_logprobs:
-                return paged_prefill_attention(q, k_cache, v_cache, flat, starts, one_each, context, 1,
-                                               self.scale, rows=decode_rows(q.dtype), splits=plan[0],
-                                               max_context=max(1, plan[1]) * attention_math.KEY_CHUNK)
-            return paged_decode_attention(q, k_cache, v_cache, flat, starts, context, self.scale,
-                                          decode_splits(bucket, cache.k.shape[3], self.num_sms))
+        elif self.config.exact_logprobs:
+            # the rotary and the cache write ride in the attention's launch, the same bits
+            # (paged_decode_rope_attention): a launch a layer fewer of a SmolLM2 pass's ~240
+            def attend(qkv, cos, sin, slots, k_cache, v_cache):
+                return paged_decode_rope_attention(qkv, cos, sin, slots, k_cache, v_cache, flat, starts, context,
+                                                   self.model.config.num_heads, self.scale,
+                                                   rows=decode_rows(qkv.dtype), splits=plan[0],
+                                                   max_context=max(1, plan[1]) * attention_math.KEY_CHUNK)
+        else:
+            def attend(qkv, cos, sin, slots, k_cache, v_cache):
+                q = self._rope(qkv, cos, sin, slots, k_cache, v_cache)
+                return paged_decode_attention(q, k_cache, v_cache, flat, starts, context, self.scale,
+                                              decode_splits(bucket, cache.k.shape[3], self.num_sms))
 
-        rotary = tuple(table.index_select(0, positions) for table in self._rotary)
+        if self.kernels and self.config.exact_logprobs:
+            rotary = self._rotary  # the attention reads each row's position from its context length
+        else:
+            rotary = tuple(table.index_select(0, positions) for table in self._rotary)
         return self._layers(ids, positions, slots, cache, attend, rotary=rotary)
 
     def _capture(self, bucket: int, plan: tuple[int, int], cache: KVCache) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
