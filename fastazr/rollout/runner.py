@@ -162,13 +162,13 @@ class Runner:
     # host side
 
     def _upload(self, packed: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.staging.upload(packed.astype(np.int32), out)
+        return self.staging.upload(packed.astype(np.int32, copy=False), out)
 
     def _upload_parts(self, parts: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """int32 arrays on the device in one copy, as views that each start on a 16-byte boundary
         (aligned_offsets)."""
         offsets, total = aligned_offsets([len(v) for v in parts.values()])
-        packed = np.zeros(total, np.int64)
+        packed = np.zeros(total, np.int32)
         for start, values in zip(offsets, parts.values()):
             packed[start:start + len(values)] = values
         meta = self._upload(packed)
@@ -422,6 +422,9 @@ class Runner:
         rows, _ = self._decode_layout()
         ids, positions, slots, context, starts, _ = self._rows(bucket)
         flat = self._meta[META_ROWS * rows:]
+        # inexact and CPU passes gather their rows' cos and sin once a pass; the exact attention
+        # reads each row's from the tables (rotary set in its branch): no gather launches
+        rotary = None
         if not self.kernels:
             mask = context_mask(context, tables.shape[1] * self.config.block_size)
 
@@ -430,6 +433,8 @@ class Runner:
         elif self.config.exact_logprobs:
             # the rotary and the cache write ride in the attention's launch, the same bits
             # (paged_decode_rope_attention): a launch a layer fewer of a SmolLM2 pass's ~240
+            rotary = self._rotary
+
             def attend(qkv, cos, sin, slots, k_cache, v_cache):
                 return paged_decode_rope_attention(qkv, cos, sin, slots, k_cache, v_cache, flat, starts, context,
                                                    self.model.config.num_heads, self.scale,
@@ -441,9 +446,7 @@ class Runner:
                 return paged_decode_attention(q, k_cache, v_cache, flat, starts, context, self.scale,
                                               decode_splits(bucket, cache.k.shape[3], self.num_sms))
 
-        if self.kernels and self.config.exact_logprobs:
-            rotary = self._rotary  # the attention reads each row's position from its context length
-        else:
+        if rotary is None:
             rotary = tuple(table.index_select(0, positions) for table in self._rotary)
         return self._layers(ids, positions, slots, cache, attend, rotary=rotary)
 
