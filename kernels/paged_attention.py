@@ -32,6 +32,8 @@ rotary kernel's launch a layer."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -307,18 +309,29 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def _prefill_warps(rows: int, block_d: int, dtype: torch.dtype) -> int:
-    """Warps of a prefill-kernel program holding `rows` score rows. 16-row decode tiles of
-    128-wide 16-bit heads take 2, with the same bits: 0 of 3.8M outputs differed from the
-    training forward at 1, 2, 4 or 8 warps in the sweep timed here (fp32's float row sum follows the
-    tile's layout, so it keeps 4). H100, one qwen2.5-1.5b layer's exact decode (16 rows, CUDA-graph
+def _prefill_warps(rows: int, block_d: int, dtype: torch.dtype, programs: int, sms: int) -> int:
+    """Warps of a prefill-kernel program holding `rows` score rows, in a grid of `programs` on a
+    GPU of `sms` multiprocessors. 16-row decode tiles of 16-bit heads take 2 where 128 wide, and
+    where 64 wide once the grid has at least 4 programs an SM, with the same bits: 0 of 3.8M
+    outputs differed from the training forward at 1, 2, 4 or 8 warps in the sweep timed here, and
+    SmolLM2's decodes gave the same bits at 2, 4 and 8 (fp32's float row sum follows the tile's
+    layout, so it keeps 4). H100, one qwen2.5-1.5b layer's exact decode (16 rows, CUDA-graph
     replays over 4 layers' caches), 256 x 256-512 keys 43.7 us against 46.6 with 4 warps,
-    66.6-73.6 with 1, 48.3-55.0 with 8; 128 x 300-2,400 keys 77.4 against 77.9; SmolLM2's 64-wide
-    heads stay at 4 (256 x 64-320: 22.3 against 24.1; 64 x 64-320: 12.4 against 13.2); other
-    widths were not measured and keep 4."""
+    66.6-73.6 with 1, 48.3-55.0 with 8; 128 x 300-2,400 keys 77.4 against 77.9. SmolLM2's heads
+    (rotary in the launch, 12 layers' caches): 256 x 59-314 keys (768 programs) 21.2 us against
+    22.2 with 4 warps (the engine at 256 sequences 181.5K against 173.2K tokens/s, the same
+    tokens), 64 x 59-314 (192 programs) 13.2 against 12.3; other widths were not measured and
+    keep 4."""
     if rows >= 128:
         return 8
-    return 2 if rows <= 16 and block_d == 128 and dtype != torch.float32 else 4
+    if rows > 16 or dtype == torch.float32:
+        return 4
+    return 2 if block_d == 128 or (block_d == 64 and programs >= 4 * sms) else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def decode_rows(dtype: torch.dtype) -> int:
@@ -423,7 +436,8 @@ def _prefill(q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens,
         GROUPS=groups, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_N=_PREFILL_BLOCK_N, CHUNK=chunk, SPLITS=splits, PRECISION=_precision(q.dtype),
         SPLIT_P=q.dtype != torch.float32, ROPE=rope is not None, KV_HEADS=kv_heads,
-        num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype),
+        num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype, grid[0] * grid[1] * grid[2],
+                                 _multiprocessors(q.device)),
         enable_fp_fusion=False, **pdl_launch(q))
     if splits > 1 and batch:
         _fold_kernel[(batch, q.shape[1])](state, chunk_acc, context_lens, out, max_chunks, out.stride(0), out.stride(1),

@@ -172,7 +172,8 @@ def test_decode_tiles_of_every_height_give_the_training_bits(heads, kv_heads, he
     32-row tiles (1.2M in all) catch it where check_engine_agreement's ~10K outputs mostly would
     not. The same comparison ran on the H100 as a development script: 0 of 2.45M differ. The
     16-row tiles of the qwen models' 128-wide heads run in 2 warps (paged_attention._prefill_warps),
-    the others in 4."""
+    SmolLM2's 64-wide ones in 2 where the grid holds 4 programs an SM (here 56 x 3 x 4 = 672 at 4
+    programs a sequence, on a GPU of up to 168 SMs) and in 4 otherwise, as do the others."""
     q, k, v, cu, _ = make(lengths, heads, kv_heads, head_dim, dtype, "cuda", seed=1)
     out = varlen_attention(q, k, v, cu, max(lengths))
     k_cache, v_cache, flat, starts, ctx = paged_cache(lengths, k, v, cu)
