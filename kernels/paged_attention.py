@@ -318,10 +318,10 @@ def _prefill_warps(rows: int, block_d: int, dtype: torch.dtype, programs: int, s
     layout, so it keeps 4). H100, one qwen2.5-1.5b layer's exact decode (16 rows, CUDA-graph
     replays over 4 layers' caches), 256 x 256-512 keys 43.7 us against 46.6 with 4 warps,
     66.6-73.6 with 1, 48.3-55.0 with 8; 128 x 300-2,400 keys 77.4 against 77.9. SmolLM2's heads
-    (rotary in the launch, 12 layers' caches): 256 x 59-314 keys (768 programs) 21.2 us against
-    22.2 with 4 warps (the engine at 256 sequences 181.5K against 173.2K tokens/s, the same
-    tokens), 64 x 59-314 (192 programs) 13.2 against 12.3; other widths were not measured and
-    keep 4."""
+    (rotary in the launch, 12 layers' caches, 59-314 keys): 768 programs 21.3 us against 22.6
+    with 4 warps, 576 18.5 against 19.0, 480 16.8 against 15.5, 192 13.0 against 12.1 (the
+    engine at 256 sequences 171.4K against 166.8K tokens/s, the same tokens); other widths were
+    not measured and keep 4."""
     if rows >= 128:
         return 8
     if rows > 16 or dtype == torch.float32:
