@@ -68,7 +68,7 @@ def check_fused(contexts, heads, kv_heads, head_dim, block_size, dtype, device, 
     got = paged_decode_rope_attention(qkv, cos, sin, slots, k, v, flat, starts, ctx, heads, scale,
                                       rows=decode_rows(dtype), splits=splits)
     # the scratch block takes several rows' keys in any order: its bytes are garbage by design
-    kept = [b for b in range(k.shape[0]) if stalled == () or b != int(slots[stalled[0]]) // block_size]
+    kept = [b for b in range(k.shape[0]) if not stalled or b != int(slots[stalled[0]]) // block_size]
     assert torch.equal(k[kept], k_two[kept]) and torch.equal(v[kept], v_two[kept]), \
         "the fused kernel wrote other cache bits"
     assert torch.equal(got, want), (f"{(got != want).sum().item()} of {got.numel()} outputs differ from "
