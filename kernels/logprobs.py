@@ -16,7 +16,6 @@ and gradients: 12 bytes per token per vocabulary split, the dLogits buffer and t
 
 The algebra is in logprobs_math.py; the fp32 reference in logprobs_reference.py.
 """
-import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fastazr.kernels.logprobs_chunked import linear_logprobs_chunked
 from fastazr.kernels.logprobs_math import chunk_columns
 from fastazr.kernels.logprobs_reference import linear_logprobs_reference
-from fastazr.kernels.runtime import interpreting, use_triton
+from fastazr.kernels.runtime import interpreting, multiprocessors, use_triton
 
 
 # Globals a kernel reads must be constexpr; the host reads .value.
@@ -249,17 +248,12 @@ def tile_operands(hidden, weight, tiles: Tiles):
             TensorDescriptor.from_tensor(weight, [tiles.block_v, tiles.block_k]))
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _grad_grid(hidden: torch.Tensor, tiles: Tiles, n_tiles: int) -> int:
     """Programs of the backward's dLogits kernel: one per tile, or a persistent grid (the CPU
     under the interpreter counts as 2 SMs)."""
     if not tiles.flatten:
         return n_tiles
-    sms = _multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 2
+    sms = multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 2
     return min(n_tiles, tiles.programs_per_sm * sms)
 
 
@@ -270,7 +264,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def vocab_splits(hidden: torch.Tensor, n_blocks: int, v_tiles: int, per_sm: int = 2) -> int:
     """Vocabulary splits so that the forward grid has about per_sm programs an SM."""
-    programs = per_sm * _multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 4
+    programs = per_sm * multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 4
     return max(1, min(v_tiles, math.ceil(programs / n_blocks)))
 
 

@@ -32,8 +32,6 @@ rotary kernel's launch a layer."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +39,7 @@ import triton.language as tl
 from fastazr.kernels import attention_math
 from fastazr.kernels.attention_math import empty_state, finish, fold, softmax_step
 from fastazr.kernels.layer_fusions import rope_lanes, rope_math
-from fastazr.kernels.runtime import await_previous, pdl_launch
+from fastazr.kernels.runtime import await_previous, multiprocessors, pdl_launch
 
 __all__ = ["pack_block_tables", "paged_decode_attention", "paged_prefill_attention", "decode_splits", "decode_rows",
            "paged_decode_rope_attention"]
@@ -329,11 +327,6 @@ def _prefill_warps(rows: int, block_d: int, dtype: torch.dtype, programs: int, s
     return 2 if block_d == 128 or (block_d == 64 and programs >= 4 * sms) else 4
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def decode_rows(dtype: torch.dtype) -> int:
     """Score rows of a prefill-kernel program whose slices are all one decode token: 16 for 16-bit
     inputs (G heads of one token fill a tile of 16 at G <= 16; H100, AZR mix on qwen2.5-1.5b,
@@ -437,7 +430,7 @@ def _prefill(q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens,
         BLOCK_N=_PREFILL_BLOCK_N, CHUNK=chunk, SPLITS=splits, PRECISION=_precision(q.dtype),
         SPLIT_P=q.dtype != torch.float32, ROPE=rope is not None, KV_HEADS=kv_heads,
         num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype, grid[0] * grid[1] * grid[2],
-                                 _multiprocessors(q.device)),
+                                 multiprocessors(q.device.index or 0) if q.is_cuda else 1),
         enable_fp_fusion=False, **pdl_launch(q))
     if splits > 1 and batch:
         _fold_kernel[(batch, q.shape[1])](state, chunk_acc, context_lens, out, max_chunks, out.stride(0), out.stride(1),

@@ -5,6 +5,7 @@ The interpreter runs the same Triton programs on CPU tensors with numpy: thousan
 than a GPU, but it is how CI checks the kernels' indexing and masking at odd shapes. Triton reads
 TRITON_INTERPRET when a kernel is decorated, so it must be set before fastazr.kernels is imported.
 """
+import functools
 import os
 
 import torch
@@ -15,6 +16,13 @@ from triton.language.extra.cuda import gdc_wait
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device `device_index` (cached: a property query costs
+    microseconds, and launchers ask once a call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
