@@ -1,7 +1,10 @@
 """The PPO policy loss from hidden states and the lm_head, side by side on one GPU:
 
 - fastazr fused: kernels/linear_policy_loss.py (linear_pg_loss: the gradient made in the
-  forward from each row chunk's fp32 logits, 6*N*H*V FLOP; UpdateConfig.policy_loss='fused')
+  forward from each row chunk's logits, 6*N*H*V FLOP; UpdateConfig.policy_loss='fused'), with
+  its default store='auto'; "fastazr fused fp32" and "fastazr fused exp16" force what a chunk
+  keeps between its GEMM and its row kernel: cuBLAS's fp32 logits, or the fp16 exps that
+  linear_logprobs' forward kernel stores beside its statistics
 - fastazr: kernels/logprobs.py (logits never materialized, recomputed in backward: 8*N*H*V),
   then pg_loss; and the same with entropy
 - naive: bf16 matmul -> fp32 logits -> log_softmax -> gather (what a trainer writes first)
@@ -73,6 +76,8 @@ def contenders(names, policy):
     (logprobs, entropy), or a LinearPGLoss (the loss already applied). policy: pg_loss's inputs."""
     table = {
         "fastazr fused": lambda h, w, t: linear_pg_loss(h, w, t, *policy),
+        "fastazr fused fp32": lambda h, w, t: linear_pg_loss(h, w, t, *policy, store="fp32-logits"),
+        "fastazr fused exp16": lambda h, w, t: linear_pg_loss(h, w, t, *policy, store="fp16-exp"),
         "fastazr": lambda h, w, t: linear_logprobs(h, w, t),
         "fastazr +entropy": lambda h, w, t: linear_logprobs(h, w, t, return_entropy=True),
         "naive": naive,

@@ -15,6 +15,22 @@ Per chunk of C token rows:
   dHidden[c] = dLogits @ weight        cuBLAS                             2*C*H*V
   dWeight   += dLogits.T @ hidden[c]   cuBLAS, summed over chunks         2*C*H*V
 
+That is store='fp32-logits'. The row kernel moves 10 bytes a logit (the fp32 row read twice,
+dLogits written), ~8.7 ms per 16K tokens at V = 151,936 on an H100: a fifth of the loss at
+H = 1536. store='fp16-exp' (16-bit inputs) keeps 2 bytes a logit instead:
+
+  linear_logprobs' forward kernel      its GEMM and running (max, sum of exps, sum of exp * y),
+    with STORE_EXP                     plus each tile's e = 2^(y - m) in fp16 and m, the
+                                       running max there, per row and tile; its combine kernel
+                                       makes lse, entropy and the logprob (its own dot product)
+  one Triton program per row           p = e * 2^(m - lse), d loss / d logprob, dLogits over
+                                       e's own storage: 4 bytes a logit, one pass
+  the two gradient GEMMs               as above
+
+e lies in [0, 1], where fp16 keeps 11 significant bits down to 2^-14 (2^-11 relative: a
+quarter of the rounding dLogits then get in bf16) and 2^-25 absolute below; an e under 2^-24
+(a p under 2^-24) becomes 0. It is the default for 16-bit inputs (resolve_store).
+
 6*N*H*V in all, the GEMMs' own work. Memory beyond the inputs and the two gradients: one fp32
 [C, V] block (``chunk_bytes``). Logits are fp32 so that the logprobs and the softmax in the
 gradient keep the precision of linear_logprobs (the engine's logprobs stay the trainer's to fp32
@@ -31,24 +47,31 @@ linear_logprobs' chunked torch path and pg_loss's torch reference run instead.
 from __future__ import annotations
 
 import math
+import numbers
+
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastazr.kernels.logprobs import LN2, LOG2E, _validate as _check_linear
+from fastazr.kernels.logprobs import LN2, LOG2E, _validate as _check_linear, default_tiles, forward_stats
 from fastazr.kernels.logprobs_chunked import linear_logprobs_chunked
 from fastazr.kernels.linear_policy_loss_reference import LinearPGLoss
 from fastazr.kernels.policy_loss import _launch_forward, token_gradient
 from fastazr.kernels.policy_loss_reference import check_pg_loss_args, pg_loss_reference
-from fastazr.kernels.runtime import interpreting, use_triton
+from fastazr.kernels.runtime import interpreting, multiprocessors, use_triton
 
 __all__ = ["LinearPGLoss", "linear_pg_loss"]
+
+STORES = ("auto", "fp32-logits", "fp16-exp")
 
 # 2048 fp32 columns a trip: 8 KB of loads in flight per program with 8 warps (4 per thread).
 # The interpreter gets small blocks so that CI's odd vocabularies span several of them.
 _BLOCK_V = 64 if interpreting() else 2048
 _WARPS = 8
+# The fp16-exp row kernel's trip: this many of the forward's vocabulary tiles (8 x 256 columns on
+# a GPU, as _BLOCK_V; 2 x 64 under the interpreter, so CI's trips hold a tile boundary).
+_EXP_TILES = 2 if interpreting() else 8
 # elements a program of _scale_kernel; small under the interpreter so CI's gradients span several
 _SCALE_BLOCK = 64 if interpreting() else 4096
 
@@ -115,6 +138,46 @@ def _rows_kernel(z_ptr, dz_ptr, tgt_ptr, old_ptr, adv_ptr, mask_ptr, denom_ptr, 
         tl.store(dz_row + c0 + cols, (g * inv_temp).to(dz_ptr.dtype.element_ty), mask=ok)
 
 
+# The same rows from the stored exps (store='fp16-exp'): e = 2^(y - m) in fp16 and m, the
+# forward's running max at e's vocabulary tile, make p = e * 2^(m - lse) without the logit. The
+# row's lse, entropy and logprob come from linear_logprobs' forward (combine kernel); pass 1 is gone
+# and pass 2 moves 4 bytes a logit (the fp16 read, dLogits written over it) instead of 10. A trip
+# is [BLOCK_V // TILE_V, TILE_V]: one m per tile row, broadcast, rather than one gather a logit.
+@triton.jit(do_not_specialize=["r0"])
+def _exp_rows_kernel(exp_ptr, dz_ptr, max_ptr, tgt_ptr, old_ptr, adv_ptr, mask_ptr, denom_ptr, logp_ptr, lse_ptr,
+                     ent_ptr, r0, V, v_tiles, stride_exp, inv_temp, lo, hi, limit, entropy_coef,
+                     TILE_V: tl.constexpr, TILES: tl.constexpr, ENTROPY: tl.constexpr):
+    local = tl.program_id(0).to(tl.int64)
+    row = r0 + local
+    lse = tl.load(lse_ptr + row)
+    entropy = tl.load(ent_ptr + row)
+    tgt = tl.load(tgt_ptr + row)
+    valid = tl.load(mask_ptr + row) != 0
+    inv_denom = 1.0 / tl.load(denom_ptr)
+    glp = token_gradient(tl.load(logp_ptr + row), tl.load(old_ptr + row).to(tl.float32),
+                         tl.load(adv_ptr + row).to(tl.float32), valid, inv_denom, lo, hi, limit)
+    gent = tl.where(valid, -entropy_coef * inv_denom, 0.0)
+    lse2 = lse * LOG2E
+    exp_row = exp_ptr + local * stride_exp
+    dz_row = dz_ptr + local * stride_exp
+    max_row = max_ptr + local * v_tiles
+    BLOCK_V: tl.constexpr = TILES * TILE_V
+    tiles = tl.arange(0, TILES)
+    cols = tiles[:, None] * TILE_V + tl.arange(0, TILE_V)[None, :]
+    for c0 in range(0, V, BLOCK_V):
+        ok = c0 + cols < V
+        e = tl.load(exp_row + c0 + cols, mask=ok, other=0.0).to(tl.float32)
+        m = tl.load(max_row + c0 // TILE_V + tiles, mask=c0 // TILE_V + tiles < v_tiles, other=0.0)
+        p = e * tl.exp2(m - lse2)[:, None]
+        g = glp * (tl.where(c0 + cols == tgt, 1.0, 0.0) - p)
+        if ENTROPY:
+            # y = m + log2(e); an e that underflowed fp16 (p < 2^-24) has p * y -> 0, not 0 * -inf
+            g -= gent * tl.where(e > 0.0, p * ((m[:, None] + tl.log2(e)) * LN2 - (lse - entropy)), 0.0)
+        # dz_row is exp_row's bytes: every load of the trip completes before its stores
+        tl.debug_barrier()
+        tl.store(dz_row + c0 + cols, (g * inv_temp).to(dz_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit
 def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
     g = tl.load(g_ptr).to(tl.float32)
@@ -145,9 +208,29 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> No
         torch.mm(hidden.float(), weight.float().t(), out=out)
 
 
-def chunk_rows(tokens: int, vocab: int, chunk_bytes: int) -> int:
-    """Token rows per chunk: an fp32 [rows, vocab] block within chunk_bytes, at least one row."""
-    return max(1, min(tokens, chunk_bytes // (4 * vocab)))
+def chunk_rows(tokens: int, vocab: int, chunk_bytes: int, store: str = "fp32-logits") -> int:
+    """Token rows per chunk: a [rows, vocab] block within chunk_bytes, at least one row; fp32
+    logits, or fp16 exps in rows padded to 64 columns (the copy engine's 16-byte row stride)."""
+    if store == "fp32-logits":
+        return max(1, min(tokens, chunk_bytes // (4 * vocab)))
+    rows = max(1, min(tokens, chunk_bytes // (2 * _padded(vocab))))
+    # chunks a multiple of 16 rows apart keep every slice's 16-byte alignment: one compile
+    return rows - rows % 16 if 16 <= rows < tokens else rows
+
+
+def _padded(vocab: int) -> int:
+    return triton.cdiv(vocab, 64) * 64
+
+
+def resolve_store(store: str, hidden: torch.Tensor) -> str:
+    """'auto' -> 'fp16-exp' for 16-bit inputs, 'fp32-logits' for fp32 (whose dLogits need 4
+    bytes). Measured (H100, N = 16K, bf16, forward + backward; docs/kernels.md): 37.8 against
+    43.5 ms at H = 1536 and 82.2 against 86.6 at H = 3584 (V = 151,936), 6.4 against 7.6 at
+    H = 576 (V = 49,152): the row kernel moves 4 bytes a logit instead of 10 (3.5 against 8.7 ms
+    at V = 151,936), and the logits GEMM in Triton keeps up with cuBLAS's fp32-out one."""
+    if store != "auto":
+        return store
+    return "fp16-exp" if hidden.dtype != torch.float32 else "fp32-logits"
 
 
 def _divisor(mask: torch.Tensor, normalizer) -> torch.Tensor:
@@ -158,39 +241,95 @@ def _divisor(mask: torch.Tensor, normalizer) -> torch.Tensor:
         count = normalizer.detach().to(device=mask.device, dtype=torch.float32).reshape(1)
     else:
         count = torch.full((1,), float(normalizer), dtype=torch.float32, device=mask.device)
-    return torch.where(count == 0, 1.0, count)
+    # pg_loss's rule: 0 counts as 1; a device tensor < 0 or not finite poisons the step (no host sync)
+    return torch.where(count == 0, 1.0, torch.where((count > 0) & torch.isfinite(count), count, torch.nan))
+
+
+def _logit_chunks(hidden, weight, rows, per_token, policy, logprobs, entropy):
+    """(first row, dLogits [C, V]) per chunk, from fp32 logits cuBLAS writes (store='fp32-logits')."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    inv_temp, lo, hi, limit, entropy_coef = policy
+    z = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        block = z[:r1 - r0]
+        _logits(hidden[r0:r1], weight, block)
+        # dLogits in the input dtype over each fp32 row's own bytes: a [C, V] view with the
+        # fp32 row's stride
+        dz = block.view(hidden.dtype)[:, :vocab]
+        _rows_kernel[(r1 - r0,)](
+            block, dz, *per_token, logprobs, entropy, r0, vocab, block.stride(0), dz.stride(0), inv_temp, lo, hi,
+            limit, entropy_coef, BLOCK_V=_BLOCK_V, num_warps=_WARPS)
+        yield r0, dz
+
+
+def exp_chunking(tokens: int, rows: int, block_n: int, sms: int) -> tuple[int, int]:
+    """(rows a chunk, vocabulary splits of a full chunk) for store='fp16-exp', from the rows that
+    chunk_bytes allows. A chunk's forward grid is row blocks x splits, one program an SM at a
+    time (its pipeline takes most of the shared memory), each walking its split's vocabulary
+    tiles: a grid of 287 programs on the H100's 132 SMs ran in ~3 waves' time where it had ~2.2
+    waves' work (15.2 ms for the forward at N = 16K, H = 1536, against 10.8 unchunked). So a chunk
+    takes as many row blocks as divide 2 x SMs (down to half of what chunk_bytes allows), and the
+    splits fill those two waves exactly."""
+    target = 2 * sms
+    rows = min(rows, tokens)
+    blocks = triton.cdiv(rows, block_n)
+    if rows < tokens:
+        fits = [b for b in range(blocks, (blocks + 1) // 2 - 1, -1) if target % b == 0]
+        blocks = fits[0] if fits and blocks > 1 else blocks
+        rows = max(rows if blocks * block_n > rows else blocks * block_n, 1)
+    return rows, max(1, target // blocks)
+
+
+def _exp_chunks(hidden, weight, rows, per_token, policy, logprobs, entropy):
+    """(first row, dLogits [C, V]) per chunk, from the fp16 exps linear_logprobs' forward
+    kernel stores beside its statistics (store='fp16-exp')."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    inv_temp, lo, hi, limit, entropy_coef = policy
+    targets = per_token[0]
+    tiles = default_tiles(hidden, backward=False)
+    sms = multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 2
+    rows, _ = exp_chunking(n, rows, tiles.block_n, sms)
+    v_tiles = triton.cdiv(vocab, tiles.block_v)
+    exps = torch.empty((rows, _padded(vocab)), dtype=torch.float16, device=hidden.device)
+    row_max = torch.empty((rows, v_tiles), dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        block, block_max = exps[:r1 - r0], row_max[:r1 - r0]
+        splits = exp_chunking(r1 - r0, r1 - r0, tiles.block_n, sms)[1]
+        forward_stats(hidden[r0:r1], weight, targets[r0:r1], inv_temp, True, tiles, store=(block, block_max),
+                      out=(logprobs[r0:r1], lse[r0:r1], entropy[r0:r1]), splits=splits)
+        dz = block.view(hidden.dtype)[:, :vocab]
+        _exp_rows_kernel[(r1 - r0,)](
+            block, dz, block_max, *per_token, logprobs, lse, entropy, r0, vocab, v_tiles, block.stride(0), inv_temp,
+            lo, hi, limit, entropy_coef, TILE_V=tiles.block_v, TILES=_EXP_TILES, ENTROPY=entropy_coef != 0,
+            num_warps=_WARPS)
+        yield r0, dz
 
 
 class _LinearPGLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, old_logprobs, advantages, mask, normalizer, lo, hi, limit,
-                entropy_coef, inv_temp, rows, want_hidden, want_weight):
+                entropy_coef, inv_temp, rows, store, want_hidden, want_weight):
         n, vocab = hidden.shape[0], weight.shape[0]
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.empty_like(weight) if want_weight else None
         divisor = _divisor(mask, normalizer)
-        z = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            h = hidden[r0:r1]
-            block = z[:r1 - r0]
-            _logits(h, weight, block)
-            # dLogits in the input dtype over each fp32 row's own bytes: a [C, V] view with the
-            # fp32 row's stride
-            dz = block.view(hidden.dtype)[:, :vocab]
-            _rows_kernel[(r1 - r0,)](
-                block, dz, targets, old_logprobs, advantages, mask, divisor, logprobs, entropy, r0, vocab,
-                block.stride(0), dz.stride(0), inv_temp, lo, hi, limit, entropy_coef, BLOCK_V=_BLOCK_V,
-                num_warps=_WARPS)
+        per_token = (targets, old_logprobs, advantages, mask, divisor)
+        policy = (inv_temp, lo, hi, limit, entropy_coef)
+        chunks = _exp_chunks if store == "fp16-exp" else _logit_chunks
+        for r0, dz in chunks(hidden, weight, rows, per_token, policy, logprobs, entropy):
+            r1 = r0 + dz.shape[0]
             if want_hidden:
                 torch.mm(dz, weight, out=grad_hidden[r0:r1])
             if want_weight:
                 if r0 == 0:
-                    torch.mm(dz.t(), h, out=grad_weight)
+                    torch.mm(dz.t(), hidden[r0:r1], out=grad_weight)
                 else:
-                    grad_weight.addmm_(dz.t(), h)
+                    grad_weight.addmm_(dz.t(), hidden[r0:r1])
         loss, stats = _launch_forward(logprobs, old_logprobs, advantages, mask, entropy, normalizer, lo, hi, limit,
                                       entropy_coef)
         ctx.grads = (grad_hidden, grad_weight)
@@ -208,17 +347,22 @@ class _LinearPGLossFunction(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         if grad_loss is None:
-            return (None,) * 15
+            return (None,) * 16
         # In place: a scaled copy of dWeight would be 0.47 GB more at qwen2.5-1.5b.
         for grad in (grad_hidden, grad_weight):
             if grad is not None:
                 _scale_(grad, grad_loss)
-        return (grad_hidden, grad_weight) + (None,) * 13
+        return (grad_hidden, grad_weight) + (None,) * 14
 
 
 def _check(hidden, weight, targets, old_logprobs, advantages, mask, clip_low, clip_high, temperature, entropy_coef,
-           normalizer, log_ratio_limit, chunk_bytes) -> None:
+           normalizer, log_ratio_limit, chunk_bytes, store) -> None:
     _check_linear(hidden, weight, targets, temperature, chunk_bytes)
+    if store not in STORES:
+        raise ValueError(f"linear_pg_loss: store must be one of {', '.join(map(repr, STORES))}, got {store!r}")
+    if store == "fp16-exp" and hidden.dtype == torch.float32:
+        raise ValueError("linear_pg_loss: store='fp16-exp' writes dLogits over the 2-byte exps, so it needs fp16 "
+                         "or bf16 hidden and weight; use store='fp32-logits' (or 'auto') for fp32")
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask)):
         if not isinstance(t, torch.Tensor) or t.shape != targets.shape:
             raise ValueError(f"linear_pg_loss: {name} must be a tensor of shape {tuple(targets.shape)} (one value "
@@ -229,15 +373,15 @@ def _check(hidden, weight, targets, old_logprobs, advantages, mask, clip_low, cl
     # pg_loss's own checks, with old_logprobs standing in for the logprobs this call makes
     check_pg_loss_args(old_logprobs, old_logprobs, advantages, mask, clip_low, clip_high, None, 0.0, normalizer,
                        log_ratio_limit)
-    if not math.isfinite(entropy_coef):
-        raise ValueError(f"linear_pg_loss: entropy_coef must be a finite number, got {entropy_coef}")
+    if isinstance(entropy_coef, bool) or not isinstance(entropy_coef, numbers.Real) or not math.isfinite(entropy_coef):
+        raise ValueError(f"linear_pg_loss: entropy_coef must be a finite number, got {entropy_coef!r}")
 
 
 def linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor,
                    advantages: torch.Tensor, mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
                    temperature: float = 1.0, entropy_coef: float = 0.0,
                    normalizer: float | torch.Tensor | None = None, log_ratio_limit: float = 20.0, *,
-                   chunk_bytes: int = 768 << 20) -> LinearPGLoss:
+                   chunk_bytes: int = 768 << 20, store: str = "auto") -> LinearPGLoss:
     """pg_loss(linear_logprobs(hidden, weight, targets, temperature), old_logprobs, advantages,
     mask, clip_low, clip_high, entropy, entropy_coef, normalizer, log_ratio_limit), fused.
 
@@ -246,13 +390,16 @@ def linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     tempered softmax) is always computed, so the entropy metric is always filled; entropy_coef
     puts it in the loss. Returns LinearPGLoss: pg_loss's loss and metrics, and the logprobs.
     The loss backpropagates into hidden and weight; its gradients are computed here, in the
-    forward (see the module docstring), and one backward hands them out. ``chunk_bytes`` bounds
-    the fp32 logits block (rows x V x 4 bytes; 768 MiB: 1,324 rows at V = 151,936, and with the
-    gradients 1.2 GiB beyond the inputs at N = 16K, H = 1536 by arithmetic: the GPU test holds
-    the measured peak to the issue's 1.5 GiB).
+    forward (see the module docstring), and one backward hands them out. ``store`` is what a
+    row chunk keeps of its logits between the GEMM and the row kernel: 'fp32-logits' (cuBLAS's),
+    'fp16-exp' (16-bit inputs: each logit's 2^(y - m) beside its tile's running max m, from
+    linear_logprobs' forward kernel) or 'auto' (resolve_store). ``chunk_bytes`` bounds that block
+    (768 MiB: 1,324 rows of fp32 logits at V = 151,936, 2,640 of fp16 exps; with the gradients
+    1.2 GiB beyond the inputs at N = 16K, H = 1536 by arithmetic: the GPU test holds the
+    measured peak to the issue's 1.5 GiB).
     """
     _check(hidden, weight, targets, old_logprobs, advantages, mask, clip_low, clip_high, temperature, entropy_coef,
-           normalizer, log_ratio_limit, chunk_bytes)
+           normalizer, log_ratio_limit, chunk_bytes, store)
     if not use_triton(hidden) or hidden.shape[0] == 0:
         logprobs, entropy = linear_logprobs_chunked(hidden, weight, targets, temperature, True)
         out = pg_loss_reference(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, entropy, entropy_coef,
@@ -261,13 +408,14 @@ def linear_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if isinstance(normalizer, torch.Tensor) and normalizer.device != hidden.device:
         normalizer = normalizer.item()  # a CPU tensor is a host number already: no device sync
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    rows = chunk_rows(hidden.shape[0], weight.shape[0], chunk_bytes)
+    store = resolve_store(store, hidden)
+    rows = chunk_rows(hidden.shape[0], weight.shape[0], chunk_bytes, store)
     # decided here: inside forward grad mode is off, and needs_input_grad ignores no_grad(), under
     # which two GEMMs a chunk would be spent on gradients nobody takes
     grad = torch.is_grad_enabled()
     loss, stats, logprobs = _LinearPGLossFunction.apply(
         hidden.contiguous(), weight.contiguous(), targets.contiguous(), old_logprobs.contiguous(),
         advantages.contiguous(), mask.contiguous(), normalizer, 1.0 - clip_low, 1.0 + clip_high,
-        float(log_ratio_limit), float(entropy_coef), 1.0 / temperature, rows, grad and hidden.requires_grad,
+        float(log_ratio_limit), float(entropy_coef), 1.0 / temperature, rows, store, grad and hidden.requires_grad,
         grad and weight.requires_grad)
     return LinearPGLoss(loss, *stats.unbind()[:4], logprobs)

@@ -74,14 +74,17 @@ def logits_tile(h, w, row0, col0, N, V, H, stride_h, stride_w, scale,
 # Triton specializes integer arguments on divisibility by 16 and compiles a variant per combination;
 # row and block counts change with every micro-batch, so each would cost a compile (seconds) mid-update.
 @triton.jit(do_not_specialize=["N", "n_blocks", "tiles_per_split"])
-def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
+def _forward_kernel(h, w, part_ptr, exp_out, max_out, N, V, H, stride_h, stride_w, stride_exp, scale,
                     n_blocks, v_tiles, tiles_per_split,
                     WITH_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_K: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr,
-                    PRECISION: tl.constexpr, FLATTEN: tl.constexpr):
+                    PRECISION: tl.constexpr, FLATTEN: tl.constexpr, STORE_EXP: tl.constexpr):
     # Logits in log2 units (scale includes log2(e)): exp2 is the hardware's exponential.
     # One flat grid axis (the y/z axes stop at 65,535): consecutive programs share a vocabulary
     # split and walk its weight tiles together, so each tile comes from HBM about once per wave.
+    # STORE_EXP (the fused policy loss, linear_policy_loss.py) also keeps each tile's
+    # e = 2^(y - m_new) in fp16 [N, V] (exp_out) and m_new per row and tile in fp32 [N, v_tiles]
+    # (max_out): softmax = e * 2^(m_new - lse) then needs neither the logits nor their recompute.
     pid = tl.program_id(0)
     split = pid // n_blocks
     row0 = (pid % n_blocks) * BLOCK_N
@@ -104,6 +107,16 @@ def _forward_kernel(h, w, part_ptr, N, V, H, stride_h, stride_w, scale,
         if WITH_ENTROPY:
             t = t * alpha + tl.sum(e * y_raw, 1)
         m = m_new
+        if STORE_EXP:
+            tile_rows = row0 + tl.arange(0, BLOCK_N)
+            tl.store(max_out + tile_rows.to(tl.int64) * v_tiles + tile, m_new, mask=tile_rows < N)
+            if TMA:
+                # a bulk asynchronous store, clipped to [N, V] by the descriptor's shape
+                exp_out.store([row0, col0], e.to(tl.float16))
+            else:
+                tile_cols = col0 + tl.arange(0, BLOCK_V)
+                tl.store(exp_out + tile_rows.to(tl.int64)[:, None] * stride_exp + tile_cols[None, :],
+                         e.to(tl.float16), mask=(tile_rows < N)[:, None] & (tile_cols < V)[None, :])
     offs_n = row0 + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
     out = part_ptr + split * 3 * N + offs_n
@@ -268,25 +281,36 @@ def vocab_splits(hidden: torch.Tensor, n_blocks: int, v_tiles: int, per_sm: int 
     return max(1, min(v_tiles, math.ceil(programs / n_blocks)))
 
 
-def forward_stats(hidden, weight, targets, inv_temp, with_entropy, tiles=None):
-    """(logprobs, lse, entropy) fp32 [N]; entropy is None unless ``with_entropy``."""
+def forward_stats(hidden, weight, targets, inv_temp, with_entropy, tiles=None, store=None, out=None, splits=None):
+    """(logprobs, lse, entropy) fp32 [N]; entropy is None unless ``with_entropy``.
+
+    ``store`` = (exp [N, >= V] fp16, row_max [N, cdiv(V, tiles.block_v)] fp32) also keeps every
+    logit as its tile's e = 2^(y - m) and m (see _forward_kernel); ``out`` = three fp32 [N]
+    tensors to write the results into; ``splits`` = vocabulary splits (default: vocab_splits)."""
     n, h = hidden.shape
     vocab = weight.shape[0]
     tiles = tiles or default_tiles(hidden, backward=False)
     n_blocks = triton.cdiv(n, tiles.block_n)
     v_tiles = triton.cdiv(vocab, tiles.block_v)
-    per_split = triton.cdiv(v_tiles, vocab_splits(hidden, n_blocks, v_tiles))
+    per_split = triton.cdiv(v_tiles, min(v_tiles, splits or vocab_splits(hidden, n_blocks, v_tiles)))
     splits = triton.cdiv(v_tiles, per_split)
     partials = torch.empty((splits, 3, n), dtype=torch.float32, device=hidden.device)
     h_op, w_op = tile_operands(hidden, weight, tiles)
+    # without a store, placeholders: any tensor, and a stride that never changes Triton's specialization
+    exp_out, max_out = store if store is not None else (partials, partials)
+    stride_exp = exp_out.stride(0) if store is not None else 0
+    if store is not None and tiles.tma:
+        exp_out = TensorDescriptor.from_tensor(exp_out[:, :vocab], [tiles.block_n, tiles.block_v])
     _forward_kernel[(splits * n_blocks,)](
-        h_op, w_op, partials, n, vocab, h, hidden.stride(0), weight.stride(0), inv_temp * LOG2E.value,
-        n_blocks, v_tiles, per_split,
+        h_op, w_op, partials, exp_out, max_out, n, vocab, h, hidden.stride(0), weight.stride(0), stride_exp,
+        inv_temp * LOG2E.value, n_blocks, v_tiles, per_split,
         WITH_ENTROPY=with_entropy, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v,
         BLOCK_K=tiles.block_k, TMA=tiles.tma, EVEN_K=h % tiles.block_k == 0,
-        PRECISION=dot_precision(hidden.dtype), FLATTEN=tiles.flatten, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
-    logprobs, lse, entropy = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+        PRECISION=dot_precision(hidden.dtype), FLATTEN=tiles.flatten, STORE_EXP=store is not None,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    if out is None:
+        out = tuple(torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    logprobs, lse, entropy = out
     block = 64
     _combine_kernel[(triton.cdiv(n, block),)](
         partials, hidden, weight, targets, logprobs, lse, entropy, n, vocab, h,

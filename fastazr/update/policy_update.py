@@ -7,7 +7,7 @@ For each mini-batch (one optimizer step): micro-batches of packed sequences run 
 forward in bf16, fastazr.kernels.linear_logprobs scores the completion tokens straight from the
 hidden states (no logits tensor), fastazr.kernels.pg_loss gives the PPO-clip loss divided by the
 mini-batch's total count of loss tokens (so the micro-batches' gradients add up to the one big
-batch's); UpdateConfig.policy_loss='fused' (and 'auto' from a hidden size of 2048 up) does both
+batch's); UpdateConfig.policy_loss='fused' (and 'auto' from a hidden size of 896 up) does both
 in fastazr.kernels.linear_pg_loss, which makes the gradient in the forward instead of
 recomputing the logits. Then backward, and the bf16 gradients go into the fp32 buffer of
 MasterOptimizer, whose step clips, runs AdamW on fp32 master weights and refreshes the bf16
@@ -31,11 +31,11 @@ from .optimizer import MasterOptimizer
 from .rollouts import MicroBatch, Rollout, build_micro_batch, plan_micro_batches
 
 METRICS = ("loss", "clip_fraction", "approx_kl", "mean_ratio", "entropy")
-# UpdateConfig.policy_loss='auto' takes the fused loss from this hidden size up: it tied the
-# composable one at H = 1536 and lost at 576 (its fp32 logits' traffic outweighs the recompute
-# it saves when the GEMMs are small), and won by 16% at 3584 (H100, N = 16K). 2048 (Qwen2.5-3B)
-# lies between the measured sizes, on the side where the saved GEMM work grows with H.
-FUSED_LOSS_MIN_HIDDEN = 2048
+# UpdateConfig.policy_loss='auto' takes the fused loss from this hidden size up. With its fp16
+# exps (H100, N = 16K, forward + backward against linear_logprobs + pg_loss): 6.37 against 6.18
+# ms at H = 576 (V = 49,152: the row traffic still outweighs the recompute it saves there), 8.34
+# against 8.93 at 896, 38.2 against 45.5 at 1536 and 82.2 against 107.8 at 3584 (V = 151,936).
+FUSED_LOSS_MIN_HIDDEN = 896
 
 
 def split_mini_batches(count: int, parts: int) -> list[range]:
