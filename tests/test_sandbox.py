@@ -31,6 +31,27 @@ def test_ok_returns_the_repr(sb):
     assert all(x.error is None and 0 < x.duration_s < 1 for x in r)
 
 
+def test_a_result_or_exception_that_lies_about_itself_is_judged_by_its_real_text():
+    """A str subclass whose __len__ says 1, an exception class named by a million characters, a
+    metaclass whose __name__ raises or is no str: the child measures exact strs and names the
+    type past its metaclass, so each job gets its own status and no zygote frame reaches
+    stderr."""
+    lying_len = ("class S(str):\n    def __len__(self):\n        return 1\n"
+                 "class A:\n    def __repr__(self):\n        return S('1' * 3000)\n"
+                 "def f():\n    return A()\n")
+    long_name = "def f():\n    raise type('E' * 1000000, (Exception,), {})('boom')\n"
+    raising_name = ("class M(type):\n    @property\n    def __name__(cls):\n        raise RuntimeError('no')\n"
+                    "class E(Exception, metaclass=M):\n    pass\n"
+                    "def f():\n    raise E('x')\n")
+    odd_name = raising_name.replace("raise RuntimeError('no')", "return 7")
+    with Sandbox(workers=1, timeout_s=2.0, max_value_chars=1000) as box:
+        r = box.call_many([(lying_len, "f", ""), (long_name, "f", ""), (raising_name, "f", ""), (odd_name, "f", "")])
+    assert r[0].status == "output_limit" and r[0].value is None and "3000 chars" in r[0].error
+    assert r[1].status == "error" and r[1].error.startswith("E" * 200 + "...: boom")
+    assert [x.status for x in r[2:]] == ["error", "error"] and all(x.error == "E: x" for x in r[2:]), r[2:]
+    assert all(not x.stderr for x in r), [x.stderr[:200] for x in r]
+
+
 def test_arguments_are_parsed_in_the_child(sb):
     r = sb.call_many([("def f(*a):\n    return a\n", "f", ""),
                       ("def f(x):\n    return x\n", "f", "{'k': (1, 2.5, None, b'x')}"),
@@ -161,6 +182,18 @@ def test_hash_seed_differs_between_groups(sb):
     r = sb.call_many([(program, "f", "")] * 4, groups=[0, 1, 0, 1])
     assert r[0].value == r[2].value and r[1].value == r[3].value
     assert r[0].value != r[1].value
+
+
+def test_a_determinism_checks_second_run_shifts_object_addresses(sb):
+    """Validation runs a program in group 0 then group 1 (two zygotes of one history, so their
+    heaps differ only above the page offset, which address randomization moves). A set of
+    instances orders by id's low bits, so this program's value is what such a set's order
+    follows: without the ballast group 1's children hold, the two runs agreed on it."""
+    program = "def f():\n    return [id(x) % 4096 for x in (object(), 1.5 + len([]), bytes(100), [0] * 50)]\n"
+    runs = sb.call_many([(program, "f", "")] * 12, groups=[0] * 6 + [1] * 6)
+    assert all(r.ok for r in runs), [r.error for r in runs if not r.ok]
+    differ = sum(runs[i].value != runs[6 + i].value for i in range(6))
+    assert differ >= 5, [r.value for r in runs]
 
 
 def test_every_plain_job_runs_at_the_canonical_hash_seed(sb):
@@ -348,6 +381,19 @@ def test_closed_sandbox_refuses_work():
 def test_non_text_jobs_are_rejected(sb):
     with pytest.raises(TypeError):
         sb.call_many([(b"def f(): pass", "f", "")])
+
+
+@pytest.mark.parametrize("call,pattern", [
+    (lambda box: box.exec_many("print(1)"), "not one str"),
+    (lambda box: box.call_many((ADD, "f", "1, 2")), "wrap it"),
+    (lambda box: box.call_many([(ADD, "f")]), "must be a \\(program, entry, args_source\\) tuple"),
+    (lambda box: Sandbox(config=box.config, open_files=9), "inside config"),
+])
+def test_misshapen_calls_are_refused_by_name(sb, call, pattern):
+    """A str where a list belongs would run each character as a program (8 results for
+    "print(1)"); a lone tuple would unpack wrongly; options beside a config would be dropped."""
+    with pytest.raises(TypeError, match=pattern):
+        call(sb)
 
 
 def test_stages_are_traced_only_when_asked(sb):

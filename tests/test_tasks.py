@@ -2,11 +2,14 @@
 compared after safe parsing."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 
 from fastazr.sandbox import Sandbox
 from fastazr.tasks import TaskExecutor, ValueParseError, check_program, parse_value, same_value
+from fastazr.tasks.executor import literal_arguments
 from fastazr.tasks.values import to_source
 
 
@@ -119,6 +122,17 @@ def test_induction(ex):
     assert verdicts == [True, False, False, False, False, False, True]
 
 
+def test_induction_pairs_as_self_play_stores_them(ex):
+    """SelfPlay stores an induction input as literal_arguments rebuilt it (complex(1.0, 2.0) for
+    1+2j), and the check parses that text again: the proposer's own program must pass."""
+    program = "def f(z):\n    return z * 2\n"
+    given = ["1+2j", "(2-1j)", "[3j, float('nan')]"]
+    outputs = ex.validate_proposals([(program, g) for g in given])
+    assert all(o.valid for o in outputs), [o.reason for o in outputs]
+    pairs = [(literal_arguments(g), o.output) for g, o in zip(given, outputs)]
+    assert ex.check_induction([(program, pairs), ("def f(z):\n    return z * 3\n", pairs)]) == [True, False]
+
+
 @pytest.mark.parametrize("text, value", [
     ("1", 1), ("-2.5", -2.5), ("'x'", "x"), ("b'\\x00'", b"\x00"), ("None", None), ("True", True),
     ("(1, [2, {3: 'a'}])", (1, [2, {3: "a"}])), ("set()", set()), ("frozenset({1, 2})", frozenset({1, 2})),
@@ -140,9 +154,28 @@ def test_parse_value_rejects_non_literals(text):
                                    (1,), frozenset({(1, 2)}), {"a": {b"x", None}}, complex(1, -0.0)])
 def test_to_source_round_trips(value):
     assert same_value(eval(to_source(value)), value)  # test code evaluating its own rendering
+    # and through the parser, as a stored induction input is parsed again when an answer is checked
+    assert same_value(parse_value(to_source(value)), value)
+    assert literal_arguments(to_source(value)) is not None
 
 
 def test_same_value_is_strict_about_containers():
     assert same_value([1, 2], [1, 2]) and not same_value([1, 2], (1, 2))
     assert not same_value({1}, frozenset({1})) and same_value(float("nan"), float("nan"))
     assert same_value({"a": [math.nan]}, {"a": [math.nan]}) and not same_value({"a": 1}, {"b": 1})
+
+
+def test_model_text_prints_no_syntax_warnings():
+    """The compiler warns about text like 1if 1else 2 or `x is 3`; for model-written answers and
+    programs that was two lines of the trainer's stderr each. A user's own code still warns."""
+    code = ("from fastazr.tasks import check_program, parse_value, ValueParseError\n"
+            "from fastazr.azr.buffers import normalized_program\n"
+            "for i in range(3):\n"
+            "    try:\n        parse_value(f'{i}if 1else 2')\n    except ValueParseError:\n        pass\n"
+            "    check_program(f'def f(x):\\n    return x is {i}\\n')\n"
+            "    normalized_program(f'def f(x):\\n    return x is ({i}, 1)\\n')\n"
+            "import ast\nast.parse('1if 1else 2', mode='eval')\n")
+    run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    warned = [line for line in run.stderr.splitlines() if "SyntaxWarning" in line]
+    assert warned and all(line.startswith("<unknown>:1:") for line in warned), run.stderr

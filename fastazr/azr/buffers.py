@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from ..tasks.values import parse_model_text
 from .tasks import TASK_TYPES, InductionTask, Triplet
 
 SEED_PROGRAM = "def f(a):\n    return a"
@@ -28,7 +29,7 @@ def normalized_program(source: str) -> str:
     """The program without comments and with canonical spacing (ast.unparse), or the stripped
     text when it does not parse."""
     try:
-        return ast.unparse(ast.parse(source))
+        return ast.unparse(parse_model_text(source))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return source.strip()
 

@@ -25,6 +25,9 @@ _exit, _gc_enable = os._exit, gc.enable
 _send, _status_index = _sandbox.send_result, CHILD_STATUSES.index
 _repr, _str, _type, _isinstance, _len = repr, str, type, isinstance, len
 _exec, _eval, _BaseException = exec, eval, BaseException
+_bytes, _bytearray, _object = bytes, bytearray, object
+# A type's own name, past any metaclass __name__; a str's exact copy, past a subclass's methods.
+_type_name, _exact = type.__dict__["__name__"].__get__, str.__str__
 _loads = marshal.loads
 _stamp = _sandbox.stamp  # per-stage stamps: a no-op unless SandboxConfig.trace is on
 _JOB_START, _JOB_DONE, _RESULT_SENT = (_sandbox.stamp_names().index(n) for n in ("job_start", "job_done", "result_sent"))
@@ -96,9 +99,17 @@ _flushes: list = []
 
 
 def describe(exc: BaseException) -> str:
-    name = _type(exc).__name__
+    """"Name: message", each cut to a bound, as exact strs: a job's exception class may have a
+    metaclass whose __name__ raises or lies, a __str__ returning a str subclass whose __len__
+    or slicing lies, or a name of a million characters."""
     try:
-        message = _str(exc)
+        name = _type_name(_type(exc))
+        if _len(name) > 200:
+            name = name[:200] + "..."
+    except _BaseException:
+        name = "<exception>"
+    try:
+        message = _exact(_str(exc))
     except _BaseException:
         message = "<exception message could not be rendered>"
     if _len(message) > 2000:
@@ -119,10 +130,11 @@ def _run(job: Job, max_value_chars: int) -> tuple[str, str | None, str | None]:
         args = _eval(args_code, {"__builtins__": builtins}) if args_code is not None else ()
         value = _repr(entry(*args))
         if not _isinstance(value, _str):
-            return "error", None, f"TypeError: __repr__ returned {_type(value).__name__}"
+            return "error", None, f"TypeError: __repr__ returned {_type_name(_type(value))}"
+        value = _exact(value)  # a str subclass's __len__ could understate it
         if _len(value) > max_value_chars:
             return "output_limit", None, f"repr of the result has {_len(value)} chars, over max_value_chars={max_value_chars}"
-        return "ok", _str.__str__(value), None
+        return "ok", value, None
     except MemoryError as exc:
         # Free what ran out before building the reply: the frames the traceback holds and
         # the program's globals.
@@ -133,9 +145,26 @@ def _run(job: Job, max_value_chars: int) -> tuple[str, str | None, str | None]:
         return "error", None, describe(exc)
 
 
-def serve(code: bytes, max_value_chars: int) -> None:
-    """Run one job (its Job, marshal'd) and exit. Called in a hardened child; never returns."""
+def shift_heap(draws: bytes) -> list:
+    """Objects to hold while a job runs, so that its own objects take other addresses than in a
+    child of the same zygote that holds none: per 16-byte size class of CPython's small-object
+    allocator (objects, floats, then bytes objects of 35-499 bytes) a number of blocks drawn from
+    `draws` (36 bytes), then one buffer of up to 256 KiB from malloc. A program whose result
+    follows object addresses (a set of instances, hashed by id; a default repr) then gives
+    another result in a determinism check's second run, which holds these, than in its first
+    (same zygote state otherwise), and is refused instead of validated with an output that later
+    runs do not repeat. ~1,000 allocations, ~250 KB."""
+    held = [[_object() for _ in range(draws[0] & 63)], [k + 0.5 for k in range(draws[1] & 63)]]
+    held += [[_bytes(size) for _ in range(draws[k] & 63)] for k, size in enumerate(range(2, 482, 16), start=2)]
+    held.append(_bytearray(int.from_bytes(draws[-3:], "little") & 0x3FFFF))
+    return held
+
+
+def serve(code: bytes, max_value_chars: int, heap_draws: bytes | None = None) -> None:
+    """Run one job (its Job, marshal'd) and exit. Called in a hardened child; never returns.
+    heap_draws: shift the job's object addresses first (shift_heap)."""
     _gc_enable()  # the zygote runs with it off
+    held = shift_heap(heap_draws) if heap_draws is not None else None  # noqa: F841 (until _exit)
     _stamp(_JOB_START)
     try:
         outcome = _run(_loads(code), max_value_chars)

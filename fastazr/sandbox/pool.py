@@ -61,7 +61,7 @@ class Zygote:
     def __init__(self, index: int, settings: dict, group: int, hash_seed: int):
         self.index, self.group = index, group
         cpus = settings["cpus"]
-        settings = {**settings, "cpu": cpus[index % len(cpus)] if cpus else None}
+        settings = {**settings, "cpu": cpus[index % len(cpus)] if cpus else None, "shift_heap": group == 1}
         self.sock, theirs = socket.socketpair()
         package_root = str(Path(__file__).resolve().parents[2])
         # What -I would do but keep PYTHONHASHSEED: no working directory on the path (-P is 3.11+).
@@ -215,6 +215,9 @@ class Sandbox:
 
     def __init__(self, workers: int | None = None, timeout_s: float | None = None,
                  memory_mb: int | None = None, config: SandboxConfig | None = None, **options):
+        if config is not None and options:
+            raise TypeError(f"Sandbox: pass the options {', '.join(sorted(options))} inside config "
+                            f"(dataclasses.replace(config, ...)), not beside it: beside it they would be ignored")
         config = config or SandboxConfig(**options)
         overrides = {k: v for k, v in (("workers", workers), ("timeout_s", timeout_s), ("memory_mb", memory_mb)) if v is not None}
         self.config = replace(config, **overrides) if overrides else config
@@ -319,12 +322,22 @@ class Sandbox:
         progress, if given, is called as results come in: progress(n), n the jobs just
         finished (once per zygote reply, so up to MAX_BATCH at a time); the calls sum to the
         number of jobs."""
-        jobs = [{"kind": "call", "program": p, "entry": e, "args": a} for p, e, a in calls]
+        if isinstance(calls, (str, tuple)) and calls and isinstance(calls[0], str):
+            raise TypeError("call_many takes a list of (program, entry, args_source) tuples; for one call, "
+                            "wrap it: call_many([(program, entry, args)])")
+        jobs = []
+        for call in calls:
+            if not (isinstance(call, (tuple, list)) and len(call) == 3):
+                raise TypeError(f"call_many: each call must be a (program, entry, args_source) tuple, got {call!r:.200}")
+            jobs.append({"kind": "call", "program": call[0], "entry": call[1], "args": call[2]})
         return self._run(jobs, timeout_s, groups, progress)
 
     def exec_many(self, sources, timeout_s: float | None = None, progress=None) -> list[Result]:
         """Execute whole programs; each Result carries status and captured stdout/stderr.
         progress: as in call_many."""
+        if isinstance(sources, str):
+            raise TypeError("exec_many takes a list of program sources, not one str (whose characters would "
+                            "each run as a program): exec_many([source])")
         return self._run([{"kind": "exec", "program": s} for s in sources], timeout_s, None, progress)
 
     def _run(self, jobs: list[dict], timeout_s: float | None, groups, progress) -> list[Result]:

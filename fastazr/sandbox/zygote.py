@@ -68,6 +68,8 @@ class Settings:
                            output_cap=self.max_output_bytes, result_cap=self.result_cap,
                            result_pipe_capacity=pipe_capacity, trace=raw["trace"])
         self.trace: bool = raw["trace"]
+        # A determinism check's second run (hash-seed group 1) also shifts its objects' addresses.
+        self.shift_heap: bool = raw["shift_heap"]
         self.compiler = Compiler()
         self.code_cache = _sandbox.Stash()  # job bytes -> kind's first letter + marshal'd Job
 
@@ -235,12 +237,14 @@ def run_one(i: int, compiled, outputs, timeout_s: float, cpu_seconds: int, s: Se
     # from fresh entropy, though _sandbox.spawn skips the at-fork hook that reseeds random.
     code = compiled.get(i)
     reseed()
+    # drawn here: a child may not ask the kernel for entropy
+    heap_draws = random.randbytes(36) if s.shift_heap else None
     try:
         outcome = _sandbox.spawn(timeout_s, cpu_seconds)
     except OSError as exc:  # no fork, pipe or pidfd to be had right now
         return None, exc.errno
     if outcome is None:
-        child.serve(code, s.max_value_chars)
+        child.serve(code, s.max_value_chars, heap_draws)
     killed, wait_status, cpu, duration, result, out, err = outcome
     where = outputs.append(result), outputs.append(out), outputs.append(err)
     stamp(JOB_LEAVE)

@@ -126,7 +126,8 @@ class TaskExecutor:
         except ValueParseError as exc:
             return ProgramOutput(False, reason=f"output is not a literal value ({exc})")
         if not same_value(a, b):  # as values: a set's repr order follows the hash seed
-            return ProgramOutput(False, reason="not deterministic: two runs (two hash seeds) gave different values")
+            return ProgramOutput(False, reason="not deterministic: two runs (two hash seeds, shifted object addresses) gave "
+                                                "different values")
         return ProgramOutput(True, output=first.value)
 
     @staticmethod

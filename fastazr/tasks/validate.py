@@ -34,6 +34,8 @@ import symtable
 import types
 from dataclasses import dataclass
 
+from .values import MODEL_TEXT, parse_model_text
+
 # Pure computation: nothing here reads the clock, draws randomness or reaches the system
 # (statistics does, through NormalDist.samples: see BANNED_ATTRIBUTES).
 ALLOWED_MODULES = frozenset({
@@ -86,8 +88,8 @@ def check_program(source: str, entry: str = "f", max_chars: int = 20_000) -> Pro
     if len(source) > max_chars:
         return ProgramCheck(False, f"program of {len(source)} chars exceeds {max_chars}")
     try:
-        tree = ast.parse(source)
-        table = symtable.symtable(source, "<program>", "exec")
+        tree = parse_model_text(source)
+        table = symtable.symtable(source, MODEL_TEXT, "exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as exc:
         return ProgramCheck(False, f"does not parse: {type(exc).__name__}: {getattr(exc, 'msg', exc)}")
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
@@ -163,7 +165,7 @@ def _check_annotation(annotation: ast.AST) -> None:
         if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
             continue
         try:
-            parsed = list(ast.walk(ast.parse(node.value.strip(), mode="eval")))
+            parsed = list(ast.walk(parse_model_text(node.value.strip(), mode="eval")))
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             raise _Rejected(f"string annotation {node.value[:50]!r} is no type expression") from None
         for inner in parsed:
