@@ -15,6 +15,8 @@ import dataclasses
 import inspect
 import math
 import os
+import re
+import sys
 import textwrap
 import types
 import typing
@@ -102,8 +104,8 @@ class TrainConfig:
         if self.rollout == "sglang" and self.device == "cpu":
             raise ValueError("--rollout sglang runs on a CUDA GPU: pass --device cuda (or auto on a GPU machine), "
                              "or --rollout embedded")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"--steps must be an integer >= 0, got {self.steps!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"--steps must be an integer >= 1 (a run of 0 steps writes nothing), got {self.steps!r}")
         # saved in config.toml, whose integers are signed 64-bit (torch.manual_seed takes < 2**64)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63:
             raise ValueError(f"--seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
@@ -259,12 +261,28 @@ def _instantiate(cls, values: dict):
     return cls(**kwargs)
 
 
+# argparse reads "-1e-3" (no pattern of its own for exponents) and "-inf" as options, so
+# "--azr.rewards.solver-wrong -1e-3" failed with "expected one argument" and the whole usage.
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-infinity", re.IGNORECASE)
+
+
+def attach_negative_numbers(argv: list[str]) -> list[str]:
+    """argv with each negative number that follows an option joined to it (--opt=-1e-3)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.fullmatch(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_args(argv: list[str] | None, cuda_available: bool) -> TrainConfig:
     """TrainConfig from the command line: the preset's defaults, then the --config file, then the
     options given. `--resume DIR` without --config takes DIR/config.toml (the resumed run's
     options) as the file, and without --out keeps writing into DIR."""
     parser = build_parser()
-    namespace = vars(parser.parse_args(argv))
+    namespace = vars(parser.parse_args(attach_negative_numbers(sys.argv[1:] if argv is None else argv)))
     config_file = namespace.pop("config", None)
     kinds = {path: kind for path, kind, _ in _options(TrainConfig)}
     try:

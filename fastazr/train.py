@@ -155,7 +155,10 @@ def build(config: TrainConfig, world: World | None = None) -> Trainer:
             raise CheckpointError(f"{resumed_from} is at step {done} and --steps is {config.steps}: "
                                   f"pass --steps greater than {done} to continue")
     if world.leader:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
+        try:
+            (out / "samples").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission: before anything slow is built
+            raise RunError(f"--out {out} cannot hold a run: {exc.strerror} ({exc.filename}); pick another --out") from None
     lock = hold_run_lock(out) if world.leader else None
     device = run_device(config, world)
     torch.manual_seed(config.seed)

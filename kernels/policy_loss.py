@@ -84,7 +84,8 @@ def _pg_loss_fwd_kernel(lp_ptr, old_ptr, adv_ptr, mask_ptr, ent_ptr, norm_ptr, l
     else:  # _NORM_POINTER
         norm = tl.load(norm_ptr).to(tl.float32)
     # No valid token anywhere: every sum is 0, and dividing by 1 keeps it 0 instead of NaN.
-    denom = tl.where(norm == 0.0, 1.0, norm)
+    # a device tensor's count is checked here, without a host sync: < 0 or not finite poisons the step
+    denom = tl.where(norm == 0.0, 1.0, tl.where((norm > 0.0) & (norm < float("inf")), norm, float("nan")))
     # Any such token makes the loss and every metric NaN, as the torch composition does: the
     # caller sees it and skips the step rather than training on a silently finite number.
     poison = tl.where(tl.sum(acc_bad, axis=0) > 0, float("nan"), 1.0)

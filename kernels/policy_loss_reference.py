@@ -70,8 +70,13 @@ def check_pg_loss_args(logprobs, old_logprobs, advantages, mask, clip_low, clip_
             raise ValueError(f"normalizer is on {normalizer.device} but logprobs is on {logprobs.device}")
         if normalizer.dtype == torch.bool or normalizer.is_complex():
             raise ValueError(f"normalizer must hold a count of tokens, got a {normalizer.dtype} tensor")
+        if normalizer.device.type == "cpu":  # read on the host anyway: checked as a number is
+            count = normalizer.item()
+            if not (math.isfinite(count) and count >= 0):
+                raise ValueError(f"normalizer must be a finite number >= 0 (the global count of valid tokens), "
+                                 f"got a tensor holding {count}")
     elif normalizer is not None:
-        if not isinstance(normalizer, numbers.Real):
+        if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
             raise TypeError(f"normalizer must be None, a number or a tensor, got {type(normalizer).__name__}")
         if not (math.isfinite(normalizer) and normalizer >= 0):
             raise ValueError(f"normalizer must be a finite number >= 0 (the global count of valid tokens), "
@@ -113,7 +118,9 @@ def pg_loss_reference(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
         norm = normalizer.detach().to(device=m.device, dtype=torch.float32).reshape(())
     else:
         norm = torch.tensor(float(normalizer), device=m.device)
-    denom = torch.where(norm == 0, 1.0, norm)  # no valid token anywhere: every sum is 0, and so is the result
+    # no valid token anywhere: every sum is 0, and so is the result; a negative or non-finite count
+    # (a device tensor's, unchecked on the host) poisons the step as the kernels do
+    denom = torch.where(norm == 0, 1.0, torch.where((norm > 0) & torch.isfinite(norm), norm, torch.nan))
 
     loss_sum = (m * pg).sum()
     if entropy is None:

@@ -37,7 +37,8 @@ def test_write_then_verify_and_newest(tmp_path):
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "no staging directory may remain"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest", "garbage_manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest", "garbage_manifest", "files_list",
+                                    "files_null", "entry_int", "entry_without_bytes", "crc_string"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage, caplog):
     root = tmp_path / "checkpoints"
     good = checkpoint.write(root, 1, fill_with(b"a" * 4096))
@@ -53,8 +54,15 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage
         blob.unlink()
     elif damage == "manifest":
         (bad / checkpoint.MANIFEST).unlink()
-    else:
+    elif damage == "garbage_manifest":
         (bad / checkpoint.MANIFEST).write_text("{not json")
+    else:  # valid JSON of another shape
+        manifest = json.loads((bad / checkpoint.MANIFEST).read_text())
+        entry = manifest["files"]["sub/blob.bin"]
+        manifest["files"] = {"files_list": list(manifest["files"]), "files_null": None,
+                             "entry_int": {"sub/blob.bin": 7}, "entry_without_bytes": {"sub/blob.bin": {"crc32": 1}},
+                             "crc_string": {"sub/blob.bin": {**entry, "crc32": str(entry["crc32"])}}}[damage]
+        (bad / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     assert checkpoint.verify(bad) is not None
     with caplog.at_level("WARNING"):
         assert checkpoint.newest(root) == good

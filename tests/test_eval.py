@@ -78,6 +78,23 @@ def test_evaluation_config_is_checked():
     assert EvalConfig(benches="reasoning").benches == ("reasoning",)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--out", "{tmp}"], "is a directory"),
+    (["--out", "{tmp}/file.txt/eval.json"], "cannot be written"),
+    (["--bench", "mmlu"], "--bench takes some of"),
+    (["--max-tokens", "0"], "--max-tokens must be an integer >= 1"),
+    (["--prompt-format", "plain", "--samples", "0"], "--samples must be"),
+])
+def test_eval_command_refuses_bad_flags_before_loading_anything(tmp_path, capsys, argv, message):
+    """An unwritable --out was found after the whole evaluation (hours at full size), and the
+    errors named fields (--benches, --max_tokens) rather than the flags that set them."""
+    from fastazr.eval.__main__ import main
+    (tmp_path / "file.txt").write_text("")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "EvalConfig" not in err, err
+
+
 @pytest.mark.slow
 def test_eval_command_with_the_embedded_model_on_ten_problems(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastazr.model import Decoder, ModelConfig, ModelError, ModelNotFoundError, load, load_hf, pack, save_hf
+from fastazr.model import Decoder, ModelConfig, ModelError, ModelNotFoundError, load, load_hf, pack, preset_config, save_hf
 from fastazr.model import embedded
 from model_helpers import TINY, assert_logits_close, random_sequences, transformers_logits, write_checkpoint
 
@@ -45,6 +45,22 @@ def test_missing_paths(tmp_path):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ModelError, match="qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b, smollm2-135m"):
         load("qwen9-100b")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(seed=2 ** 64), "seed must be an integer from 0 to 2\\*\\*63 - 1"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(device="banana"), "device must name a torch device"),
+    (dict(dtype="bf16"), "dtype must be torch.float32"),
+    (dict(attention="SDPA"), "attention must be 'auto' or one of fastazr, flash_attn, torch_varlen, sdpa"),
+])
+def test_load_arguments_are_checked_where_they_are_given(kwargs, message):
+    """Each failed later with torch's own words (an overflow while seeding, a device string) or,
+    for an unknown attention backend, only at the first training forward."""
+    with pytest.raises((ModelError, ValueError), match=message):
+        load("qwen2.5-0.5b", **kwargs)
+    with pytest.raises(ModelError, match="named by a str"):
+        preset_config(None)
 
 
 def test_unknown_architecture(copy):

@@ -314,10 +314,33 @@ def valid_args():
     (dict(entropy=torch.zeros(8), entropy_coef="0.1"), TypeError, "entropy_coef must be a number"),
     (dict(clip_low=True), TypeError, "clip_low must be a number"),
     (dict(normalizer=torch.ones(1, dtype=torch.bool)), ValueError, "normalizer must hold a count"),
+    (dict(normalizer=torch.tensor(-4.0)), ValueError, "normalizer must be a finite number >= 0"),
+    (dict(normalizer=torch.tensor([float("nan")])), ValueError, "normalizer must be a finite number >= 0"),
+    (dict(normalizer=True), TypeError, "normalizer must be None, a number or a tensor"),
 ])
 def test_errors_name_the_argument(fn, change, error, pattern):
     with pytest.raises(error, match=pattern):
         fn(**{**valid_args(), **change})
+
+
+@pytest.mark.parametrize("count", [-4.0, float("inf"), float("nan")])
+def test_a_normalizer_the_host_does_not_read_poisons_the_step(count, monkeypatch):
+    """A normalizer tensor on the logprobs' device is read by the kernels only (no host sync), so
+    a negative or non-finite count cannot be refused at the call: it makes the loss and every
+    metric NaN (the step is then skipped) instead of flipping the loss's sign. On the CPU the
+    call refuses it (above), so the launches are driven directly here."""
+    from fastazr.kernels import policy_loss_reference
+    from fastazr.kernels.linear_policy_loss import _divisor
+    from fastazr.kernels.policy_loss import _launch_forward
+    args = valid_args()
+    mask = args["mask"].to(torch.uint8)
+    normalizer = torch.tensor([count])
+    loss, stats = _launch_forward(args["logprobs"], args["old_logprobs"], args["advantages"], mask, None,
+                                  normalizer, 0.8, 1.2, 20.0, 0.0)
+    assert torch.isnan(loss) and torch.isnan(stats).all()
+    assert torch.isnan(_divisor(mask, normalizer)).all()
+    monkeypatch.setattr(policy_loss_reference, "check_pg_loss_args", lambda *a: None)
+    assert torch.isnan(pg_loss_reference(**args, normalizer=normalizer).loss)
 
 
 @pytest.mark.gpu

@@ -40,8 +40,11 @@ def test_presets_and_overrides():
     (["--azr.prompt-format", "xml"], "AZRConfig.prompt_format must be one of"),
     (["--run.max-minutes", "-1"], "--run.max-minutes must be a finite number >= 0"),
     (["--run.max-minutes", "nan"], "--run.max-minutes must be a finite number >= 0"),
-    (["--distributed.timeout-s", "0"], "--distributed.timeout-s must be a finite number >= 1"),
+    (["--distributed.timeout-s", "0"], "--distributed.timeout-s must be a finite number from 1 to 1e+09"),
+    (["--distributed.timeout-s", "1e15"], "--distributed.timeout-s must be a finite number from 1"),  # timedelta
     (["--distributed.bucket-mib", "nan"], "--distributed.bucket-mib must be a finite number"),
+    (["--distributed.bucket-mib", "1e308"], "--distributed.bucket-mib must be a finite number"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),  # exit 0 and "wrote metrics.jsonl", which it had not
     (["--seed", str(1 << 64)], "--seed must be an integer from 0 to 2**63 - 1"),  # torch.manual_seed overflowed
     (["--azr.learnability-rollouts", "1"], "AZRConfig.learnability_rollouts must be an integer >= 2"),
     (["--sandbox.timeout-s", "inf"], "SandboxConfig.timeout_s: must be a finite number of seconds"),
@@ -51,6 +54,14 @@ def test_bad_options_name_the_option(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv, cuda_available=False)
     assert message in capsys.readouterr().err
+
+
+def test_negative_numbers_in_exponent_form_are_values():
+    """argparse took -1e-3 for an option ("expected one argument", then the usage); rewards are
+    negative by default, so this is a natural thing to type."""
+    config = parse_args(["--azr.rewards.solver-wrong", "-1e-3", "--azr.rewards.proposer-invalid", "-2"],
+                        cuda_available=False)
+    assert config.azr.rewards.solver_wrong == -1e-3 and config.azr.rewards.proposer_invalid == -2
 
 
 def test_one_temperature_option_sets_both():
@@ -72,6 +83,12 @@ def test_help_lists_every_option_with_its_doc():
 def test_device_cuda_without_a_gpu_is_refused_before_the_run_starts(tmp_path, capsys):
     assert main(["--device", "cuda", "--out", str(tmp_path / "run")]) == 2
     assert "sees no CUDA device" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_an_out_that_cannot_be_a_directory_is_refused_by_name(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["--out", str(tmp_path / "file" / "run")]) == 1
+    assert "--out " in capsys.readouterr().err
 
 
 def test_a_context_no_prompt_fits_stops_the_run(tmp_path):

@@ -71,7 +71,7 @@ def loss_path(request, monkeypatch) -> str:
     (dict(betas=(0.9, NAN)), ValueError), (dict(betas=(0.9,)), ValueError), (dict(betas="ab"), ValueError),
     (dict(max_grad_norm=INF), ValueError), (dict(max_grad_norm=0.0), ValueError),
     (dict(clip_low=NAN), ValueError), (dict(clip_high=INF), ValueError), (dict(entropy_coef=NAN), ValueError),
-    (dict(temperature=0.0), ValueError), (dict(micro_batch_tokens=True), TypeError),
+    (dict(temperature=0.0), ValueError), (dict(temperature=1e-40), ValueError), (dict(micro_batch_tokens=True), TypeError),
     (dict(mini_batches=0), ValueError), (dict(old_logprobs=None), ValueError),
     (dict(activation_checkpointing=1), TypeError), (dict(optimizer_offload=["cpu"]), ValueError),
     (dict(resident_state_fraction=NAN), ValueError), (dict(lr_schedule=0.5), TypeError),
@@ -85,6 +85,15 @@ def test_config_rejects_what_it_cannot_use(change, error):
     with pytest.raises(error, match=f"UpdateConfig.{field} must"):
         setattr(config, field, value)
     assert getattr(config, field) == getattr(UpdateConfig(), field)
+
+
+def test_config_refuses_an_option_it_does_not_have():
+    """A typo in a live edit (update.config.learning_rate = ...) would be stored and never read."""
+    config = UpdateConfig()
+    with pytest.raises(AttributeError, match="UpdateConfig has no option 'learning_rate'; the options are lr, "):
+        config.learning_rate = 3e-7
+    config.lr = 3e-7
+    assert config.lr == 3e-7
 
 
 def test_config_accepts_numpy_numbers_and_says_how_to_fix_a_string():
@@ -312,7 +321,7 @@ def test_lr_changed_after_construction_and_scheduled_takes_effect():
 
 
 def test_auto_policy_loss_follows_the_hidden_size(monkeypatch):
-    """'auto' (the default) takes the fused loss where it measured faster (H >= 2048), the
+    """'auto' (the default) takes the fused loss where it measured faster (H >= 896), the
     composable one below; the other two choices are taken as given."""
     import fastazr.update.policy_update as module
     model = tiny_model("cpu")

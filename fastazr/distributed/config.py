@@ -27,12 +27,13 @@ class DistributedConfig:
     the rank, when one differs (one small all-gather a step)."""
 
     def __post_init__(self) -> None:
-        for name, minimum in (("timeout_s", 1.0), ("bucket_mib", 1.0 / 1024)):
+        # upper bounds: timedelta holds < 1e14 s, and a bucket is a real allocation (1e6 MiB ~ 1 TB)
+        for name, minimum, maximum in (("timeout_s", 1.0, 1e9), ("bucket_mib", 1.0 / 1024, 1e6)):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-                    or value < minimum):
-                raise ValueError(f"--distributed.{name.replace('_', '-')} must be a finite number >= {minimum:g}, "
-                                 f"got {value!r}")
+                    or not minimum <= value <= maximum):
+                raise ValueError(f"--distributed.{name.replace('_', '-')} must be a finite number from {minimum:g} "
+                                 f"to {maximum:g}, got {value!r}")
         if not isinstance(self.check_buffers, bool):
             raise ValueError(f"--distributed.check-buffers takes true or false, got {self.check_buffers!r}")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,6 +65,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# The config fields whose command-line flag is not --<field>; the rest are --<field> with '-'.
+FLAGS = {"EvalConfig.benches": "--bench", "EvalConfig.template": "--prompt-format", "SandboxConfig.workers": "--workers"}
+
+
+def flag_names(message: str) -> str:
+    """A config's error message with each field named as the flag that sets it."""
+    for field, flag in FLAGS.items():
+        message = message.replace(field, flag)
+    return re.sub(r"EvalConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def check_out(out: str | None) -> None:
+    """Before the evaluation, not after it (minutes to hours): --out must be a file we can write."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a directory: name the JSON file to write, e.g. {path / 'eval.json'}")
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} cannot be written ({existing} is not a writable directory)")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
@@ -72,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                             template=args.prompt_format)
         sandbox_config = eval_sandbox_config(args.workers)
         source = resolve_model(args.model)
-    except (ValueError, CheckpointError) as exc:  # EvalConfig.<name> is the option --<name>
-        print(f"fastazr.eval: {str(exc).replace('EvalConfig.', '--')}", file=sys.stderr)
+        check_out(args.out)
+    except (ValueError, CheckpointError) as exc:
+        print(f"fastazr.eval: {flag_names(str(exc))}", file=sys.stderr)
         return 2
     if args.model.lower() in preset_names():
         print(f"fastazr.eval: {args.model} has random weights: every response runs to --max-tokens and scores 0 "

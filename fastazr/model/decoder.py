@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import choose_backend, varlen_causal_attention
+from .attention import BACKENDS, choose_backend, varlen_causal_attention
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq, swiglu
 
@@ -124,6 +124,8 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, attention: str = "auto", activation_checkpointing: bool = False):
         super().__init__()
+        if attention != "auto" and attention not in BACKENDS:  # else found at the first training forward
+            raise ValueError(f"Decoder: attention must be 'auto' or one of {', '.join(BACKENDS)}, got {attention!r}")
         self.config = config
         self.attention = attention
         """'auto' or a backend of fastazr.model.attention.BACKENDS."""

@@ -31,6 +31,15 @@ def load(source: str | os.PathLike = DEFAULT, device: torch.device | str = "cpu"
     - a Hugging Face checkpoint directory (config.json + safetensors [+ tokenizer.json]);
     - a .gguf file.
     dtype defaults to fp32 on CPU and bf16 on CUDA."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+        raise ModelError(f"load: seed must be an integer from 0 to 2**63 - 1 (it seeds a preset's random "
+                         f"weights), got {seed!r}")
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ModelError(f"load: dtype must be torch.float32, torch.float16, torch.bfloat16 or None, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"load: device must name a torch device ('cpu', 'cuda', 'cuda:1'), got {device!r}") from exc
     started = time.perf_counter()
     text = os.fspath(source)
     tokenizer = None

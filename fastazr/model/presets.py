@@ -17,6 +17,8 @@ def preset_names() -> list[str]:
 
 
 def preset_config(name: str) -> ModelConfig:
+    if not isinstance(name, str):
+        raise ModelError(f"a model preset is named by a str, one of {', '.join(preset_names())}; got {name!r}")
     path = _DIR / f"{name.lower()}.json"
     if not path.is_file():
         raise ModelError(f"unknown model preset {name!r}: choose one of {', '.join(preset_names())}, "

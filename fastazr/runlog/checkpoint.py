@@ -124,9 +124,14 @@ def verify(directory: Path) -> str | None:
         files = manifest["files"]
         if manifest.get("format") != FORMAT:
             return f"format {manifest.get('format')!r}, this fastazr reads {FORMAT}"
+        # valid JSON of another shape is as unreadable as a torn file: the older checkpoint is tried
+        if not isinstance(files, dict) or not all(
+                isinstance(name, str) and isinstance(entry, dict) and type(entry.get("bytes")) is int
+                and type(entry.get("crc32")) is int for name, entry in files.items()):
+            return "unreadable manifest.json (its files are not {name: {bytes, crc32}})"
     except FileNotFoundError:
         return "no manifest.json (the write did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"unreadable manifest.json ({exc})"
     for name, expected in files.items():
         path = directory / name

@@ -8,6 +8,8 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+from ..rollout.request import MIN_TEMPERATURE
+
 OLD_LOGPROBS = ("engine", "recompute")
 POLICY_LOSSES = ("auto", "fused", "composable")
 OFFLOAD = ("auto", "cpu", "gpu")
@@ -67,14 +69,15 @@ class UpdateConfig:
 
     policy_loss: str = "auto"
     """How the PPO-clip loss meets the lm_head: 'fused' (fastazr.kernels.linear_pg_loss: the
-    gradient made in the forward from each row chunk's fp32 logits, 6*N*H*V FLOP, plus 10 bytes
-    of memory traffic a logit), 'composable' (linear_logprobs + pg_loss: logits never stored,
-    recomputed in backward, 8*N*H*V) or 'auto': fused from a hidden size of 2048 up, where the
-    FLOP it saves outweigh its traffic. H100, N = 16K, fwd + bwd, fused vs composable: 7.45 vs
-    6.20 ms at SmolLM2's H = 576 (V = 49,152, its real hidden states), 44.4 vs 45.0 at H = 1536
-    and 90.8 vs 107.9 at H = 3584 (V = 151,936; bench_logprob.py). Both give the same logprobs
-    and loss to fp32 rounding and the same gradients to bf16 rounding (the fused loss rounds the
-    lm_head's gradient once per chunk of ~1,300 rows, the other once)."""
+    gradient made in the forward from each row chunk's softmax, kept as fp16 exps, 6*N*H*V FLOP
+    plus ~6 bytes of memory traffic a logit), 'composable' (linear_logprobs + pg_loss: logits
+    never stored, recomputed in backward, 8*N*H*V) or 'auto': fused from a hidden size of 896
+    up, where the FLOP it saves outweigh its traffic. H100, N = 16K, bf16, fwd + bwd, fused vs
+    composable (bench_logprob.py, random inputs): 6.37 vs 6.18 ms at SmolLM2's H = 576 (V =
+    49,152), 8.34 vs 8.93 at 896, 38.2 vs 45.5 at 1536 and 82.2 vs 107.8 at 3584 (V = 151,936).
+    Both give the same logprobs and loss to fp32 rounding and the same gradients to bf16
+    rounding (the fused loss rounds the lm_head's gradient once per chunk of ~2,100 rows, the
+    other once)."""
 
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward: a layer's activations instead of all of them
@@ -98,6 +101,10 @@ class UpdateConfig:
         # later assignment is checked here, before the next update can read it.
         if name in self.__dict__:
             check_field(name, value)
+        elif name not in self.__dataclass_fields__:
+            # a typo (config.learning_rate = ...) would be stored and never read
+            raise AttributeError(f"UpdateConfig has no option {name!r}; the options are "
+                                 f"{', '.join(f.name for f in fields(self))}")
         super().__setattr__(name, value)
 
 
@@ -157,9 +164,10 @@ def check_field(name: str, value) -> None:
         if not _real(name, value, "the entropy bonus weight, 0 for none") >= 0:
             raise ValueError(f"UpdateConfig.entropy_coef must be >= 0, got {value}")
     elif name == "temperature":
-        if not _real(name, value, "the rollouts' sampling temperature") > 0:
-            raise ValueError(f"UpdateConfig.temperature must be > 0 (greedy rollouts are scored at 1.0), "
-                             f"got {value}")
+        if not _real(name, value, "the rollouts' sampling temperature") >= MIN_TEMPERATURE:
+            raise ValueError(f"UpdateConfig.temperature must be >= {MIN_TEMPERATURE}, the lowest the engine samples "
+                             f"at (greedy rollouts are scored at 1.0; below it logits / T overflow and every "
+                             f"update would be skipped as NaN), got {value}")
     elif name == "micro_batch_tokens":
         if _integer(name, value, "a token budget, e.g. 16384") < 1:
             raise ValueError(f"UpdateConfig.micro_batch_tokens must be >= 1, got {value}")
