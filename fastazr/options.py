@@ -270,7 +270,8 @@ def attach_negative_numbers(argv: list[str]) -> list[str]:
     """argv with each negative number that follows an option joined to it (--opt=-1e-3)."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.fullmatch(arg):
+        if out and out[-1].startswith("--") and out[-1] not in ("--", "--help") and "=" not in out[-1] \
+                and _NEGATIVE_NUMBER.fullmatch(arg):
             out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)

@@ -149,14 +149,15 @@ def shift_heap(draws: bytes) -> list:
     """Objects to hold while a job runs, so that its own objects take other addresses than in a
     child of the same zygote that holds none: per 16-byte size class of CPython's small-object
     allocator (objects, floats, then bytes objects of 35-499 bytes) a number of blocks drawn from
-    `draws` (36 bytes), then one buffer of up to 256 KiB from malloc. A program whose result
+    `draws` (36 bytes), then one buffer of up to 128 KiB from malloc's heap (below its mmap
+    threshold, so it moves what is allocated after it). A program whose result
     follows object addresses (a set of instances, hashed by id; a default repr) then gives
     another result in a determinism check's second run, which holds these, than in its first
     (same zygote state otherwise), and is refused instead of validated with an output that later
-    runs do not repeat. ~1,000 allocations, ~250 KB."""
+    runs do not repeat. ~1,000 allocations, ~320 KB on average, at most ~640 KB."""
     held = [[_object() for _ in range(draws[0] & 63)], [k + 0.5 for k in range(draws[1] & 63)]]
     held += [[_bytes(size) for _ in range(draws[k] & 63)] for k, size in enumerate(range(2, 482, 16), start=2)]
-    held.append(_bytearray(int.from_bytes(draws[-3:], "little") & 0x3FFFF))
+    held.append(_bytearray(int.from_bytes(draws[-3:], "little") & 0x1FFFF))
     return held
 
 
