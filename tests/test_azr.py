@@ -173,6 +173,23 @@ def test_reward_inputs_are_checked(call, message):
         call(RewardScale())
 
 
+@pytest.mark.parametrize("make, message", [
+    # a RewardScale built on its own gave NaN rewards; 1e200 passed and overflowed in the advantages
+    (lambda: RewardScale(solver_correct=math.nan), "AZRConfig.rewards.solver_correct must be a number from"),
+    (lambda: RewardScale(proposer_invalid=-1e200), "AZRConfig.rewards.proposer_invalid must be a number from"),
+    (lambda: RewardScale(learnability_extreme="0"), "AZRConfig.rewards.learnability_extreme"),
+    (lambda: TaskBuffer(SEED_TRIPLET, 1.5), "integer capacity >= 1"),
+    (lambda: TaskBuffer(SEED_TRIPLET, True), "integer capacity >= 1"),
+    (lambda: TaskBuffer(SEED_TRIPLET, 3).sample(-1, np.random.default_rng(0)), "integer >= 0"),
+    (lambda: TaskBuffers(3).programs(2.0, np.random.default_rng(0)), "integer >= 0"),
+    (lambda: parsing.solver_answer("Deduction", "<answer>1</answer>"), "a solver's task is one of"),  # KeyError
+])
+def test_game_pieces_check_their_own_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+    assert TaskBuffer(SEED_TRIPLET, np.int64(3)).capacity == 3  # numpy integers are integers
+
+
 def test_trr_whitens_each_group_token_weighted_against_a_hand_computed_example():
     # group A: rewards 1 (2 tokens) and -1 (6 tokens): mean = (2 - 6) / 8 = -0.5,
     # unbiased token variance = (2 * 1.5^2 + 6 * 0.5^2) / 7 = 6 / 7

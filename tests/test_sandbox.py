@@ -349,7 +349,8 @@ def test_workers_default_to_cores():
                                            ("memory_mb", 1000.5), ("memory_mb", (1 << 44) + 512),
                                            ("unprivileged_uid", 0), ("unprivileged_uid", 1 << 32),
                                            ("unprivileged_uid", (1 << 32) - 1), ("pin_cpus", "no"), ("trace", 1),
-                                           ("preload", "math"), ("preload", ("math", 3))])
+                                           ("preload", "math"), ("preload", ("math", 3)),
+                                           ("preload", ("math", "colections")), ("preload", ("os.path.nope",))])
 def test_bad_config_names_the_option(option, value):
     with pytest.raises(ValueError, match=f"SandboxConfig.{option}"):
         SandboxConfig(**{option: value})

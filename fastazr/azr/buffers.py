@@ -9,6 +9,7 @@ proposer sees once the buffer is full."""
 from __future__ import annotations
 
 import ast
+import numbers
 from collections import OrderedDict
 from dataclasses import asdict
 
@@ -42,8 +43,9 @@ def task_key(item: Triplet | InductionTask) -> tuple[str, ...]:
 
 class TaskBuffer:
     def __init__(self, seed: Triplet | InductionTask, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"a task buffer needs capacity >= 1, got {capacity}")
+        if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
+            raise ValueError(f"a task buffer needs an integer capacity >= 1 (AZRConfig.buffer_capacity), "
+                             f"got {capacity!r}")
         self.capacity = capacity
         self._items: OrderedDict[tuple[str, ...], Triplet | InductionTask] = OrderedDict()
         self.add(seed)
@@ -70,11 +72,17 @@ class TaskBuffer:
 
     def sample(self, count: int, rng: np.random.Generator, replace: bool = False) -> list[Triplet | InductionTask]:
         """count items drawn uniformly; without replacement at most len(self) come back."""
+        _check_count(count)
         items = self.items()
         if not replace:
             count = min(count, len(items))
         picks = rng.choice(len(items), size=count, replace=replace) if count else []
         return [items[i] for i in picks]
+
+
+def _check_count(count) -> None:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+        raise ValueError(f"a number of tasks to draw must be an integer >= 0, got {count!r}")
 
 
 class TaskBuffers:
@@ -118,5 +126,6 @@ class TaskBuffers:
     def programs(self, count: int, rng: np.random.Generator) -> list[str]:
         """count programs for induction proposals, uniformly over the deduction and abduction
         buffers' distinct programs (with replacement)."""
+        _check_count(count)
         pool = list(dict.fromkeys(t.program for task in ("deduction", "abduction") for t in self.by_task[task].items()))
         return [pool[i] for i in rng.choice(len(pool), size=count)] if count else []

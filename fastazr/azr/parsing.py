@@ -121,5 +121,7 @@ SOLVER_FIELD = {"deduction": "output", "abduction": "input", "induction": "pytho
 def solver_answer(task: str, text: str, max_chars: int = 20_000) -> ParsedAnswer:
     """A solver's answer: the predicted output (deduction), input (abduction) or program
     (induction), fenced or bare."""
+    if task not in SOLVER_FIELD:
+        raise ValueError(f"a solver's task is one of {', '.join(SOLVER_FIELD)}, got {task!r}")
     kind = SOLVER_FIELD[task]
     return parse_answer(text, {kind: 1}, max_chars, bare=kind)

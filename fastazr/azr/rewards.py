@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_REWARD = 1e6
+
 
 @dataclass(frozen=True)
 class RewardScale:
@@ -33,6 +35,13 @@ class RewardScale:
     learnability_extreme: float = 0.0
     """A valid proposal every learnability rollout solved, or none did (the paper: 0; the
     reference code: -0.5)."""
+
+    def __post_init__(self) -> None:
+        # Bounded as well as finite: the advantages square rewards (1e200 overflowed there).
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_REWARD:
+                raise ValueError(f"AZRConfig.rewards.{name} must be a number from -{MAX_REWARD:g} to "
+                                 f"{MAX_REWARD:g}, got {value!r}")
 
 
 def learnability(solve_rate: float, scale: RewardScale) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 
@@ -144,3 +145,14 @@ class SandboxConfig:
                 raise bad(option, f"must be True or False, got {getattr(self, option)!r}")
         if not isinstance(self.preload, tuple) or not all(isinstance(m, str) and m for m in self.preload):
             raise bad("preload", f"must be a tuple of module names, got {self.preload!r}")
+        # here, not as the zygote's traceback at start (a typo, a module not installed)
+        missing = [m for m in self.preload if not _findable(m)]
+        if missing:
+            raise bad("preload", f"no module named {', '.join(missing)} (the zygotes import these before forking)")
+
+
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that is no package, an empty or relative name
+        return False
