@@ -211,11 +211,8 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> No
 def chunk_rows(tokens: int, vocab: int, chunk_bytes: int, store: str = "fp32-logits") -> int:
     """Token rows per chunk: a [rows, vocab] block within chunk_bytes, at least one row; fp32
     logits, or fp16 exps in rows padded to 64 columns (the copy engine's 16-byte row stride)."""
-    if store == "fp32-logits":
-        return max(1, min(tokens, chunk_bytes // (4 * vocab)))
-    rows = max(1, min(tokens, chunk_bytes // (2 * _padded(vocab))))
-    # chunks a multiple of 16 rows apart keep every slice's 16-byte alignment: one compile
-    return rows - rows % 16 if 16 <= rows < tokens else rows
+    per_row = 4 * vocab if store == "fp32-logits" else 2 * _padded(vocab)
+    return max(1, min(tokens, chunk_bytes // per_row))
 
 
 def _padded(vocab: int) -> int:
@@ -263,22 +260,26 @@ def _logit_chunks(hidden, weight, rows, per_token, policy, logprobs, entropy):
         yield r0, dz
 
 
-def exp_chunking(tokens: int, rows: int, block_n: int, sms: int) -> tuple[int, int]:
-    """(rows a chunk, vocabulary splits of a full chunk) for store='fp16-exp', from the rows that
-    chunk_bytes allows. A chunk's forward grid is row blocks x splits, one program an SM at a
-    time (its pipeline takes most of the shared memory), each walking its split's vocabulary
-    tiles: a grid of 287 programs on the H100's 132 SMs ran in ~3 waves' time where it had ~2.2
-    waves' work (15.2 ms for the forward at N = 16K, H = 1536, against 10.8 unchunked). So a chunk
-    takes as many row blocks as divide 2 x SMs (down to half of what chunk_bytes allows), and the
-    splits fill those two waves exactly."""
-    target = 2 * sms
-    rows = min(rows, tokens)
-    blocks = triton.cdiv(rows, block_n)
-    if rows < tokens:
-        fits = [b for b in range(blocks, (blocks + 1) // 2 - 1, -1) if target % b == 0]
-        blocks = fits[0] if fits and blocks > 1 else blocks
-        rows = max(rows if blocks * block_n > rows else blocks * block_n, 1)
-    return rows, max(1, target // blocks)
+def exp_chunk_rows(tokens: int, rows: int, block_n: int, sms: int) -> int:
+    """Rows a chunk for store='fp16-exp', from the rows chunk_bytes allows. A chunk's forward grid
+    is row blocks x vocabulary splits (exp_splits), one program an SM at a time by shared memory
+    (4 stages of 40 KB), each walking its split's vocabulary tiles: 287 programs on the H100's 132
+    SMs (41 blocks x 7 splits) took 15.2 ms for the forward at N = 16K, H = 1536, 12.1 once the
+    grid filled whole waves. So a chunk takes as many row blocks as divide 2 x SMs, down to half
+    of what chunk_bytes allows; whole blocks apart, every chunk's slices keep their 16-byte
+    alignment (one compile)."""
+    if rows >= tokens:
+        return tokens
+    blocks = rows // block_n
+    if blocks == 0:
+        return rows - rows % 16 if rows >= 16 else rows
+    fits = [b for b in range((blocks + 1) // 2, blocks + 1) if (2 * sms) % b == 0]
+    return (fits[-1] if fits else blocks) * block_n
+
+
+def exp_splits(rows: int, block_n: int, sms: int) -> int:
+    """Vocabulary splits of a chunk's forward grid: as many as fill 2 x SMs programs."""
+    return max(1, 2 * sms // triton.cdiv(rows, block_n))
 
 
 def _exp_chunks(hidden, weight, rows, per_token, policy, logprobs, entropy):
@@ -288,8 +289,8 @@ def _exp_chunks(hidden, weight, rows, per_token, policy, logprobs, entropy):
     inv_temp, lo, hi, limit, entropy_coef = policy
     targets = per_token[0]
     tiles = default_tiles(hidden, backward=False)
-    sms = multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 2
-    rows, _ = exp_chunking(n, rows, tiles.block_n, sms)
+    sms = multiprocessors(hidden, interpreted=2)
+    rows = exp_chunk_rows(n, rows, tiles.block_n, sms)
     v_tiles = triton.cdiv(vocab, tiles.block_v)
     exps = torch.empty((rows, _padded(vocab)), dtype=torch.float16, device=hidden.device)
     row_max = torch.empty((rows, v_tiles), dtype=torch.float32, device=hidden.device)
@@ -297,9 +298,8 @@ def _exp_chunks(hidden, weight, rows, per_token, policy, logprobs, entropy):
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         block, block_max = exps[:r1 - r0], row_max[:r1 - r0]
-        splits = exp_chunking(r1 - r0, r1 - r0, tiles.block_n, sms)[1]
         forward_stats(hidden[r0:r1], weight, targets[r0:r1], inv_temp, True, tiles, store=(block, block_max),
-                      out=(logprobs[r0:r1], lse[r0:r1], entropy[r0:r1]), splits=splits)
+                      out=(logprobs[r0:r1], lse[r0:r1], entropy[r0:r1]), splits=exp_splits(r1 - r0, tiles.block_n, sms))
         dz = block.view(hidden.dtype)[:, :vocab]
         _exp_rows_kernel[(r1 - r0,)](
             block, dz, block_max, *per_token, logprobs, lse, entropy, r0, vocab, v_tiles, block.stride(0), inv_temp,

@@ -266,7 +266,7 @@ def _grad_grid(hidden: torch.Tensor, tiles: Tiles, n_tiles: int) -> int:
     under the interpreter counts as 2 SMs)."""
     if not tiles.flatten:
         return n_tiles
-    sms = multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 2
+    sms = multiprocessors(hidden, interpreted=2)
     return min(n_tiles, tiles.programs_per_sm * sms)
 
 
@@ -277,7 +277,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def vocab_splits(hidden: torch.Tensor, n_blocks: int, v_tiles: int, per_sm: int = 2) -> int:
     """Vocabulary splits so that the forward grid has about per_sm programs an SM."""
-    programs = per_sm * multiprocessors(hidden.device.index or 0) if hidden.is_cuda else 4
+    programs = per_sm * multiprocessors(hidden, interpreted=2) if hidden.is_cuda else 4
     return max(1, min(v_tiles, math.ceil(programs / n_blocks)))
 
 

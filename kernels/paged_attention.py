@@ -430,7 +430,7 @@ def _prefill(q, k_cache, v_cache, tables, table_starts, cu_q_lens, context_lens,
         BLOCK_N=_PREFILL_BLOCK_N, CHUNK=chunk, SPLITS=splits, PRECISION=_precision(q.dtype),
         SPLIT_P=q.dtype != torch.float32, ROPE=rope is not None, KV_HEADS=kv_heads,
         num_warps=_prefill_warps(block_m * block_g, block_d, q.dtype, grid[0] * grid[1] * grid[2],
-                                 multiprocessors(q.device.index or 0) if q.is_cuda else 1),
+                                 multiprocessors(q, interpreted=1)),
         enable_fp_fusion=False, **pdl_launch(q))
     if splits > 1 and batch:
         _fold_kernel[(batch, q.shape[1])](state, chunk_acc, context_lens, out, max_chunks, out.stride(0), out.stride(1),

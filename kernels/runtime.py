@@ -18,10 +18,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def multiprocessors(tensor: torch.Tensor, interpreted: int) -> int:
+    """Streaming multiprocessors of `tensor`'s GPU; elsewhere (the interpreter) `interpreted`, the
+    count its small grids are sized for."""
+    return _device_multiprocessors(tensor.device.index or 0) if tensor.is_cuda else interpreted
+
+
 @functools.lru_cache(maxsize=None)
-def multiprocessors(device_index: int) -> int:
-    """Streaming multiprocessors of CUDA device `device_index` (cached: a property query costs
-    microseconds, and launchers ask once a call)."""
+def _device_multiprocessors(device_index: int) -> int:
+    # cached: a property query costs microseconds, and launchers ask once a call
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 

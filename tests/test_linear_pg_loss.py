@@ -265,8 +265,9 @@ def test_exp_chunks_fill_whole_waves(tokens, rows, block_n, sms):
     """A chunk's forward grid (row blocks x vocabulary splits) fills 2 x SMs programs without a
     ragged wave where a divisor allows: 287 programs on 132 SMs cost the H100 ~40% of the
     forward. Never more rows than chunk_bytes allows, never more programs than the two waves."""
-    from fastazr.kernels.linear_policy_loss import exp_chunking
-    got, splits = exp_chunking(tokens, rows, block_n, sms)
+    from fastazr.kernels.linear_policy_loss import exp_chunk_rows, exp_splits
+    got = exp_chunk_rows(tokens, rows, block_n, sms)
+    splits = exp_splits(got, block_n, sms)
     assert 1 <= got <= max(1, min(rows, tokens)) and splits >= 1
     blocks = -(-got // block_n)
     assert blocks * splits <= 2 * sms or blocks > 2 * sms

@@ -47,7 +47,7 @@ static int foreign(Stash *s) {
 static void *dontfork_region(void *old, size_t old_size, size_t size) {
     if (old) {
         /* MADV_DONTFORK is a flag of the mapping: mremap moves and grows it with the mapping
-         * (tests/test_sandbox.py checks a grown Stash), and on failure `old` is left as it was */
+         * (tests/test_sandbox_memory.py checks a grown Stash), and on failure `old` is left as it was */
         void *p = mremap(old, old_size, size, MREMAP_MAYMOVE);
         return p == MAP_FAILED ? NULL : p;
     }

@@ -165,7 +165,7 @@ def serve(code: bytes, max_value_chars: int, heap_draws: bytes | None = None) ->
     """Run one job (its Job, marshal'd) and exit. Called in a hardened child; never returns.
     heap_draws: shift the job's object addresses first (shift_heap)."""
     _gc_enable()  # the zygote runs with it off
-    held = shift_heap(heap_draws) if heap_draws is not None else None  # noqa: F841 (until _exit)
+    held = shift_heap(heap_draws) if heap_draws is not None else None  # alive until _exit below
     _stamp(_JOB_START)
     try:
         outcome = _run(_loads(code), max_value_chars)
