@@ -51,8 +51,10 @@ def test_a_stash_is_out_of_reach_of_forked_children():
     grown.append(b"x" * (3 << 20))  # past the first 1 MiB region: grown by mremap, twice
     grown.put(b"a key", b"a value")
     assert grown.get(0) == b"x" * (3 << 20) and grown.find(b"a key") == b"a value"
-    regions = [r for r in set(_mappings()) - before if r[1] - r[0] == 4 << 20]
-    assert regions, "the grown Stash's 4 MiB region was not found in /proc/self/maps"
+    # >= rather than ==: the kernel merges the region with an adjacent mapping of the same flags
+    # (another MADV_DONTFORK region) where the address layout puts one there
+    regions = [r for r in set(_mappings()) - before if r[1] - r[0] >= 4 << 20]
+    assert regions, f"the grown Stash's 4 MiB region was not found in /proc/self/maps: {set(_mappings()) - before}"
 
     def overlap() -> int:
         return int(any(a < e and s < b for a, b in regions for s, e in _mappings()))
